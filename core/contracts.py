@@ -1,0 +1,115 @@
+"""What the services agree on: task names, statuses, stages, the typed hyperparameters, pub/sub messages."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Celery task names: the api enqueues by name and never imports worker code.
+TASK_FINE_TUNE = "conch.fine_tune"
+# Redis pub/sub channel on which deployments are announced to inference services.
+DEPLOYMENTS_CHANNEL = "conch:deployments"
+
+
+class JobStatus(StrEnum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+LIVE_STATUSES = frozenset(
+    {JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING}
+)
+
+
+class JobStage(StrEnum):
+    VALIDATING = "validating"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    MERGING = "merging"
+    PUBLISHING = "publishing"
+    DEPLOYING = "deploying"
+
+
+class DeploymentStatus(StrEnum):
+    PENDING = "pending"
+    LOADING = "loading"
+    ACTIVE = "active"
+    SUPERSEDED = "superseded"
+    FAILED = "failed"
+
+
+LoraTarget = str | list[str]
+SchedulerName = Literal[
+    "linear",
+    "cosine",
+    "constant",
+    "constant_with_warmup",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+]
+ComputeType = Literal["auto", "fp32", "fp16", "bf16"]
+TemplateName = Literal["auto", "chatml", "llama3", "qwen", "deepseekr1"]
+
+
+class Hyperparameters(BaseModel):
+    """LoRA fine-tuning knobs, named as LLaMA-Factory names them. Defaults teach a small dataset something."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_rank: int = Field(8, ge=1, le=512)
+    lora_alpha: float | None = Field(None, gt=0, le=4096, description="default: 2 x lora_rank")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target: LoraTarget = Field("all", description="'all' linear layers, or module names")
+    cutoff_len: int = Field(1024, ge=8, le=131072)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    num_train_epochs: float = Field(3.0, gt=0.0, le=1000.0)
+    per_device_train_batch_size: int = Field(4, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1000.0)
+    max_samples: int | None = Field(None, ge=1)
+    val_size: float = Field(0.0, ge=0.0, description="fraction (<1) or count (>=1) held out for evaluation")
+    lr_scheduler_type: SchedulerName = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    compute_type: ComputeType = "auto"
+    save_steps: int = Field(25, ge=0, le=1_000_000, description="0 saves only at the end")
+    logging_steps: int = Field(1, ge=1, le=100_000)
+    train_on_prompt: bool = False
+    template: TemplateName = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> Hyperparameters:
+        if isinstance(self.lora_target, list) and not self.lora_target:
+            raise ValueError("lora_target must name at least one module")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ValueError("val_size is a fraction below 1 or a whole number of examples")
+        return self
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+
+class FineTuneTask(BaseModel):
+    """The only payload the broker carries: an id. Workers re-read everything else from the database."""
+
+    job_id: str
+
+
+class DeploymentAnnouncement(BaseModel):
+    deployment_id: str
+    model_id: str
+    tenant_id: str
+
+
+def event_data(**fields: Any) -> dict[str, Any]:
+    """Metrics event payload: step, total_steps, epoch, loss, learning_rate, grad_norm, tokens_per_second, eta."""
+    return {k: v for k, v in fields.items() if v is not None}

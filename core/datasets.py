@@ -1,0 +1,395 @@
+"""Dataset formats: detect, validate and normalise Alpaca, ShareGPT and OpenAI chat files.
+
+Every format becomes the same thing: a conversation, a list of ``{"role", "content"}`` messages with roles
+``system``, ``user`` and ``assistant`` (assistant messages may carry ``"train": False``). The api validates
+with it at upload time and the worker reads training examples with it, so both agree on what a file means.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Format = Literal["alpaca", "sharegpt", "openai"]
+FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "openai")
+Message = dict[str, Any]
+Conversation = list[Message]
+
+MAX_REPORTED_ERRORS = 20
+
+
+@dataclass
+class ColumnMapping:
+    """A LLaMA-Factory ``dataset_info.json`` entry: ``formatting``, ``columns`` and ``tags``."""
+
+    formatting: Format | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ColumnMapping:
+        if not isinstance(raw, dict):
+            raise ValueError("column mapping must be a JSON object")
+        formatting = raw.get("formatting")
+        if formatting is not None and formatting not in ("alpaca", "sharegpt", "openai"):
+            raise ValueError("formatting must be alpaca, sharegpt or openai")
+        columns = raw.get("columns") or {}
+        tags = raw.get("tags") or {}
+        if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+            raise ValueError("columns must map names to strings")
+        if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+            raise ValueError("tags must map names to strings")
+        return cls(formatting=formatting, columns=dict(columns), tags=dict(tags))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"formatting": self.formatting, "columns": self.columns, "tags": self.tags}
+
+
+class ExampleError(ValueError):
+    def __init__(self, kind: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.field = field
+
+
+@dataclass
+class DatasetReport:
+    format: Format | None = None
+    container: Literal["jsonl", "json"] = "jsonl"
+    num_examples: int = 0
+    num_errors: int = 0
+    error_counts: Counter[str] = field(default_factory=Counter)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    num_messages: int = 0
+    num_characters: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.num_errors == 0 and self.num_examples > 0
+
+    def add_error(self, position: int, kind: str, message: str, field_name: str | None = None) -> None:
+        self.num_errors += 1
+        self.error_counts[kind] += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            key = "line" if self.container == "jsonl" else "index"
+            self.errors.append({key: position, "kind": kind, "message": message, "field": field_name})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "container": self.container,
+            "num_examples": self.num_examples,
+            "num_errors": self.num_errors,
+            "error_counts": dict(self.error_counts),
+            "errors": self.errors,
+            "num_messages": self.num_messages,
+            "num_characters": self.num_characters,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+
+def detect_format(record: Any) -> Format:
+    if not isinstance(record, dict):
+        raise ExampleError("invalid_type", "each example must be a JSON object")
+    if "messages" in record:
+        return "openai"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    raise ExampleError(
+        "unknown_format",
+        "cannot tell the format: expected 'messages' (OpenAI chat), 'conversations' (ShareGPT) "
+        "or 'instruction'/'output' (Alpaca)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- normalising
+
+
+def _text(record: dict[str, Any], key: str, *, required: bool, allow_empty: bool = False) -> str:
+    if key not in record or record[key] is None:
+        if required:
+            raise ExampleError("missing_field", f"'{key}' is required", key)
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise ExampleError("invalid_type", f"'{key}' must be a string", key)
+    if required and not allow_empty and not value.strip():
+        raise ExampleError("empty_field", f"'{key}' must not be empty", key)
+    return value
+
+
+def _alpaca(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
+    col = {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+    }
+    col.update(mapping.columns)
+    instruction = _text(record, col["prompt"], required=True)
+    query = _text(record, col["query"], required=False)
+    response = _text(record, col["response"], required=True)
+    system = _text(record, col["system"], required=False)
+    conversation: Conversation = []
+    if system.strip():
+        conversation.append({"role": "system", "content": system})
+    history = record.get(col["history"])
+    if history is not None:
+        if not isinstance(history, list):
+            raise ExampleError(
+                "invalid_type", f"'{col['history']}' must be a list of [prompt, response] pairs"
+            )
+        for turn in history:
+            if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                raise ExampleError(
+                    "invalid_type",
+                    f"'{col['history']}' must be a list of [prompt, response] pairs",
+                    col["history"],
+                )
+            conversation += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    user = f"{instruction}\n\n{query}" if query.strip() else instruction
+    conversation += [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    return conversation
+
+
+def _check_turns(conversation: Conversation, field_name: str) -> Conversation:
+    turns = [m for m in conversation if m["role"] != "system"]
+    if any(m["role"] == "system" for m in conversation[1:]):
+        raise ExampleError("invalid_order", "a system message may only come first", field_name)
+    if not turns:
+        raise ExampleError("no_assistant", "the conversation has no assistant message", field_name)
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ExampleError(
+                "invalid_order",
+                f"turn {i + 1} should be from the {expected}, not the {message['role']}",
+                field_name,
+            )
+    if turns[-1]["role"] != "assistant":
+        raise ExampleError("no_assistant", "the conversation must end with an assistant message", field_name)
+    if not any(m.get("train", True) for m in turns if m["role"] == "assistant"):
+        raise ExampleError(
+            "no_assistant", "every assistant message has weight 0: nothing to train on", field_name
+        )
+    return conversation
+
+
+def _sharegpt(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
+    messages_key = mapping.columns.get("messages", "conversations")
+    system_key = mapping.columns.get("system", "system")
+    tags = {
+        "role_tag": "from",
+        "content_tag": "value",
+        "user_tag": "human",
+        "assistant_tag": "gpt",
+        "system_tag": "system",
+    }
+    tags.update(mapping.tags)
+    roles = {
+        tags["user_tag"]: "user",
+        tags["assistant_tag"]: "assistant",
+        tags["system_tag"]: "system",
+        "user": "user",
+        "assistant": "assistant",
+    }
+    raw = record.get(messages_key)
+    if not isinstance(raw, list) or not raw:
+        raise ExampleError("missing_field", f"'{messages_key}' must be a non-empty list", messages_key)
+    conversation: Conversation = []
+    system = _text(record, system_key, required=False)
+    if system.strip():
+        conversation.append({"role": "system", "content": system})
+    for i, item in enumerate(raw):
+        where = f"{messages_key}[{i}]"
+        if not isinstance(item, dict):
+            raise ExampleError("invalid_type", f"{where} must be an object", where)
+        role = roles.get(item.get(tags["role_tag"]))  # type: ignore[arg-type]
+        if role is None:
+            raise ExampleError(
+                "invalid_role",
+                f"{where}.{tags['role_tag']} must be one of {sorted(roles)}",
+                f"{where}.{tags['role_tag']}",
+            )
+        content = item.get(tags["content_tag"])
+        if not isinstance(content, str):
+            raise ExampleError("invalid_type", f"{where}.{tags['content_tag']} must be a string", where)
+        conversation.append({"role": role, "content": content})
+    return _check_turns(conversation, messages_key)
+
+
+def _openai_content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            ):
+                raise ExampleError(
+                    "invalid_type", f"{where}.content parts must be text parts", f"{where}.content"
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ExampleError("invalid_type", f"{where}.content must be a string", f"{where}.content")
+
+
+def _openai(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
+    messages_key = mapping.columns.get("messages", "messages")
+    raw = record.get(messages_key)
+    if not isinstance(raw, list) or not raw:
+        raise ExampleError("missing_field", f"'{messages_key}' must be a non-empty list", messages_key)
+    conversation: Conversation = []
+    for i, item in enumerate(raw):
+        where = f"{messages_key}[{i}]"
+        if not isinstance(item, dict):
+            raise ExampleError("invalid_type", f"{where} must be an object", where)
+        role = item.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise ExampleError(
+                "invalid_role", f"{where}.role must be system, user or assistant", f"{where}.role"
+            )
+        message: Message = {"role": role, "content": _openai_content(item.get("content"), where)}
+        weight = item.get("weight")
+        if weight is not None:
+            if role != "assistant" or weight not in (0, 1):
+                raise ExampleError(
+                    "invalid_value", f"{where}.weight must be 0 or 1 on assistant messages", where
+                )
+            message["train"] = weight == 1
+        conversation.append(message)
+    return _check_turns(conversation, messages_key)
+
+
+_NORMALISERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}
+
+
+def normalise(record: Any, fmt: Format, mapping: ColumnMapping | None = None) -> Conversation:
+    if not isinstance(record, dict):
+        raise ExampleError("invalid_type", "each example must be a JSON object")
+    conversation = _NORMALISERS[fmt](record, mapping or ColumnMapping())
+    for message in conversation:
+        if "\x00" in message["content"]:
+            raise ExampleError("invalid_value", "text must not contain NUL characters")
+    return conversation
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _records(path: Path, report: DatasetReport, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
+    """Yield (line or index, parsed record); parse errors go to the report."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+        handle.seek(0)
+        stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if not stripped:
+            report.add_error(1, "empty_file", "the file is empty")
+            return
+        if b"\x00" in head:
+            report.add_error(1, "binary_file", "the file is binary, not UTF-8 JSON or JSONL text")
+            return
+        if stripped.startswith(b"["):
+            report.container = "json"
+            data = handle.read()
+            try:
+                parsed = json.loads(data.decode("utf-8-sig"))
+            except UnicodeDecodeError as exc:
+                report.add_error(0, "invalid_encoding", f"the file is not UTF-8 (byte {exc.start})")
+                return
+            except RecursionError:
+                report.add_error(0, "too_deep", "JSON is nested too deeply")
+                return
+            except json.JSONDecodeError as exc:
+                report.add_error(
+                    0, "invalid_json", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+                )
+                return
+            if not isinstance(parsed, list):
+                report.add_error(0, "invalid_json", "a JSON file must hold an array of examples")
+                return
+            yield from enumerate(parsed)
+            return
+        line_number = 0
+        while True:
+            raw = handle.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            line_number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                report.add_error(
+                    line_number, "line_too_long", f"the line is longer than {max_line_bytes} bytes"
+                )
+                # Skip the rest of this line without holding it in memory.
+                while raw and not raw.endswith(b"\n"):
+                    raw = handle.readline(1024 * 1024)
+                continue
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                report.add_error(line_number, "invalid_encoding", f"the line is not UTF-8 (byte {exc.start})")
+                continue
+            try:
+                yield line_number, json.loads(text)
+            except RecursionError:
+                report.add_error(line_number, "too_deep", "JSON is nested too deeply")
+            except json.JSONDecodeError as exc:
+                report.add_error(
+                    line_number, "invalid_json", f"invalid JSON at column {exc.colno}: {exc.msg}"
+                )
+
+
+def scan_dataset(
+    path: Path,
+    *,
+    fmt: Format | None = None,
+    mapping: ColumnMapping | None = None,
+    max_line_bytes: int = 8 * 1024 * 1024,
+    keep_examples: bool = False,
+) -> tuple[DatasetReport, list[Conversation]]:
+    """Validate every example of a JSON or JSONL file; return the report and (optionally) the conversations."""
+    report = DatasetReport()
+    examples: list[Conversation] = []
+    fmt = fmt or (mapping.formatting if mapping else None)
+    for position, record in _records(path, report, max_line_bytes):
+        try:
+            if fmt is None:
+                fmt = detect_format(record)
+            conversation = normalise(record, fmt, mapping)
+        except ExampleError as exc:
+            report.add_error(position, exc.kind, str(exc), exc.field)
+            continue
+        except RecursionError:
+            report.add_error(position, "too_deep", "JSON is nested too deeply")
+            continue
+        report.num_examples += 1
+        report.num_messages += len(conversation)
+        report.num_characters += sum(len(m["content"]) for m in conversation)
+        if keep_examples:
+            examples.append(conversation)
+    report.format = fmt
+    if report.num_examples == 0 and report.num_errors == 0:
+        report.add_error(1, "empty_file", "the file holds no examples")
+    return report, examples
+
+
+def load_conversations(path: Path, fmt: Format, mapping: dict[str, Any] | None = None) -> list[Conversation]:
+    """Read a validated file for training; raises ValueError if it no longer validates."""
+    report, examples = scan_dataset(
+        path, fmt=fmt, mapping=ColumnMapping.from_json(mapping) if mapping else None, keep_examples=True
+    )
+    if not report.ok:
+        raise ValueError(f"dataset no longer validates: {report.errors[:3]}")
+    return examples

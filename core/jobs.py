@@ -1,0 +1,217 @@
+"""Job state transitions as conditional updates, so every change happens at most once.
+
+The worker claims a job with one UPDATE ... WHERE (queued, or running with an expired lease), holds it with a
+lease that a heartbeat renews, and every later write names the lease owner: a worker that lost its lease (a
+duplicate delivery, or one presumed dead) can no longer change the job.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from core.contracts import TERMINAL_STATUSES, JobStatus
+from core.models import FineTuningJob, JobEvent, utcnow
+
+
+class LeaseLost(RuntimeError):
+    """This worker no longer holds the job: stop without writing anything else."""
+
+
+def add_event(
+    session: Session,
+    job_id: uuid.UUID,
+    message: str,
+    *,
+    type_: str = "message",
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(job_id=job_id, message=message, type=type_, level=level, data=data)
+    session.add(event)
+    return event
+
+
+def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> FineTuningJob | None:
+    """Take the job if it is queued, or running under an expired lease. None: someone else has it or it ended."""
+    now = utcnow()
+    result = session.execute(
+        update(FineTuningJob)
+        .where(
+            FineTuningJob.id == job_id,
+            FineTuningJob.cancel_requested.is_(False),
+            or_(
+                FineTuningJob.status == JobStatus.QUEUED,
+                (FineTuningJob.status == JobStatus.RUNNING) & (FineTuningJob.lease_expires_at < now),
+            ),
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=FineTuningJob.attempts + 1,
+            started_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return session.get(FineTuningJob, job_id, populate_existing=True)
+
+
+def renew_lease(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> bool:
+    """Extend the lease; returns whether cancel was requested. Raises LeaseLost if the job is no longer ours."""
+    now = utcnow()
+    result = session.execute(
+        update(FineTuningJob)
+        .where(
+            FineTuningJob.id == job_id,
+            FineTuningJob.lease_owner == owner,
+            FineTuningJob.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING]),
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(str(job_id))
+    cancel = session.execute(
+        select(FineTuningJob.cancel_requested).where(FineTuningJob.id == job_id)
+    ).scalar_one()
+    return bool(cancel)
+
+
+def update_owned(session: Session, job_id: uuid.UUID, owner: str, **values: Any) -> None:
+    """Write job columns only while this worker still holds the lease."""
+    result = session.execute(
+        update(FineTuningJob)
+        .where(
+            FineTuningJob.id == job_id,
+            FineTuningJob.lease_owner == owner,
+            FineTuningJob.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING]),
+        )
+        .values(updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(str(job_id))
+
+
+def finish(
+    session: Session,
+    job_id: uuid.UUID,
+    status: JobStatus,
+    *,
+    owner: str | None = None,
+    message: str,
+    error: dict[str, Any] | None = None,
+    **values: Any,
+) -> bool:
+    """Move a live job to a terminal status exactly once. False if it had already ended (or is not ours)."""
+    assert status in TERMINAL_STATUSES
+    conditions = [
+        FineTuningJob.id == job_id,
+        FineTuningJob.status.not_in([s.value for s in TERMINAL_STATUSES]),
+    ]
+    if owner is not None:
+        conditions.append(FineTuningJob.lease_owner == owner)
+    now = utcnow()
+    result = session.execute(
+        update(FineTuningJob)
+        .where(*conditions)
+        .values(
+            status=status,
+            error=error,
+            finished_at=now,
+            updated_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            **values,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(
+        session,
+        job_id,
+        message,
+        level="error" if status == JobStatus.FAILED else "info",
+        data={"status": status.value, **({"error": error} if error else {})},
+    )
+    return True
+
+
+def release_to_queue(
+    session: Session, job_id: uuid.UUID, owner: str, *, refund_attempt: bool, message: str
+) -> bool:
+    """Give a running job back to the queue (graceful shutdown); optionally without spending an attempt."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": JobStatus.QUEUED,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "enqueued_at": now,
+        "updated_at": now,
+    }
+    if refund_attempt:
+        values["attempts"] = FineTuningJob.attempts - 1
+    result = session.execute(
+        update(FineTuningJob)
+        .where(
+            FineTuningJob.id == job_id,
+            FineTuningJob.lease_owner == owner,
+            FineTuningJob.status == JobStatus.RUNNING,
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job_id, message, data={"status": JobStatus.QUEUED.value})
+    return True
+
+
+def request_cancel(session: Session, job_id: uuid.UUID) -> None:
+    """Cancel: a job that has not started ends now; a running one is flagged and stops at its next step.
+
+    Both branches are conditional updates, so a cancel racing a claim or a completion leaves exactly one
+    terminal status: whichever update the database serialises first wins and the other matches no row.
+    """
+    now = utcnow()
+    ended = session.execute(
+        update(FineTuningJob)
+        .where(
+            FineTuningJob.id == job_id,
+            FineTuningJob.status.in_([JobStatus.QUEUED, JobStatus.VALIDATING_FILES]),
+        )
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if ended.rowcount == 1:  # type: ignore[attr-defined]
+        add_event(
+            session, job_id, "Job cancelled before it started", data={"status": JobStatus.CANCELLED.value}
+        )
+        return
+    flagged = session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == job_id, FineTuningJob.status == JobStatus.RUNNING)
+        .values(status=JobStatus.CANCELLING, cancel_requested=True, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if flagged.rowcount == 1:  # type: ignore[attr-defined]
+        add_event(
+            session,
+            job_id,
+            "Cancellation requested; the job stops at its next step",
+            data={"status": JobStatus.CANCELLING.value},
+        )
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything Conch writes is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -1,0 +1,68 @@
+"""The Celery client side: one app object configured from settings, and enqueueing by task name.
+
+The api never imports worker code; it rings the broker with a job id. The worker builds its app from the same
+function and adds worker-only options.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from core.contracts import TASK_FINE_TUNE
+from core.settings import Settings, get_settings
+
+log = logging.getLogger("conch.queue")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "broker_url": settings.celery_broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_default_queue": settings.training_queue,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Training outlives the default one-hour visibility timeout; the database claim refuses copies anyway.
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        "worker_hijack_root_logger": False,
+        "task_send_sent_event": True,
+    }
+    if settings.uses_filesystem_broker:
+        folder = str(settings.broker_folder)
+        settings.broker_folder.mkdir(parents=True, exist_ok=True)
+        # Both directions name the same absolute folder so separate processes see each other's messages.
+        config["broker_transport_options"] = {"data_folder_in": folder, "data_folder_out": folder}
+    return config
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("conch")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery()
+
+
+def enqueue_fine_tune(job_id: str, *, queue: str | None = None) -> None:
+    """Ring the doorbell for a committed job. Raises if the broker cannot be reached (the reconciler retries)."""
+    app = get_celery()
+    app.send_task(
+        TASK_FINE_TUNE,
+        kwargs={"job_id": job_id},
+        queue=queue or get_settings().training_queue,
+        retry=True,
+        retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
+    )
+    log.info("job.enqueued", extra={"job_id": job_id})

