@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Celery task names: the api enqueues by name and never imports worker code.
 TASK_FINE_TUNE = "conch.fine_tune"
-# Redis pub/sub channel on which deployments are announced to inference services.
-DEPLOYMENTS_CHANNEL = "conch:deployments"
 
 
 class JobStatus(StrEnum):

@@ -7,7 +7,7 @@ import logging
 
 import redis
 
-from core.contracts import DEPLOYMENTS_CHANNEL, DeploymentAnnouncement
+from core.contracts import DeploymentAnnouncement
 from core.settings import Settings, get_settings
 
 log = logging.getLogger("conch.pubsub")
@@ -24,11 +24,12 @@ def redis_client(settings: Settings | None = None) -> redis.Redis | None:
 
 
 def announce_deployment(announcement: DeploymentAnnouncement, settings: Settings | None = None) -> bool:
+    settings = settings or get_settings()
     client = redis_client(settings)
     if client is None:
         return False
     try:
-        client.publish(DEPLOYMENTS_CHANNEL, announcement.model_dump_json())
+        client.publish(settings.deployments_channel, announcement.model_dump_json())
         return True
     except redis.RedisError as exc:  # the poller picks the deployment up from the database
         log.warning("deployment.announce_failed", extra={"error": str(exc)})

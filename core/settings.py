@@ -41,6 +41,8 @@ class Settings(BaseSettings):
         description="JSON object: base model id -> local folder (or builtin:smollm2)",
     )
     default_base_model: str = DEFAULT_BASE_MODEL
+    model_store: Path | None = Field(default=None, description="Prepared base models; default DATA_DIR/base-models")
+    namespace: str = Field(default="conch", description="Prefix of Redis pub/sub channels (several stacks, one Redis)")
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_line_bytes: int = 8 * 1024 * 1024
@@ -91,6 +93,14 @@ class Settings(BaseSettings):
     @property
     def artifacts(self) -> Path:
         return (self.artifact_root or self.data_dir / "artifacts").expanduser().resolve()
+
+    @property
+    def base_model_store(self) -> Path:
+        return (self.model_store or self.data_dir / "base-models").expanduser().resolve()
+
+    @property
+    def deployments_channel(self) -> str:
+        return f"{self.namespace}:deployments"
 
     @property
     def sqlalchemy_url(self) -> str:

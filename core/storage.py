@@ -35,7 +35,7 @@ def fine_tuned_dir(job_id: uuid.UUID | str, settings: Settings | None = None) ->
 
 
 def base_models_dir(settings: Settings | None = None) -> Path:
-    return _root(settings) / "base-models"
+    return (settings or get_settings()).base_model_store
 
 
 def temporary_sibling(final: Path) -> Path:
