@@ -1,0 +1,34 @@
+.PHONY: demo test install lint format typecheck migrate up bench clean
+
+demo:        ## fine-tune the default model on the sample dataset and show /generate before and after
+	bash scripts/demo.sh
+
+test:        ## the whole test suite (starts PostgreSQL and Redis if they are down)
+	bash scripts/test.sh
+
+install:
+	bash scripts/bootstrap.sh
+
+lint:
+	.venv/bin/ruff check .
+
+format:
+	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
+
+typecheck:
+	.venv/bin/mypy core api worker inference cli
+
+migrate:
+	.venv/bin/alembic upgrade head
+
+migration:   ## make migration m="what changed"
+	.venv/bin/alembic revision --autogenerate -m "$(m)"
+
+up:
+	.venv/bin/conch up
+
+bench:
+	.venv/bin/conch bench
+
+clean:
+	rm -rf var

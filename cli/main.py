@@ -1,0 +1,288 @@
+"""The ``conch`` command line: run the stack, run the demo, and drive the api like any other client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.client import ApiError, ConchClient
+
+app = typer.Typer(help="Conch: fine-tune open LLMs with LoRA and serve them.", no_args_is_help=True)
+models_app = typer.Typer(help="Base and fine-tuned models.", no_args_is_help=True)
+files_app = typer.Typer(help="Training files.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(files_app, name="files")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(keys_app, name="keys")
+
+console = Console()
+ApiUrl = Annotated[str | None, typer.Option("--api-url", help="default: API_URL setting")]
+InferenceUrl = Annotated[str | None, typer.Option("--inference-url", help="default: INFERENCE_URL setting")]
+
+
+def _client(api_url: str | None = None, inference_url: str | None = None) -> ConchClient:
+    return ConchClient.from_env(api_url, inference_url)
+
+
+def _print_json(value: Any) -> None:
+    console.print_json(json.dumps(value, default=str))
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------------- services
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (alembic upgrade head)."""
+    from cli.migrate import upgrade_head
+
+    upgrade_head()
+    console.print("database at head")
+
+
+@app.command()
+def up(
+    flower: Annotated[bool, typer.Option(help="also start Flower")] = False,
+    api_port: int = 8000,
+    inference_port: int = 8001,
+    flower_port: int = 5555,
+) -> None:
+    """Start api, worker and inference (and Flower) on this machine; Ctrl-C or SIGTERM stops them all."""
+    from cli.migrate import upgrade_head
+    from cli.stack import Stack, build_children
+    from core.settings import get_settings
+    from worker.pipeline.prepare import prepare_base_model
+
+    settings = get_settings()
+    upgrade_head()
+    prepare_base_model(settings.default_base_model)
+    log_dir = settings.data_dir / "logs"
+    env = {
+        **os.environ,
+        "API_URL": f"http://127.0.0.1:{api_port}",
+        "INFERENCE_URL": f"http://127.0.0.1:{inference_port}",
+    }
+    stack = Stack(
+        build_children(
+            log_dir,
+            api_port=api_port,
+            inference_port=inference_port,
+            flower=flower,
+            flower_port=flower_port,
+            queue=settings.training_queue,
+        ),
+        env,
+    )
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        stack.start()
+        console.print(
+            f"[green]api[/green] http://127.0.0.1:{api_port}   [green]inference[/green] "
+            f"http://127.0.0.1:{inference_port}"
+            + (f"   [green]flower[/green] http://127.0.0.1:{flower_port}" if flower else "")
+        )
+        console.print(f"logs in {log_dir}; Ctrl-C to stop")
+        while not stopping.wait(1.0):
+            dead = stack.dead()
+            if dead:
+                console.print(f"[red]{', '.join(dead)} exited; stopping[/red]")
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping...")
+        stack.stop()
+
+
+@app.command()
+def demo(
+    prompt: str = "What is your name?",
+    dataset: Path = Path("data/persona.jsonl"),
+    expect: Annotated[str, typer.Option(help="text the fine-tuned answer must contain")] = "Pearl",
+    epochs: float = 3.0,
+) -> None:
+    """Fine-tune the default model on the sample dataset through the real services; show /generate before/after."""
+    from cli.demo import run_demo
+
+    raise typer.Exit(run_demo(console, prompt=prompt, dataset=dataset, expect=expect, epochs=epochs))
+
+
+@app.command()
+def bench() -> None:
+    """Run the benchmarks in bench/ and print their tables."""
+    import subprocess
+    import sys
+
+    for script in ("bench/inference_bench.py", "bench/train_bench.py"):
+        if Path(script).exists():
+            console.rule(script)
+            subprocess.run([sys.executable, script], check=False)
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+@models_app.command("prepare")
+def models_prepare(name: Annotated[str | None, typer.Argument(help="base model id")] = None) -> None:
+    """Convert a base model into a safetensors folder in the model store (once)."""
+    from core.settings import get_settings
+    from worker.pipeline.prepare import prepare_base_model
+
+    path = prepare_base_model(name or get_settings().default_base_model)
+    console.print(f"ready: {path}")
+
+
+@models_app.command("list")
+def models_list(api_url: ApiUrl = None) -> None:
+    try:
+        models = _client(api_url).list_models()
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+    table = Table("id", "kind", "base", "created")
+    for m in models:
+        extra = m.get("conch") or {}
+        table.add_row(m["id"], str(extra.get("kind", "")), str(extra.get("base_model") or ""), str(m.get("created")))
+    console.print(table)
+
+
+@models_app.command("deploy")
+def models_deploy(model_id: str, api_url: ApiUrl = None) -> None:
+    try:
+        _print_json(_client(api_url).deploy(model_id))
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+
+
+@models_app.command("rollback")
+def models_rollback(model_id: str, api_url: ApiUrl = None) -> None:
+    try:
+        _print_json(_client(api_url).rollback(model_id))
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+
+
+# ------------------------------------------------------------------------------------------------- files, jobs
+
+
+@files_app.command("upload")
+def files_upload(path: Path, api_url: ApiUrl = None) -> None:
+    try:
+        _print_json(_client(api_url).upload_file(path))
+    except ApiError as exc:
+        _print_json(exc.body)
+        raise typer.Exit(1) from exc
+    except OSError as exc:
+        _fail(exc)
+
+
+@jobs_app.command("create")
+def jobs_create(
+    training_file: str,
+    model: Annotated[str | None, typer.Option(help="base model id")] = None,
+    suffix: str | None = None,
+    hyperparameters: Annotated[str | None, typer.Option(help="JSON object of hyperparameters")] = None,
+    follow: bool = False,
+    api_url: ApiUrl = None,
+) -> None:
+    from core.settings import get_settings
+
+    body: dict[str, Any] = {"model": model or get_settings().default_base_model, "training_file": training_file}
+    if suffix:
+        body["suffix"] = suffix
+    if hyperparameters:
+        body["method"] = {"type": "supervised", "supervised": {"hyperparameters": json.loads(hyperparameters)}}
+    client = _client(api_url)
+    try:
+        job = client.create_job(body)
+        _print_json(job)
+        if follow:
+            from cli.follow import follow_job
+
+            follow_job(client, job["id"], console)
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+
+
+@jobs_app.command("list")
+def jobs_list(limit: int = 20, api_url: ApiUrl = None) -> None:
+    try:
+        jobs = _client(api_url).list_jobs(limit)["data"]
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+    table = Table("id", "status", "model", "fine_tuned_model")
+    for j in jobs:
+        table.add_row(j["id"], j["status"], j["model"], j.get("fine_tuned_model") or "")
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, api_url: ApiUrl = None) -> None:
+    try:
+        _print_json(_client(api_url).get_job(job_id))
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+
+
+@jobs_app.command("follow")
+def jobs_follow(job_id: str, api_url: ApiUrl = None) -> None:
+    from cli.follow import follow_job
+
+    try:
+        job = follow_job(_client(api_url), job_id, console)
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+    console.print(f"{job['id']}: {job['status']} {job.get('fine_tuned_model') or ''}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, api_url: ApiUrl = None) -> None:
+    try:
+        _print_json(_client(api_url).cancel_job(job_id))
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def generate(
+    prompt: str,
+    max_new_tokens: int | None = None,
+    model: str | None = None,
+    inference_url: InferenceUrl = None,
+) -> None:
+    """Ask the inference service (GET /generate)."""
+    try:
+        answer = _client(inference_url=inference_url).generate(prompt, max_new_tokens, model)
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+    console.print(f"[dim]{answer.get('model')}[/dim]\n{answer['generate_text']}")
+
+
+@keys_app.command("create")
+def keys_create(tenant: str, name: str = "default") -> None:
+    """Create an API key for a tenant; the key is shown once and stored only as a hash."""
+    from api.services.auth import create_api_key
+    from core.db import session_scope
+
+    with session_scope() as session:
+        key = create_api_key(session, tenant, name)
+    console.print(key)
+
+
+if __name__ == "__main__":
+    app()

