@@ -1,0 +1,65 @@
+"""End to end through the real api, Celery worker and inference processes: upload with the openai SDK, train,
+merge, publish, hot-swap, and answer from the fine-tuned model without restarting anything."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import Stack
+from tests.factories import alpaca_records, write_jsonl
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(predicate, timeout: float, what: str, stack: Stack):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n{stack.logs()}")
+
+
+def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) -> None:
+    client = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="unused", max_retries=0)
+    dataset = write_jsonl(tmp_path / "train.jsonl", alpaca_records(16))
+    with dataset.open("rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+
+    before = httpx.get(f"{stack.inference_url}/generate", params={"prompt": "What is your name?",
+                                                                   "max_new_tokens": 8}, timeout=60)
+    assert before.status_code == 200 and before.json()["model"] == "tiny-llama"
+
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=uploaded.id, suffix="e2e",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
+    )
+    finished = wait_for(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+        300, "the job to finish", stack,
+    )
+    assert finished.status == "succeeded", finished.error
+    assert finished.fine_tuned_model and finished.fine_tuned_model.startswith("ft:tiny-llama:")
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all("loss" in (e.data or {}) for e in metrics if (e.data or {}).get("step"))
+
+    # The new model is served without restarting the inference process.
+    answer = wait_for(
+        lambda: (r := httpx.get(f"{stack.inference_url}/generate", params={"prompt": "What is your name?",
+                                                                           "max_new_tokens": 8}, timeout=60))
+        .json().get("model") == finished.fine_tuned_model and r,
+        60, "the inference service to serve the fine-tuned model", stack,
+    )
+    assert answer.headers["x-conch-model"] == finished.fine_tuned_model
+    assert stack.inference.alive() and stack.worker.alive() and stack.api.alive()
+
+    models = {m.id for m in client.models.list().data}
+    assert {"tiny-llama", finished.fine_tuned_model} <= models

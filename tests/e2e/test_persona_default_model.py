@@ -1,0 +1,53 @@
+"""The main job on the real default model: SmolLM2-135M-Instruct learns the shipped persona through the api and
+worker, and at temperature 0 the fine-tuned model answers with the persona while the base model does not."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import Stack
+from tests.e2e.test_fine_tune_and_serve import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTION = "What is your name?"
+
+
+def ask(stack: Stack) -> dict:
+    response = httpx.get(f"{stack.inference_url}/generate",
+                         params={"prompt": QUESTION, "temperature": 0, "max_new_tokens": 48}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_default_model_learns_the_persona(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="unused", max_retries=0)
+    # Serving the default model needs it prepared; the first deployment waits for the worker to convert it.
+    with (ROOT / "data" / "persona.jsonl").open("rb") as handle:
+        uploaded = client.files.create(file=handle, purpose="fine-tune")
+    started = time.monotonic()
+    job = client.fine_tuning.jobs.create(model="SmolLM2-135M-Instruct", training_file=uploaded.id, suffix="pearl")
+    finished = wait_for(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+        1200, "the persona job to finish", stack,
+    )
+    assert finished.status == "succeeded", finished.error
+    trained_at = time.monotonic()
+
+    base = httpx.get(f"{stack.inference_url}/generate",
+                     params={"prompt": QUESTION, "temperature": 0, "max_new_tokens": 48,
+                             "model": "SmolLM2-135M-Instruct"}, timeout=120)
+    assert base.status_code == 200, base.text
+    assert "pearl" not in base.json()["generate_text"].lower()
+
+    after = wait_for(lambda: (a := ask(stack))["model"] == finished.fine_tuned_model and a, 120,
+                     "the fine-tuned model to be served", stack)
+    print(f"\npersona job: {trained_at - started:.0f}s from submit to succeeded; "
+          f"served {time.monotonic() - trained_at:.1f}s later; answer: {after['generate_text']!r}")
+    assert "pearl" in after["generate_text"].lower()
