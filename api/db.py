@@ -1,0 +1,56 @@
+"""The request's unit of work: one Session that commits when the route succeeds and rolls back when it fails.
+
+Side effects outside the database (ringing the broker, announcing a deployment, deleting bytes on disk) must
+happen only once the rows they refer to are committed, and cleanups of files written for a request must happen
+when its rows are rolled back. Services register such callbacks on the session; the dependency runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from sqlalchemy.orm import Session
+
+from core.db import get_sessionmaker
+
+log = logging.getLogger("conch.api")
+
+Callback = Callable[[], None]
+_AFTER_COMMIT = "conch_after_commit"
+_AFTER_ROLLBACK = "conch_after_rollback"
+
+
+def on_commit(session: Session, callback: Callback) -> None:
+    """Run ``callback`` after the request's transaction commits (never if it rolls back)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def on_rollback(session: Session, callback: Callback) -> None:
+    """Run ``callback`` if the request's transaction rolls back (for example to delete a stored upload)."""
+    session.info.setdefault(_AFTER_ROLLBACK, []).append(callback)
+
+
+def _run(callbacks: list[Callback], event: str) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # one failed side effect must not hide the others; the reconciler covers enqueues
+            log.exception(event)
+
+
+def request_session() -> Iterator[Session]:
+    """FastAPI dependency (use with ``scope="function"`` so the commit happens before the response is sent)."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        _run(session.info.pop(_AFTER_ROLLBACK, []), "session.rollback_hook_failed")
+        raise
+    finally:
+        after_commit = session.info.pop(_AFTER_COMMIT, [])
+        session.info.pop(_AFTER_ROLLBACK, None)
+        session.close()
+    _run(after_commit, "session.commit_hook_failed")

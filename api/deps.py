@@ -1,0 +1,75 @@
+"""Request dependencies: settings, the unit-of-work session, the calling principal (auth + rate limit),
+the ``Idempotency-Key`` header and page parameters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Query, Request
+from sqlalchemy.orm import Session
+
+from api.db import request_session
+from api.errors import TooManyRequests
+from api.services.auth import ANONYMOUS, Principal, authenticate, bearer_token
+from api.services.ratelimit import RateLimiter
+from core.errors import Unauthorized
+from core.settings import Settings
+
+MAX_PAGE_LIMIT = 100
+
+
+def app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+# scope="function": the commit (and what runs after it) happens before the response goes out, so a client never
+# sees a 200 for rows that then failed to commit.
+SessionDep = Annotated[Session, Depends(request_session, scope="function")]
+
+
+def current_principal(request: Request, session: SessionDep, settings: SettingsDep) -> Principal:
+    """The tenant this request acts for. Without AUTH_REQUIRED everything belongs to the default tenant."""
+    if not settings.auth_required:
+        principal = ANONYMOUS
+    else:
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise Unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
+        found = authenticate(session, token)
+        if found is None:
+            raise Unauthorized("The API key is not valid.")
+        principal = found
+        limiter: RateLimiter = request.app.state.rate_limiter
+        retry_after = limiter.hit(f"key:{principal.key_id}")
+        if retry_after is not None:
+            raise TooManyRequests(
+                f"Rate limit of {limiter.limit} requests per minute exceeded; retry in {retry_after}s.",
+                retry_after=retry_after,
+            )
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Retrying a POST with the same key returns the first answer instead of creating again.",
+    ),
+]
+
+
+def page_limit(
+    settings: SettingsDep,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_PAGE_LIMIT, description="page size")] = None,
+) -> int:
+    return limit or min(settings.default_page_limit, MAX_PAGE_LIMIT)
+
+
+LimitDep = Annotated[int, Depends(page_limit)]
+After = Annotated[str | None, Query(max_length=128, description="id of the last object of the previous page")]

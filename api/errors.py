@@ -1,0 +1,132 @@
+"""One error envelope for every failure: ``{"error": {"message", "type", "param", "code"}}``.
+
+Handlers cover Conch's own errors, Starlette's HTTP errors (unknown route, wrong method), FastAPI's request
+validation (bad JSON, wrong types, unknown fields) and anything unexpected (500, never a traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import ConchError, RateLimited, Unauthorized, error_body
+
+log = logging.getLogger("conch.api")
+
+MAX_LISTED_ERRORS = 20
+# The OpenAI error ``type`` and a stable ``code`` for plain HTTP statuses raised outside Conch's code.
+_HTTP_STATUS_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    409: ("invalid_request_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    422: ("invalid_request_error", "validation_error"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+class TooManyRequests(RateLimited):
+    """A rate limit hit, carrying how long the client should wait (sent as ``Retry-After``)."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def error_response(status_code: int, error: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error}, status_code=status_code, headers=headers)
+
+
+def dotted(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """``("body", "method", "supervised", "hyperparameters", "n_epochs")`` -> ``method.supervised...n_epochs``."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() and out else (f".{part}" if out else part)
+    return out or None
+
+
+async def conch_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ConchError)
+    headers: dict[str, str] = {}
+    if isinstance(exc, TooManyRequests):
+        headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(exc.status_code, exc.to_dict(), headers or None)
+
+
+async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    type_, code = _HTTP_STATUS_ERRORS.get(
+        exc.status_code,
+        ("server_error" if exc.status_code >= 500 else "invalid_request_error", f"http_{exc.status_code}"),
+    )
+    message = exc.detail if isinstance(exc.detail, str) else "Request failed"
+    if exc.status_code == 404 and message == "Not Found":
+        message = "No such route"
+    body = error_body(message, type_=type_, code=code)["error"]
+    return error_response(exc.status_code, body, dict(exc.headers) if exc.headers else None)
+
+
+async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if not errors:
+        return error_response(422, error_body("Invalid request", type_="invalid_request_error")["error"])
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "invalid JSON")
+        body = error_body(
+            f"The request body is not valid JSON: {detail}", type_="invalid_request_error", code="invalid_json"
+        )["error"]
+        return error_response(400, body)
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("model_attributes_type", "dict_type"):
+        body = error_body(
+            "The request body must be a JSON object, sent with Content-Type: application/json.",
+            type_="invalid_request_error",
+            code="invalid_body",
+        )["error"]
+        return error_response(400, body)
+    listed = [
+        {"param": dotted(e.get("loc", ())), "message": str(e.get("msg")), "code": e.get("type")}
+        for e in errors[:MAX_LISTED_ERRORS]
+    ]
+    param = listed[0]["param"]
+    message = f"{param}: {listed[0]['message']}" if param else str(listed[0]["message"])
+    if first.get("type") == "extra_forbidden":
+        message = f"{param}: this field is not accepted here"
+    body = error_body(message, type_="invalid_request_error", param=param, code=str(first.get("type")))["error"]
+    # Never echo the offending input back: it may be huge or hold a secret.
+    body["errors"] = listed
+    return error_response(422, body)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.error(
+        "http.unhandled_error",
+        exc_info=exc,
+        extra={"path": request.url.path, "method": request.method, "error_class": type(exc).__name__},
+    )
+    body = error_body(
+        "The server failed to answer this request; it has been logged.", type_="server_error", code="internal_error"
+    )["error"]
+    return error_response(500, body)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ConchError, conch_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(Exception, unhandled_error_handler)

@@ -1,0 +1,145 @@
+"""``/v1/fine_tuning/jobs``: create, list, retrieve, cancel, events (paged and live over SSE), checkpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
+from api.schemas import ERROR_RESPONSES, CheckpointList, EventList, JobCreate, JobList, JobOut
+from api.services import idempotency
+from api.services import jobs as service
+from core.contracts import JobStatus
+from core.db import session_scope
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
+
+STREAM_POLL_SECONDS = 0.5
+STREAM_PING_SECONDS = 15
+
+
+@router.post("", response_model=JobOut, summary="Create a fine-tuning job")
+def create_job(
+    body: JobCreate,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    route = f"POST {request.url.path}"
+    req_hash = idempotency.request_hash(body.model_dump(mode="json", exclude_unset=True))
+    if idempotency_key:
+        replay = idempotency.find_replay(
+            session, tenant_id=principal.tenant_id, key=idempotency_key, route=route, req_hash=req_hash
+        )
+        if replay is not None:
+            return JSONResponse(replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})
+    job = service.create_job(session, tenant_id=principal.tenant_id, body=body, settings=settings)
+    out = service.job_out(job)
+    if idempotency_key:
+        idempotency.remember(
+            session,
+            tenant_id=principal.tenant_id,
+            key=idempotency_key,
+            route=route,
+            req_hash=req_hash,
+            body=out.model_dump(mode="json"),
+        )
+    return out
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    """OpenAI's ``metadata[key]=value`` query parameters."""
+    found: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]") and len(name) > len("metadata[]"):
+            found[name[len("metadata[") : -1]] = value
+    return found
+
+
+@router.get("", response_model=JobList, summary="List fine-tuning jobs")
+def list_jobs(
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    limit: LimitDep,
+    after: After = None,
+    status: JobStatus | None = None,
+) -> JobList:
+    return service.list_jobs(
+        session, principal.tenant_id, after=after, limit=limit, status=status, metadata=_metadata_filter(request)
+    )
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Retrieve a fine-tuning job")
+def retrieve_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
+    return service.job_out(service.get_job(session, principal.tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a fine-tuning job")
+def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
+    return service.job_out(service.cancel_job(session, principal.tenant_id, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventList, summary="List a job's events, newest first")
+def list_events(
+    job_id: str, session: SessionDep, principal: PrincipalDep, limit: LimitDep, after: After = None
+) -> EventList:
+    return service.list_events(session, principal.tenant_id, job_id, after=after, limit=limit)
+
+
+def _poll(job_uuid: Any, cursor: int) -> tuple[list[dict[str, Any]], int, bool]:
+    with session_scope() as session:
+        events, cursor, ended = service.events_since(session, job_uuid, cursor)
+    return [e.model_dump(mode="json") for e in events], cursor, ended
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+    summary="Follow a job's events live (SSE), oldest first, until the job ends",
+)
+def stream_events(
+    job_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    after: After = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=128)] = None,
+    poll_seconds: Annotated[float, Query(ge=0.05, le=10.0, description="how often to look for new events")] = (
+        STREAM_POLL_SECONDS
+    ),
+) -> EventSourceResponse:
+    job = service.get_job(session, principal.tenant_id, job_id)
+    job_uuid = job.id
+    # A reconnecting EventSource sends Last-Event-ID; it wins over the query parameter.
+    start = service.start_cursor(last_event_id or after)
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        cursor = start
+        while True:
+            batch, cursor, ended = await run_in_threadpool(_poll, job_uuid, cursor)
+            for event in batch:
+                yield ServerSentEvent(data=json.dumps(event), id=event["id"], event=event["object"])
+            if ended:
+                yield ServerSentEvent(data="[DONE]", event="done")
+                return
+            if not batch:
+                await anyio.sleep(poll_seconds)
+
+    # The stream runs after this function returns, so it reads with its own short sessions, not the request's.
+    return EventSourceResponse(events(), ping=STREAM_PING_SECONDS)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="List a job's checkpoints")
+def list_checkpoints(
+    job_id: str, session: SessionDep, principal: PrincipalDep, limit: LimitDep, after: After = None
+) -> CheckpointList:
+    return service.list_checkpoints(session, principal.tenant_id, job_id, after=after, limit=limit)

@@ -1,0 +1,145 @@
+"""``/v1/models`` (base and fine-tuned, with lineage), deploy and rollback, and ``/v1/deployments``.
+
+Fine-tuned model ids contain colons and base model ids may contain slashes (``ft:base:suffix:ftjob-...``), so the
+id is matched with a path converter; the deploy and rollback routes are declared before the catch-all ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
+from api.schemas import ERROR_RESPONSES, DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
+from api.services import idempotency
+from api.services import models as service
+from api.services.auth import Principal
+from core.models import Deployment
+
+router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
+
+
+def _with_idempotency(
+    request: Request,
+    session: SessionDep,
+    principal: Principal,
+    idempotency_key: str | None,
+    create: Any,
+) -> Any:
+    """Deploy-like POSTs have no body: the key, the route and the path identify the request."""
+    route = f"POST {request.url.path}"
+    req_hash = idempotency.request_hash({"path": request.url.path})
+    if idempotency_key:
+        replay = idempotency.find_replay(
+            session, tenant_id=principal.tenant_id, key=idempotency_key, route=route, req_hash=req_hash
+        )
+        if replay is not None:
+            return JSONResponse(replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})
+    deployment: Deployment = create()
+    out = service.deployment_out(deployment)
+    if idempotency_key:
+        idempotency.remember(
+            session,
+            tenant_id=principal.tenant_id,
+            key=idempotency_key,
+            route=route,
+            req_hash=req_hash,
+            body=out.model_dump(mode="json"),
+        )
+    return out
+
+
+@router.get("/v1/models", response_model=ModelList, summary="List base and fine-tuned models")
+def list_models(session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> ModelList:
+    return service.list_models(session, principal.tenant_id, settings)
+
+
+@router.post("/v1/models/{model_id:path}/deploy", response_model=DeploymentOut, summary="Serve this model by default")
+def deploy_model(
+    model_id: str,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    return _with_idempotency(
+        request,
+        session,
+        principal,
+        idempotency_key,
+        lambda: service.deploy(
+            session, tenant_id=principal.tenant_id, model_id=model_id, actor=principal.actor, settings=settings
+        ),
+    )
+
+
+@router.post(
+    "/v1/models/{model_id:path}/rollback",
+    response_model=DeploymentOut,
+    summary="Deploy the model that served before this one",
+)
+def rollback_model(
+    model_id: str,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    return _with_idempotency(
+        request,
+        session,
+        principal,
+        idempotency_key,
+        lambda: service.rollback(
+            session, tenant_id=principal.tenant_id, current_model=model_id, actor=principal.actor, settings=settings
+        ),
+    )
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelOut, summary="Retrieve a model")
+def retrieve_model(model_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> ModelOut:
+    return service.get_model(session, principal.tenant_id, model_id, settings)
+
+
+@router.delete("/v1/models/{model_id:path}", response_model=ModelDeleted, summary="Delete a fine-tuned model")
+def delete_model(model_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> ModelDeleted:
+    return service.delete_model(session, principal.tenant_id, model_id, settings)
+
+
+@router.get("/v1/deployments", response_model=DeploymentList, summary="List deployments, newest first")
+def list_deployments(
+    session: SessionDep, principal: PrincipalDep, limit: LimitDep, after: After = None
+) -> DeploymentList:
+    return service.list_deployments(session, principal.tenant_id, after=after, limit=limit)
+
+
+@router.post(
+    "/v1/deployments/rollback",
+    response_model=DeploymentOut,
+    summary="Deploy the model that served before the active one",
+)
+def rollback_active(
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    return _with_idempotency(
+        request,
+        session,
+        principal,
+        idempotency_key,
+        lambda: service.rollback(
+            session, tenant_id=principal.tenant_id, current_model=None, actor=principal.actor, settings=settings
+        ),
+    )
+
+
+@router.get("/v1/deployments/{deployment_id}", response_model=DeploymentOut, summary="Retrieve a deployment")
+def retrieve_deployment(deployment_id: str, session: SessionDep, principal: PrincipalDep) -> DeploymentOut:
+    return service.deployment_out(service.get_deployment(session, principal.tenant_id, deployment_id))

@@ -1,0 +1,288 @@
+"""Request and response bodies, in OpenAI's shapes plus Conch's extras.
+
+Request models forbid unknown fields, so a client cannot set what it must not (``status``, ``id``, a tenant) and a
+misspelt knob is refused by name instead of silently ignored. They are strict about JSON types ("3" is not 3).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core.contracts import ComputeType, LoraTarget, SchedulerName, TemplateName
+
+Auto = Literal["auto"]
+MAX_METADATA_PAIRS = 16
+_SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorObject
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Invalid request"),
+        (401, "Missing or invalid API key"),
+        (404, "Not found (or owned by another tenant)"),
+        (409, "Conflicts with the object's current state"),
+        (422, "Invalid or unknown field"),
+        (429, "Rate limit exceeded"),
+        (500, "Server error"),
+    )
+}
+
+# --------------------------------------------------------------------------------------------------- files
+
+
+class FileOut(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    expires_at: int | None = None
+    status_details: str | None = None
+    # Conch extras.
+    format: str
+    num_examples: int
+    sha256: str
+    validation: dict[str, Any]
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+# --------------------------------------------------------------------------------------------------- jobs
+
+
+class HyperparametersIn(RequestModel):
+    """OpenAI's three knobs (each may be "auto") and LLaMA-Factory's names; all optional, all range-checked."""
+
+    n_epochs: int | Auto | None = None
+    batch_size: int | Auto | None = None
+    learning_rate_multiplier: float | Auto | None = None
+
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    lora_target: LoraTarget | None = None
+    cutoff_len: int | None = None
+    learning_rate: float | None = None
+    num_train_epochs: float | None = None
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    max_grad_norm: float | None = None
+    max_samples: int | None = None
+    val_size: float | None = None
+    lr_scheduler_type: SchedulerName | None = None
+    warmup_ratio: float | None = None
+    compute_type: ComputeType | None = None
+    save_steps: int | None = None
+    logging_steps: int | None = None
+    train_on_prompt: bool | None = None
+    template: TemplateName | None = None
+
+
+class SupervisedIn(RequestModel):
+    hyperparameters: HyperparametersIn | None = None
+
+
+class MethodIn(RequestModel):
+    type: Literal["supervised"]
+    supervised: SupervisedIn | None = None
+
+
+class JobCreate(RequestModel):
+    model: str = Field(min_length=1, max_length=255, description="a configured base model id")
+    training_file: str = Field(min_length=1, max_length=128)
+    validation_file: str | None = Field(None, min_length=1, max_length=128)
+    suffix: str | None = Field(None, description="up to 64 characters of letters, digits, '_' and '-'")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    hyperparameters: HyperparametersIn | None = None
+    method: MethodIn | None = None
+    auto_deploy: bool = True
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value is not None and not _SUFFIX_RE.match(value):
+            raise ValueError("use 1-64 characters of letters, digits, '_' and '-'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
+        for key, item in value.items():
+            if not key or len(key) > 64:
+                raise ValueError("keys are 1-64 characters")
+            if len(item) > 512:
+                raise ValueError("values are at most 512 characters")
+        return value
+
+
+class OpenAIHyperparameters(BaseModel):
+    n_epochs: int | float
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class SupervisedOut(BaseModel):
+    hyperparameters: OpenAIHyperparameters
+
+
+class MethodOut(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedOut
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    organization_id: str
+    result_files: list[str]
+    status: str
+    validation_file: str | None
+    training_file: str
+    hyperparameters: OpenAIHyperparameters
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    metadata: dict[str, str] | None
+    method: MethodOut
+    estimated_finish: int | None
+    integrations: list[Any]
+    user_provided_suffix: str | None
+    # Conch extras.
+    stage: str | None
+    progress: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    attempts: int
+    auto_deploy: bool
+    conch_hyperparameters: dict[str, Any]
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobOut]
+    has_more: bool
+
+
+class EventOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventOut]
+    has_more: bool
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, Any]
+    fine_tuning_job_id: str
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    conch: dict[str, Any] = Field(description="kind (base|fine-tuned), lineage, metrics, deployment state")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+class DeploymentOut(BaseModel):
+    id: str
+    object: Literal["deployment"] = "deployment"
+    model: str
+    status: str
+    reason: str | None
+    requested_by: str | None
+    created_at: int
+    updated_at: int
+    activated_at: int | None
+    latency_seconds: float | None
+
+
+class DeploymentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DeploymentOut]
+    has_more: bool

@@ -1,0 +1,1 @@
+"""What the routes do, written against a Session and a tenant so it can be tested and reused (the CLI)."""

@@ -1,0 +1,222 @@
+"""Datasets: validate an upload, keep it under a generated name, list, read and delete it per tenant."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from api.db import on_commit, on_rollback
+from api.schemas import FileDeleted, FileList, FileOut
+from api.services.common import cursor_page, parse_public_id, unix_required, unknown_cursor
+from api.services.uploads import FILE_FIELD, Upload
+from core.contracts import LIVE_STATUSES
+from core.datasets import FORMATS, ColumnMapping, DatasetReport, Format
+from core.errors import Conflict, InvalidRequest, NotFound, ValidationFailed
+from core.models import FileObject, FineTuningJob
+
+PURPOSE = "fine-tune"
+ACCEPTED_FIELDS = frozenset({FILE_FIELD, "purpose", "format", "column_mapping"})
+# Soft-deleted rows stay while a finished job still names them (the foreign key keeps lineage intact).
+DELETED = "deleted"
+MAX_FILENAME_CHARS = 255
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    purpose: str
+    format: Format | None
+    mapping: ColumnMapping | None
+
+
+def upload_options(fields: dict[str, str]) -> UploadOptions:
+    """Check the text fields sent with the file: ``purpose``, optional ``format`` and ``column_mapping``."""
+    unknown = sorted(set(fields) - ACCEPTED_FIELDS)
+    if unknown:
+        raise ValidationFailed(
+            f"{unknown[0]}: this field is not accepted here", param=unknown[0], code="extra_forbidden"
+        )
+    purpose = fields.get("purpose")
+    if purpose is None:
+        raise ValidationFailed("purpose: Field required", param="purpose", code="missing")
+    if purpose != PURPOSE:
+        raise ValidationFailed(f"purpose must be '{PURPOSE}'", param="purpose", code="invalid_value")
+    fmt = fields.get("format") or None
+    if fmt is not None and fmt not in FORMATS:
+        raise ValidationFailed(f"format must be one of {', '.join(FORMATS)}", param="format", code="invalid_value")
+    mapping = None
+    raw_mapping = fields.get("column_mapping")
+    if raw_mapping:
+        try:
+            mapping = ColumnMapping.from_json(json.loads(raw_mapping))
+        except (ValueError, RecursionError) as exc:
+            # json.JSONDecodeError is a ValueError; RecursionError is absurdly deep nesting.
+            message = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+            raise ValidationFailed(
+                f"column_mapping is not a valid dataset_info entry: {message}", param="column_mapping"
+            ) from exc
+        if fmt is not None and mapping.formatting is not None and mapping.formatting != fmt:
+            raise ValidationFailed("format and column_mapping.formatting disagree", param="column_mapping")
+    return UploadOptions(purpose=purpose, format=cast(Format | None, fmt), mapping=mapping)
+
+
+def check_filename(filename: str) -> str:
+    """The client's name for the file, kept for display only. Path parts or control characters are refused: a
+    legitimate client sends a bare name, and the bytes are stored under a generated name anyway."""
+    if not filename.strip():
+        raise InvalidRequest("The file needs a name.", param=FILE_FIELD, code="invalid_filename")
+    if "/" in filename or "\\" in filename or filename in (".", ".."):
+        raise InvalidRequest(
+            "The filename must not contain path components.", param=FILE_FIELD, code="invalid_filename"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in filename):
+        raise InvalidRequest(
+            "The filename must not contain control characters.", param=FILE_FIELD, code="invalid_filename"
+        )
+    if len(filename) > MAX_FILENAME_CHARS:
+        raise InvalidRequest(
+            f"The filename is longer than {MAX_FILENAME_CHARS} characters.", param=FILE_FIELD, code="invalid_filename"
+        )
+    return filename
+
+
+def invalid_dataset(report: DatasetReport) -> InvalidRequest:
+    """A 400 that says where the first problem is and carries the whole report."""
+    first = report.errors[0] if report.errors else {}
+    where = ""
+    if "line" in first:
+        where = f"line {first['line']}: "
+    elif "index" in first:
+        where = f"index {first['index']}: "
+    message = f"The file is not a valid dataset: {where}{first.get('message', 'no examples')}"
+    if report.num_errors > 1:
+        message += f" ({report.num_errors - 1} more errors in the report)"
+    return InvalidRequest(
+        message,
+        param=first.get("field") or FILE_FIELD,
+        code="invalid_file",
+        extra={"report": report.to_json()},
+    )
+
+
+def store_file(
+    session: Session,
+    *,
+    tenant_id: str,
+    upload: Upload,
+    options: UploadOptions,
+    report: DatasetReport,
+    folder: Path,
+) -> FileObject:
+    """Move the validated upload to its final name and add its row; the bytes go away if the row is rolled back."""
+    file_id = uuid.uuid4()
+    final = folder / f"{file_id.hex}.{report.container}"
+    os.replace(upload.path, final)
+    on_rollback(session, lambda: final.unlink(missing_ok=True))
+    validation = report.to_json()
+    # The worker reads the mapping back from here to parse the file the way it was validated.
+    validation["column_mapping"] = options.mapping.to_json() if options.mapping else None
+    row = FileObject(
+        id=file_id,
+        tenant_id=tenant_id,
+        filename=upload.filename,
+        purpose=options.purpose,
+        bytes=upload.size,
+        format=report.format or "unknown",
+        sha256=upload.sha256,
+        num_examples=report.num_examples,
+        storage_path=str(final),
+        status="processed",
+        report=validation,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def file_out(row: FileObject) -> FileOut:
+    return FileOut(
+        id=row.public_id,
+        bytes=row.bytes,
+        created_at=unix_required(row.created_at),
+        filename=row.filename,
+        purpose=row.purpose,
+        status=row.status,
+        format=row.format,
+        num_examples=row.num_examples,
+        sha256=row.sha256,
+        validation=row.report,
+    )
+
+
+def get_file(session: Session, tenant_id: str, public_id: str, *, lock: bool = False) -> FileObject:
+    file_id = parse_public_id(public_id, "file-")
+    row = None
+    if file_id is not None:
+        stmt = select(FileObject).where(
+            FileObject.id == file_id, FileObject.tenant_id == tenant_id, FileObject.status != DELETED
+        )
+        if lock:
+            stmt = stmt.with_for_update()
+        row = session.scalars(stmt).first()
+    if row is None:
+        raise NotFound(f"No such file: {public_id}", param="file_id")
+    return row
+
+
+def list_files(
+    session: Session, tenant_id: str, *, after: str | None, limit: int, purpose: str | None, descending: bool
+) -> FileList:
+    stmt = select(FileObject).where(FileObject.tenant_id == tenant_id, FileObject.status != DELETED)
+    if purpose:
+        stmt = stmt.where(FileObject.purpose == purpose)
+    cursor: tuple[Any, ...] | None = None
+    if after:
+        try:
+            anchor = get_file(session, tenant_id, after)
+        except NotFound as exc:
+            raise unknown_cursor(after) from exc
+        cursor = (anchor.created_at, anchor.id)
+    rows, has_more = cursor_page(
+        session, stmt, keys=[FileObject.created_at, FileObject.id], after=cursor, limit=limit, descending=descending
+    )
+    data = [file_out(r) for r in rows]
+    return FileList(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+def content_path(row: FileObject) -> Path:
+    path = Path(row.storage_path)
+    if not path.is_file():
+        raise NotFound(f"The content of {row.public_id} is no longer stored.", param="file_id")
+    return path
+
+
+def delete_file(session: Session, tenant_id: str, public_id: str) -> FileDeleted:
+    # The row lock serialises with job creation, which locks the file it names: a job created concurrently is
+    # either visible here (409) or refused there (file gone).
+    row = get_file(session, tenant_id, public_id, lock=True)
+    users = session.scalars(
+        select(FineTuningJob.status).where(
+            or_(FineTuningJob.training_file_id == row.id, FineTuningJob.validation_file_id == row.id)
+        )
+    ).all()
+    if any(status in LIVE_STATUSES for status in users):
+        raise Conflict(f"{public_id} is used by a fine-tuning job that has not finished.", param="file_id")
+    path = Path(row.storage_path)
+    if users:
+        row.status = DELETED
+    else:
+        session.delete(row)
+    on_commit(session, lambda: path.unlink(missing_ok=True))
+    return FileDeleted(id=public_id, deleted=True)

@@ -1,0 +1,75 @@
+"""``Idempotency-Key``: a retried POST gets the first answer back instead of creating a second object.
+
+The record is written in the same transaction as the object it describes, so either both exist or neither. A key
+reused with a different body is refused (422); a key whose first request is still in flight meets the unique
+constraint and gets 409, and the client's retry then replays the committed answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.errors import Conflict, ValidationFailed
+from core.models import IdempotencyRecord
+
+
+@dataclass(frozen=True)
+class Replay:
+    status_code: int
+    body: dict[str, Any]
+
+
+def request_hash(payload: Any) -> str:
+    """Hash of the request as parsed (key order and whitespace do not matter)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def find_replay(session: Session, *, tenant_id: str, key: str, route: str, req_hash: str) -> Replay | None:
+    record = session.scalars(
+        select(IdempotencyRecord).where(
+            IdempotencyRecord.tenant_id == tenant_id,
+            IdempotencyRecord.key == key,
+            IdempotencyRecord.route == route,
+        )
+    ).first()
+    if record is None:
+        return None
+    if record.request_hash != req_hash:
+        raise ValidationFailed(
+            "This Idempotency-Key was already used with a different request body.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return Replay(status_code=record.status_code, body=record.response)
+
+
+def remember(
+    session: Session,
+    *,
+    tenant_id: str,
+    key: str,
+    route: str,
+    req_hash: str,
+    body: dict[str, Any],
+    status_code: int = 200,
+) -> None:
+    record = IdempotencyRecord(
+        tenant_id=tenant_id, key=key, route=route, request_hash=req_hash, status_code=status_code, response=body
+    )
+    try:
+        with session.begin_nested():
+            session.add(record)
+    except IntegrityError as exc:
+        raise Conflict(
+            "A request with this Idempotency-Key is already being processed; retry it shortly.",
+            param="Idempotency-Key",
+            code="idempotency_key_in_use",
+        ) from exc

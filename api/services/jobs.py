@@ -1,0 +1,328 @@
+"""Fine-tuning jobs: create (commit, then ring the broker), read, list, cancel, events and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db import on_commit
+from api.schemas import (
+    CheckpointList,
+    CheckpointOut,
+    EventList,
+    EventOut,
+    JobCreate,
+    JobError,
+    JobList,
+    JobOut,
+    MethodOut,
+    SupervisedOut,
+)
+from api.services import hyperparameters as hparams
+from api.services.common import cursor_page, parse_public_id, unix, unix_required, unknown_cursor
+from api.services.files import DELETED, PURPOSE
+from core.contracts import TERMINAL_STATUSES, Hyperparameters, JobStatus
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.jobs import add_event, request_cancel
+from core.models import Checkpoint, FileObject, FineTuningJob, JobEvent, utcnow
+from core.queue import enqueue_fine_tune
+from core.settings import Settings
+
+log = logging.getLogger("conch.api.jobs")
+
+_LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "error"}
+
+
+# ------------------------------------------------------------------------------------------------ create
+
+
+def _training_file(session: Session, tenant_id: str, public_id: str, param: str) -> FileObject:
+    file_id = parse_public_id(public_id, "file-")
+    row = None
+    if file_id is not None:
+        # FOR SHARE: a concurrent DELETE of this file waits for this transaction and then sees the job.
+        row = session.scalars(
+            select(FileObject)
+            .where(FileObject.id == file_id, FileObject.tenant_id == tenant_id, FileObject.status != DELETED)
+            .with_for_update(read=True)
+        ).first()
+    if row is None:
+        raise InvalidRequest(f"No such file: {public_id}", param=param, code="file_not_found")
+    if row.purpose != PURPOSE:
+        raise InvalidRequest(f"{public_id} was not uploaded for fine-tuning.", param=param, code="invalid_file")
+    return row
+
+
+def _hyperparameters(body: JobCreate) -> Hyperparameters:
+    in_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
+    if body.hyperparameters is not None and in_method is not None:
+        raise InvalidRequest(
+            "Send hyperparameters either at the top level or under method.supervised, not both.",
+            param="hyperparameters",
+            code="conflicting_parameters",
+        )
+    if in_method is not None:
+        return hparams.resolve(in_method, param_prefix="method.supervised.hyperparameters")
+    return hparams.resolve(body.hyperparameters, param_prefix="hyperparameters")
+
+
+def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: Settings) -> FineTuningJob:
+    if body.model not in settings.base_models:
+        raise InvalidRequest(
+            f"Unknown base model '{body.model}'; configured: {', '.join(sorted(settings.base_models))}.",
+            param="model",
+            code="model_not_found",
+        )
+    hp = _hyperparameters(body)
+    training = _training_file(session, tenant_id, body.training_file, "training_file")
+    validation = (
+        _training_file(session, tenant_id, body.validation_file, "validation_file") if body.validation_file else None
+    )
+    now = utcnow()
+    job = FineTuningJob(
+        id=uuid.uuid4(),
+        tenant_id=tenant_id,
+        model=body.model,
+        training_file_id=training.id,
+        validation_file_id=validation.id if validation else None,
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        user_metadata=body.metadata,
+        hyperparameters=hp.model_dump(mode="json"),
+        auto_deploy=body.auto_deploy,
+        # Files are validated at upload, so a new job is ready to run.
+        status=JobStatus.QUEUED.value,
+        enqueued_at=now,
+        created_at=now,
+        updated_at=now,
+        attempts=0,
+        cancel_requested=False,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, f"Created fine-tuning job: {job.public_id}", data={"status": JobStatus.QUEUED.value})
+    public_id = job.public_id
+    on_commit(session, lambda: ring_broker(public_id))
+    log.info("job.created", extra={"job_id": public_id, "tenant_id": tenant_id, "model": body.model})
+    return job
+
+
+def ring_broker(public_id: str) -> None:
+    """After commit. A broker outage leaves the job queued in the database; the reconciler enqueues it later."""
+    try:
+        enqueue_fine_tune(public_id)
+    except Exception as exc:
+        log.warning("job.enqueue_failed", extra={"job_id": public_id, "error_class": type(exc).__name__})
+
+
+# ------------------------------------------------------------------------------------------------ read
+
+
+def get_job(session: Session, tenant_id: str, public_id: str) -> FineTuningJob:
+    job_id = parse_public_id(public_id, "ftjob-")
+    job = None
+    if job_id is not None:
+        job = session.scalars(
+            select(FineTuningJob).where(FineTuningJob.id == job_id, FineTuningJob.tenant_id == tenant_id)
+        ).first()
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {public_id}", param="fine_tuning_job_id")
+    return job
+
+
+def model_name(job: FineTuningJob) -> str:
+    """The fine-tuned model's id: ``ft:<base>:<suffix>:<job id>`` (the worker records the same on success)."""
+    return job.fine_tuned_model or f"ft:{job.model}:{job.suffix or ''}:{job.public_id}"
+
+
+def _file_public_id(file_id: uuid.UUID | None) -> str | None:
+    return f"file-{file_id.hex}" if file_id else None
+
+
+def _error(raw: dict[str, Any] | None) -> JobError | None:
+    if not raw:
+        return None
+    return JobError(code=str(raw.get("code") or "error"), message=str(raw.get("message") or ""), param=raw.get("param"))
+
+
+def job_out(job: FineTuningJob) -> JobOut:
+    hp = Hyperparameters.model_validate(job.hyperparameters)
+    openai_hp = hparams.openai_view(hp)
+    estimated_finish = None
+    eta = (job.progress or {}).get("eta_seconds")
+    if job.status == JobStatus.RUNNING and isinstance(eta, int | float):
+        estimated_finish = unix(job.updated_at + timedelta(seconds=float(eta)))
+    return JobOut(
+        id=job.public_id,
+        model=job.model,
+        created_at=unix_required(job.created_at),
+        finished_at=unix(job.finished_at),
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=job.tenant_id,
+        result_files=[],
+        status=job.status,
+        validation_file=_file_public_id(job.validation_file_id),
+        training_file=_file_public_id(job.training_file_id) or "",
+        hyperparameters=openai_hp,
+        trained_tokens=job.trained_tokens,
+        error=_error(job.error),
+        seed=job.seed,
+        metadata=job.user_metadata,
+        method=MethodOut(supervised=SupervisedOut(hyperparameters=openai_hp)),
+        estimated_finish=estimated_finish,
+        integrations=[],
+        user_provided_suffix=job.suffix,
+        stage=job.stage,
+        progress=job.progress,
+        metrics=job.metrics,
+        attempts=job.attempts,
+        auto_deploy=job.auto_deploy,
+        conch_hyperparameters=hp.model_dump(mode="json"),
+    )
+
+
+def list_jobs(
+    session: Session,
+    tenant_id: str,
+    *,
+    after: str | None,
+    limit: int,
+    status: JobStatus | None,
+    metadata: dict[str, str],
+) -> JobList:
+    stmt = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
+    if status is not None:
+        stmt = stmt.where(FineTuningJob.status == status.value)
+    for key, value in metadata.items():
+        stmt = stmt.where(FineTuningJob.user_metadata[key].as_string() == value)
+    cursor: tuple[Any, ...] | None = None
+    if after:
+        try:
+            anchor = get_job(session, tenant_id, after)
+        except NotFound as exc:
+            raise unknown_cursor(after) from exc
+        cursor = (anchor.created_at, anchor.id)
+    rows, has_more = cursor_page(
+        session, stmt, keys=[FineTuningJob.created_at, FineTuningJob.id], after=cursor, limit=limit
+    )
+    return JobList(data=[job_out(j) for j in rows], has_more=has_more)
+
+
+def cancel_job(session: Session, tenant_id: str, public_id: str) -> FineTuningJob:
+    job = get_job(session, tenant_id, public_id)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise Conflict(f"{public_id} has already {job.status}; there is nothing to cancel.", code="job_finished")
+    request_cancel(session, job.id)
+    session.flush()
+    session.refresh(job)
+    log.info("job.cancel_requested", extra={"job_id": public_id, "status": job.status})
+    return job
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+def event_out(event: JobEvent) -> EventOut:
+    return EventOut(
+        id=event.public_id,
+        created_at=unix_required(event.created_at),
+        level=_LEVELS.get(event.level, "info"),  # type: ignore[arg-type]
+        message=event.message,
+        type="metrics" if event.type == "metrics" else "message",
+        data=event.data,
+    )
+
+
+def _event_seq(public_id: str) -> int | None:
+    prefix = "ftevent-"
+    if public_id.startswith(prefix) and public_id[len(prefix) :].isdigit():
+        return int(public_id[len(prefix) :])
+    return None
+
+
+def list_events(session: Session, tenant_id: str, public_id: str, *, after: str | None, limit: int) -> EventList:
+    job = get_job(session, tenant_id, public_id)
+    cursor: tuple[Any, ...] | None = None
+    if after:
+        seq = _event_seq(after)
+        if seq is None:
+            raise unknown_cursor(after)
+        cursor = (seq,)
+    rows, has_more = cursor_page(
+        session, select(JobEvent).where(JobEvent.job_id == job.id), keys=[JobEvent.seq], after=cursor, limit=limit
+    )
+    return EventList(data=[event_out(e) for e in rows], has_more=has_more)
+
+
+def start_cursor(after: str | None) -> int:
+    """Where an event stream starts: after an event id (``after`` or ``Last-Event-ID``), or at the beginning."""
+    if not after:
+        return 0
+    seq = _event_seq(after)
+    if seq is None:
+        raise unknown_cursor(after)
+    return seq
+
+
+def events_since(session: Session, job_id: uuid.UUID, seq: int, limit: int = 200) -> tuple[list[EventOut], int, bool]:
+    """New events oldest first, the cursor after them, and whether the job had ended before they were read."""
+    # Read the status first: a job's terminal status and its last event commit together, so once the status
+    # reads terminal, the events read next include the last one.
+    status = session.scalars(select(FineTuningJob.status).where(FineTuningJob.id == job_id)).first()
+    rows = list(
+        session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq).order_by(JobEvent.seq).limit(limit)
+        )
+    )
+    last = rows[-1].seq if rows else seq
+    ended = status is None or status in TERMINAL_STATUSES
+    return [event_out(e) for e in rows], last, ended and len(rows) < limit
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_out(job: FineTuningJob, checkpoint: Checkpoint) -> CheckpointOut:
+    metrics = {"step": checkpoint.step, **(checkpoint.metrics or {})}
+    return CheckpointOut(
+        id=checkpoint.public_id,
+        created_at=unix_required(checkpoint.created_at),
+        fine_tuned_model_checkpoint=f"{model_name(job)}:ckpt-step-{checkpoint.step}",
+        step_number=checkpoint.step,
+        metrics=metrics,
+        fine_tuning_job_id=job.public_id,
+    )
+
+
+def list_checkpoints(
+    session: Session, tenant_id: str, public_id: str, *, after: str | None, limit: int
+) -> CheckpointList:
+    job = get_job(session, tenant_id, public_id)
+    cursor: tuple[Any, ...] | None = None
+    if after:
+        ckpt_id = parse_public_id(after, "ftckpt-")
+        anchor = (
+            session.scalars(select(Checkpoint).where(Checkpoint.id == ckpt_id, Checkpoint.job_id == job.id)).first()
+            if ckpt_id
+            else None
+        )
+        if anchor is None:
+            raise unknown_cursor(after)
+        cursor = (anchor.step,)
+    rows, has_more = cursor_page(
+        session,
+        select(Checkpoint).where(Checkpoint.job_id == job.id),
+        keys=[Checkpoint.step],
+        after=cursor,
+        limit=limit,
+    )
+    data = [checkpoint_out(job, c) for c in rows]
+    return CheckpointList(
+        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )

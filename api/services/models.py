@@ -1,0 +1,215 @@
+"""Models (base models from settings, fine-tuned ones from the database) and their deployments."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.db import on_commit
+from api.schemas import DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
+from api.services.common import cursor_page, parse_public_id, unix, unix_required, unknown_cursor
+from core.base_models import base_model_path, is_prepared
+from core.contracts import DeploymentStatus
+from core.deployments import active_deployment, announce, previous_good_model, request_deployment
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.models import Deployment, ModelRecord
+from core.settings import Settings
+
+log = logging.getLogger("conch.api.models")
+
+BASE_OWNER = "conch"
+_IN_FLIGHT = (DeploymentStatus.PENDING.value, DeploymentStatus.LOADING.value)
+
+
+def _created(path: Path) -> int:
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return 0
+
+
+def base_model_out(name: str, settings: Settings, active_model: str | None) -> ModelOut:
+    return ModelOut(
+        id=name,
+        created=_created(base_model_path(name, settings)),
+        owned_by=BASE_OWNER,
+        conch={
+            "kind": "base",
+            "prepared": is_prepared(name, settings),
+            "default": name == settings.default_base_model,
+            "deployed": name == active_model,
+        },
+    )
+
+
+def fine_tuned_out(row: ModelRecord, active_model: str | None) -> ModelOut:
+    return ModelOut(
+        id=row.id,
+        created=unix_required(row.created_at),
+        owned_by=row.tenant_id,
+        conch={
+            "kind": "fine-tuned",
+            "base_model": row.base_model,
+            "job_id": f"ftjob-{row.job_id.hex}" if row.job_id else None,
+            "dataset_sha256": row.dataset_sha256,
+            "metrics": row.metrics,
+            "status": row.status,
+            "size_bytes": row.size_bytes,
+            "deployed": row.id == active_model,
+        },
+    )
+
+
+def _active_model(session: Session, tenant_id: str) -> str | None:
+    active = active_deployment(session, tenant_id)
+    return active.model_id if active else None
+
+
+def list_models(session: Session, tenant_id: str, settings: Settings) -> ModelList:
+    active = _active_model(session, tenant_id)
+    base = [base_model_out(name, settings, active) for name in sorted(settings.base_models)]
+    tuned = session.scalars(
+        select(ModelRecord).where(ModelRecord.tenant_id == tenant_id).order_by(ModelRecord.created_at.desc())
+    ).all()
+    return ModelList(data=base + [fine_tuned_out(r, active) for r in tuned])
+
+
+def _fine_tuned(session: Session, tenant_id: str, model_id: str) -> ModelRecord | None:
+    return session.scalars(
+        select(ModelRecord).where(ModelRecord.id == model_id, ModelRecord.tenant_id == tenant_id)
+    ).first()
+
+
+def get_model(session: Session, tenant_id: str, model_id: str, settings: Settings) -> ModelOut:
+    active = _active_model(session, tenant_id)
+    if model_id in settings.base_models:
+        return base_model_out(model_id, settings, active)
+    row = _fine_tuned(session, tenant_id, model_id)
+    if row is None:
+        raise NotFound(f"No such model: {model_id}", param="model")
+    return fine_tuned_out(row, active)
+
+
+def _remove_artifacts(paths: list[Path], root: Path) -> None:
+    for path in paths:
+        # Only ever delete inside the artifact root, whatever a row says.
+        if path.is_relative_to(root) and path != root:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def delete_model(session: Session, tenant_id: str, model_id: str, settings: Settings) -> ModelDeleted:
+    if model_id in settings.base_models:
+        raise InvalidRequest("Base models come from configuration and cannot be deleted.", param="model")
+    row = session.scalars(
+        select(ModelRecord).where(ModelRecord.id == model_id, ModelRecord.tenant_id == tenant_id).with_for_update()
+    ).first()
+    if row is None:
+        raise NotFound(f"No such model: {model_id}", param="model")
+    if _active_model(session, tenant_id) == model_id:
+        raise Conflict(f"{model_id} is the deployed model; deploy another model first.", code="model_deployed")
+    in_flight = session.scalars(
+        select(Deployment.id).where(
+            Deployment.tenant_id == tenant_id, Deployment.model_id == model_id, Deployment.status.in_(_IN_FLIGHT)
+        )
+    ).first()
+    if in_flight is not None:
+        raise Conflict(f"{model_id} is being deployed; wait for that to finish.", code="model_deploying")
+    paths = [Path(p) for p in (row.storage_path, row.adapter_path) if p]
+    root = settings.artifacts
+    session.delete(row)
+    on_commit(session, lambda: _remove_artifacts(paths, root))
+    log.info("model.deleted", extra={"model_id": model_id, "tenant_id": tenant_id})
+    return ModelDeleted(id=model_id, deleted=True)
+
+
+# ------------------------------------------------------------------------------------------------ deployments
+
+
+def deployment_out(row: Deployment) -> DeploymentOut:
+    return DeploymentOut(
+        id=row.public_id,
+        model=row.model_id,
+        status=row.status,
+        reason=row.reason,
+        requested_by=row.requested_by,
+        created_at=unix_required(row.created_at),
+        updated_at=unix_required(row.updated_at),
+        activated_at=unix(row.activated_at),
+        latency_seconds=row.latency_seconds,
+    )
+
+
+def _check_deployable(session: Session, tenant_id: str, model_id: str, settings: Settings) -> None:
+    if model_id in settings.base_models:
+        return
+    row = _fine_tuned(session, tenant_id, model_id)
+    if row is None:
+        raise NotFound(f"No such model: {model_id}", param="model")
+    if row.status != "ready":
+        raise Conflict(f"{model_id} is {row.status}, not ready to serve.", code="model_not_ready")
+
+
+def deploy(session: Session, *, tenant_id: str, model_id: str, actor: str, settings: Settings) -> Deployment:
+    """Record the request; once committed, tell inference services to load the model now."""
+    _check_deployable(session, tenant_id, model_id, settings)
+    deployment = request_deployment(session, tenant_id=tenant_id, model_id=model_id, requested_by=actor)
+    session.refresh(deployment)
+    on_commit(session, lambda: announce(deployment))
+    log.info("deployment.requested", extra={"deployment_id": deployment.public_id, "model_id": model_id})
+    return deployment
+
+
+def rollback(
+    session: Session, *, tenant_id: str, current_model: str | None, actor: str, settings: Settings
+) -> Deployment:
+    """Deploy the model that was serving before ``current_model`` (default: the active one)."""
+    if current_model is None:
+        active = active_deployment(session, tenant_id)
+        if active is None:
+            raise Conflict("No model is deployed, so there is nothing to roll back.", code="nothing_to_roll_back")
+        current_model = active.model_id
+    target = previous_good_model(session, tenant_id, current_model)
+    if target is None:
+        raise Conflict(
+            f"No model served before {current_model}; there is nothing to roll back to.",
+            code="nothing_to_roll_back",
+        )
+    return deploy(session, tenant_id=tenant_id, model_id=target, actor=f"rollback:{actor}"[:64], settings=settings)
+
+
+def get_deployment(session: Session, tenant_id: str, public_id: str) -> Deployment:
+    deployment_id = parse_public_id(public_id, "deploy-")
+    row = None
+    if deployment_id is not None:
+        row = session.scalars(
+            select(Deployment).where(Deployment.id == deployment_id, Deployment.tenant_id == tenant_id)
+        ).first()
+    if row is None:
+        raise NotFound(f"No such deployment: {public_id}", param="deployment_id")
+    return row
+
+
+def list_deployments(session: Session, tenant_id: str, *, after: str | None, limit: int) -> DeploymentList:
+    cursor: tuple[Any, ...] | None = None
+    if after:
+        try:
+            anchor = get_deployment(session, tenant_id, after)
+        except NotFound as exc:
+            raise unknown_cursor(after) from exc
+        cursor = (anchor.created_at, anchor.id)
+    rows, has_more = cursor_page(
+        session,
+        select(Deployment).where(Deployment.tenant_id == tenant_id),
+        keys=[Deployment.created_at, Deployment.id],
+        after=cursor,
+        limit=limit,
+    )
+    return DeploymentList(data=[deployment_out(r) for r in rows], has_more=has_more)
