@@ -46,11 +46,20 @@ def error_response(status_code: int, error: dict[str, Any], headers: dict[str, s
     return JSONResponse({"error": error}, status_code=status_code, headers=headers)
 
 
+# Pydantic adds the union member that failed to an error's location (``n_epochs.int``); clients want the field.
+_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "bytes", "none", "list", "dict", "tuple", "set"})
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in _TYPE_TAGS or any(c in part for c in "[('")
+
+
 def dotted(loc: tuple[Any, ...] | list[Any]) -> str | None:
     """``("body", "method", "supervised", "hyperparameters", "n_epochs")`` -> ``method.supervised...n_epochs``."""
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
         parts = parts[1:]
+    parts = [p for p in parts if not _is_type_tag(p)]
     out = ""
     for part in parts:
         out += f"[{part}]" if part.isdigit() and out else (f".{part}" if out else part)
