@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ConchError, RateLimited, Unauthorized, error_body
@@ -122,6 +123,15 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     return error_response(422, body)
 
 
+async def database_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Connection refused, server restarting, lost connection: the client may retry, unlike a 500.
+    log.error("http.database_unavailable", extra={"path": request.url.path, "error_class": type(exc).__name__})
+    body = error_body("The database is unavailable; retry shortly.", type_="server_error", code="service_unavailable")[
+        "error"
+    ]
+    return error_response(503, body, {"Retry-After": "5"})
+
+
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     log.error(
         "http.unhandled_error",
@@ -138,4 +148,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ConchError, conch_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(OperationalError, database_unavailable_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
