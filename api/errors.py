@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ConchError, RateLimited, Unauthorized, error_body
@@ -132,6 +132,17 @@ async def database_unavailable_handler(request: Request, exc: Exception) -> JSON
     return error_response(503, body, {"Retry-After": "5"})
 
 
+async def data_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a value that came from the request (a NUL byte in an id, say): the client's mistake.
+    log.warning("http.value_refused_by_database", extra={"path": request.url.path, "error_class": type(exc).__name__})
+    body = error_body(
+        "A value in the request cannot be stored or searched (for example it contains a NUL character).",
+        type_="invalid_request_error",
+        code="invalid_value",
+    )["error"]
+    return error_response(400, body)
+
+
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     log.error(
         "http.unhandled_error",
@@ -149,4 +160,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(OperationalError, database_unavailable_handler)
+    app.add_exception_handler(DataError, data_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)

@@ -43,12 +43,9 @@ def reconcile_once(settings: Settings | None = None) -> dict[str, int]:
                 if finish(session, job.id, JobStatus.CANCELLED, message="Job cancelled (its worker stopped)"):
                     counts["cancelled"] += 1
             elif job.attempts >= settings.max_attempts:
-                error = {
-                    "code": "max_attempts_exceeded",
-                    "param": None,
-                    "message": f"The job's worker stopped {job.attempts} times; giving up.",
-                }
-                if finish(session, job.id, JobStatus.FAILED, message=error["message"], error=error):
+                message = f"The job's worker stopped {job.attempts} times; giving up."
+                error = {"code": "max_attempts_exceeded", "param": None, "message": message}
+                if finish(session, job.id, JobStatus.FAILED, message=message, error=error):
                     counts["failed"] += 1
             else:
                 session.execute(

@@ -42,6 +42,13 @@ def test_validation_errors_name_the_dotted_field(client: TestClient) -> None:
     )
 
 
+def test_values_the_database_refuses_are_400(client: TestClient) -> None:
+    assert_envelope(client.get("/v1/models/ft%00x"), 400, code="invalid_value")
+    assert_envelope(client.get("/v1/fine_tuning/jobs", params={"metadata[k]": "a\x00b"}), 400, code="invalid_value")
+    assert_envelope(client.get("/v1/files", params={"purpose": "\x00"}), 400, code="invalid_value")
+    assert client.get("/v1/models").status_code == 200
+
+
 def test_unhandled_exception_is_500_without_details(clean_db: None) -> None:
     app = create_app(run_reconciler=False)
 
