@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -151,8 +152,18 @@ def _error(raw: dict[str, Any] | None) -> JobError | None:
     return JobError(code=str(raw.get("code") or "error"), message=str(raw.get("message") or ""), param=raw.get("param"))
 
 
+def stored_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
+    """The job's knobs as stored. A row written under an older schema must still be readable, so unknown keys are
+    dropped and, failing validation, the stored values are taken as they are."""
+    known = {k: v for k, v in raw.items() if k in Hyperparameters.model_fields}
+    try:
+        return Hyperparameters.model_validate(known)
+    except ValidationError:
+        return Hyperparameters.model_construct(**known)
+
+
 def job_out(job: FineTuningJob) -> JobOut:
-    hp = Hyperparameters.model_validate(job.hyperparameters)
+    hp = stored_hyperparameters(job.hyperparameters or {})
     openai_hp = hparams.openai_view(hp)
     estimated_finish = None
     eta = (job.progress or {}).get("eta_seconds")

@@ -547,3 +547,36 @@ def test_checkpoints_newest_first(client: TestClient, training_file: str) -> Non
     assert ckpt["metrics"]["step"] == 30 and ckpt["metrics"]["train_loss"] == pytest.approx(1 / 30)
     rest = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"after": page["data"][-1]["id"]}).json()
     assert [c["step_number"] for c in rest["data"]] == [10] and rest["has_more"] is False
+
+
+def test_rows_written_under_an_older_schema_still_read(client: TestClient, training_file: str) -> None:
+    job_id = create(client, training_file).json()["id"]
+    with session_scope() as session:
+        session.execute(
+            update(FineTuningJob)
+            .where(FineTuningJob.id == job_uuid(job_id))
+            .values(hyperparameters={"num_train_epochs": 2, "retired_knob": True})
+        )
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["hyperparameters"]["n_epochs"] == 2
+    assert "retired_knob" not in job["conch_hyperparameters"]
+
+
+def test_concurrent_retries_with_one_key_create_one_job(client: TestClient, training_file: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": "tiny-llama", "training_file": training_file}
+
+    def post(_: int) -> Any:
+        return client.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "race"})
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(post, range(4)))
+    ok = [r for r in responses if r.status_code == 200]
+    # A retry that overlaps the first request is told to retry (409); every answered one names the same job.
+    assert ok and all(r.status_code in (200, 409) for r in responses)
+    for response in responses:
+        if response.status_code == 409:
+            assert_envelope(response, 409, code="idempotency_key_in_use")
+    assert len({r.json()["id"] for r in ok}) == 1
+    assert count_rows(FineTuningJob) == 1 and count_rows(IdempotencyRecord) == 1
