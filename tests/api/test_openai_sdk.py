@@ -11,6 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from cli.client import ConchClient
 from core.db import session_scope
 from core.models import Checkpoint
 from tests.api.helpers import add_model_record, create_key
@@ -88,6 +89,10 @@ def test_openai_sdk_flow(api_server: tuple[str, ServiceProcess], tmp_path: Path)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
     newest = client.fine_tuning.jobs.list_events(job.id, limit=1).data[0]
     assert newest.message == "Job cancelled before it started"
+    # The live event stream over a real server, read the way the CLI reads it; it ends with the job.
+    cli = ConchClient(base_url.removesuffix("/v1"), "http://127.0.0.1:1", api_key=key)
+    streamed = [event["message"] for event in cli.stream_events(job.id)]
+    assert streamed[0].startswith("Created") and streamed[-1] == "Job cancelled before it started"
 
     # Errors arrive as the SDK's typed exceptions, with the envelope's fields.
     with pytest.raises(openai.NotFoundError) as missing:
