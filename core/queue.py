@@ -39,7 +39,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         folder = str(settings.broker_folder)
         settings.broker_folder.mkdir(parents=True, exist_ok=True)
         # Both directions name the same absolute folder so separate processes see each other's messages.
-        config["broker_transport_options"] = {"data_folder_in": folder, "data_folder_out": folder}
+        config["broker_transport_options"] = {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            # kombu otherwise writes broadcast (control) exchanges to ./control in the working directory.
+            "control_folder": str(settings.broker_folder / "control"),
+        }
     return config
 
 
