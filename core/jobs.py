@@ -11,11 +11,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from core.contracts import TERMINAL_STATUSES, JobStatus
 from core.models import FineTuningJob, JobEvent, utcnow
+from core.settings import get_settings
 
 
 class LeaseLost(RuntimeError):
@@ -36,14 +37,31 @@ def add_event(
     return event
 
 
-def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> FineTuningJob | None:
-    """Take the job if it is queued, or running under an expired lease. None: someone else has it or it ended."""
+def claim(
+    session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float, *, max_running_per_tenant: int | None = None
+) -> FineTuningJob | None:
+    """Take the job if it is queued, or running under an expired lease. None: someone else has it, it ended, or
+    its tenant already runs ``max_running_per_tenant`` jobs (it then stays queued; the reconciler rings again)."""
     now = utcnow()
+    cap = get_settings().max_concurrent_jobs_per_tenant if max_running_per_tenant is None else max_running_per_tenant
+    other = aliased(FineTuningJob)
+    tenant_running = (
+        select(func.count())
+        .select_from(other)
+        .where(
+            other.tenant_id == FineTuningJob.tenant_id,
+            other.id != job_id,
+            other.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING]),
+            other.lease_expires_at >= now,
+        )
+        .scalar_subquery()
+    )
     result = session.execute(
         update(FineTuningJob)
         .where(
             FineTuningJob.id == job_id,
             FineTuningJob.cancel_requested.is_(False),
+            tenant_running < cap,
             or_(
                 FineTuningJob.status == JobStatus.QUEUED,
                 (FineTuningJob.status == JobStatus.RUNNING) & (FineTuningJob.lease_expires_at < now),

@@ -137,3 +137,17 @@ def test_release_to_queue_refunds_the_attempt(db) -> None:
     with session_scope() as session:
         row = session.get(FineTuningJob, job.id)
         assert row.status == JobStatus.QUEUED and row.attempts == 0 and row.lease_owner is None
+
+
+def test_tenant_cap_keeps_extra_jobs_queued(db) -> None:
+    first, second = _new_job(db, tenant_id="acme"), _new_job(db, tenant_id="acme")
+    other_tenant = _new_job(db, tenant_id="globex")
+    with session_scope() as session:
+        assert claim(session, first.id, "w1", 60, max_running_per_tenant=1)
+        assert claim(session, second.id, "w2", 60, max_running_per_tenant=1) is None
+        assert claim(session, other_tenant.id, "w3", 60, max_running_per_tenant=1)
+    assert _status(second.id) == JobStatus.QUEUED
+    with session_scope() as session:
+        finish(session, first.id, JobStatus.SUCCEEDED, owner="w1", message="done")
+    with session_scope() as session:
+        assert claim(session, second.id, "w2", 60, max_running_per_tenant=1)
