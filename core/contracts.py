@@ -111,3 +111,14 @@ class DeploymentAnnouncement(BaseModel):
 def event_data(**fields: Any) -> dict[str, Any]:
     """Metrics event payload: step, total_steps, epoch, loss, learning_rate, grad_norm, tokens_per_second, eta."""
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def fine_tuned_model_id(base_model: str, suffix: str | None, job_public_id: str) -> str:
+    """``ft:<base>:<suffix>:<ftjob-id>``; without a suffix the field stays empty (``ft:<base>::<ftjob-id>``),
+    as OpenAI leaves an absent field empty, so the id always splits into the same four parts."""
+    return f"ft:{base_model}:{suffix or ''}:{job_public_id}"
+
+
+def checkpoint_model_id(model_id: str, step: int) -> str:
+    """A checkpoint is addressable as its job's model id plus the step, as OpenAI names checkpoints."""
+    return f"{model_id}:ckpt-step-{step}"

@@ -1,0 +1,68 @@
+"""The worker's Celery app: the shared client configuration plus worker-only options.
+
+Start it with ``celery -A worker.app:celery_app worker -Q <TRAINING_QUEUE> -c 1 --pool prefork``. Nothing here
+imports torch: the parent process stays small and never touches an accelerator; each training task runs in a
+fresh child (``worker_max_tasks_per_child=1``) that gives all its memory back when the task ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from celery import Celery, signals
+
+from core.db import reset_engine_cache
+from core.logging import configure_logging
+from core.queue import make_celery
+from core.settings import get_settings
+
+log = logging.getLogger("conch.worker")
+
+
+def create_celery_app() -> Celery:
+    app = make_celery(get_settings())
+    app.conf.update(
+        include=["worker.tasks"],
+        # One training task per child process and no prefetching: a second message waits in the broker for a
+        # free worker instead of sitting behind a run that may take hours.
+        worker_concurrency=1,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        worker_send_task_events=True,
+        # A broker blip must not kill a training run; the database lease is what guards the job.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+celery_app = create_celery_app()
+
+
+@signals.setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+
+
+@signals.worker_process_init.connect
+def _fresh_child(**_: Any) -> None:
+    # A forked child must not share the parent's database connections.
+    reset_engine_cache()
+
+
+@signals.worker_shutting_down.connect
+def _stop_running_training(sig: str = "", how: str = "", **_: Any) -> None:
+    """Warm shutdown of the parent (``docker stop`` signals only the parent): tell the child running a job to
+    checkpoint and hand the job back, instead of waiting for a run that may last hours."""
+    if how not in ("Warm", "Soft"):
+        return
+    from billiard.process import active_children
+
+    for child in active_children():
+        if child.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)

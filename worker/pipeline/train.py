@@ -1,0 +1,433 @@
+"""LoRA training: the base model, the adapter, and a lean loop built for resumable, observable runs.
+
+A hand-written loop rather than ``transformers.Trainer`` because every step must answer to the job: the cancel
+and shutdown flags are read before each micro-batch, progress goes to the database, and a checkpoint restores
+the run exactly. Step ``s`` always trains the same micro-batches (epoch ``s // steps_per_epoch``, shuffled by
+seed and epoch), so a resumed run continues where the dead one stopped and ends on the same step.
+
+Speed on CPU comes from three things: batches grouped by length (little padding), the output layer applied
+only at trained positions (the vocabulary projection is a large share of the model), and bf16 where the CPU
+computes it natively.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from core.contracts import Hyperparameters
+from worker.pipeline.checkpoints import LoopState, checkpoint_name, load_checkpoint, save_checkpoint
+from worker.pipeline.data import IGNORE, Batch, Example, collate, epoch_batches, steps_per_epoch
+from worker.pipeline.device import Compute
+from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
+
+log = logging.getLogger("conch.worker.train")
+
+# Config attributes of models whose forward changes logits after the output layer; they take the slow path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class TrainingHooks(Protocol):
+    """How the loop talks to the outside world (the job in the database, or a benchmark)."""
+
+    def should_stop(self) -> StopReason | None: ...
+
+    def on_log(self, metrics: dict[str, Any]) -> None: ...
+
+    def on_eval(self, metrics: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    examples: int
+    batch_size: int
+    accumulation: int
+    epochs: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def build(cls, examples: int, hp: Hyperparameters) -> StepPlan:
+        per_epoch = steps_per_epoch(examples, hp.per_device_train_batch_size, hp.gradient_accumulation_steps)
+        total = max(1, math.ceil(hp.num_train_epochs * per_epoch))
+        return cls(
+            examples=examples,
+            batch_size=hp.per_device_train_batch_size,
+            accumulation=hp.gradient_accumulation_steps,
+            epochs=hp.num_train_epochs,
+            steps_per_epoch=per_epoch,
+            total_steps=total,
+            warmup_steps=math.ceil(hp.warmup_ratio * total),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.accumulation,
+            "epochs": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path  # the final checkpoint (its adapter files are a loadable PEFT adapter)
+    steps: int
+    trained_tokens: int
+    metrics: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def load_base_model(base_path: Path, compute: Compute) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_path), dtype=compute.frozen_dtype, use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(compute.device)  # type: ignore[arg-type]
+
+
+def lora_target_modules(target: str | list[str]) -> str | list[str]:
+    if isinstance(target, str):
+        names = [t.strip() for t in target.split(",") if t.strip()]
+        if names == ["all"]:
+            return "all-linear"  # every linear layer except the output head
+        return names
+    return list(target)
+
+
+def attach_lora(model: Any, hp: Hyperparameters, seed: int) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    alpha = hp.effective_lora_alpha
+    config = LoraConfig(
+        r=hp.lora_rank,
+        # peft annotates an int but computes alpha / r in floats; keep whole numbers whole.
+        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,  # type: ignore[arg-type]
+        lora_dropout=hp.lora_dropout,
+        target_modules=lora_target_modules(hp.lora_target),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    torch.manual_seed(seed)  # the adapter's initial weights follow the job's seed
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise PipelineError("invalid_lora_target", f"lora_target: {exc}", "lora_target") from exc
+    # LoRA weights train in fp32 whatever the frozen weights are stored in (autocast does the bf16 math).
+    for parameter in peft_model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return peft_model
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def data_fingerprint(examples: Sequence[Example], plan: StepPlan, seed: int) -> str:
+    """Identifies what a checkpoint was trained on; a resume only continues a run with the same one."""
+    digest = hashlib.sha256(f"{seed}:{plan.to_json()}".encode())
+    for example in examples:
+        digest.update(b"%d:" % len(example))
+        digest.update(",".join(map(str, example.input_ids)).encode())
+        digest.update(",".join(map(str, example.labels)).encode())
+    return digest.hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+class LossFunction:
+    """Summed next-token cross entropy over trained positions (the caller divides by the step's targets)."""
+
+    def __init__(self, model: Any, compute: Compute) -> None:
+        self.model = model
+        self.compute = compute
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = inner.config
+        has_transform = any(getattr(config, name, None) for name in _LOGIT_TRANSFORMS)
+        decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        self.decoder = decoder
+        self.head = head
+        self.fast = decoder is not None and head is not None and not has_transform
+
+    def _autocast(self) -> Any:
+        dtype = self.compute.autocast_dtype
+        return torch.autocast(self.compute.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        with self._autocast():
+            if self.fast:
+                assert self.decoder is not None and self.head is not None
+                hidden = self.decoder(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).last_hidden_state
+                selected = batch.targets != IGNORE
+                # Only trained positions go through the vocabulary projection.
+                logits = self.head(hidden[selected])
+                return F.cross_entropy(logits.float(), batch.targets[selected], reduction="sum")
+            logits = self.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).logits
+            return F.cross_entropy(
+                logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+class LoraTrainer:
+    def __init__(
+        self,
+        model: Any,
+        train: list[Example],
+        evaluation: list[Example],
+        hp: Hyperparameters,
+        *,
+        seed: int,
+        compute: Compute,
+        pad_id: int,
+        checkpoint_root: Path,
+        hooks: TrainingHooks,
+        group_by_length: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from transformers import get_scheduler
+
+        self.model = model
+        self.train_examples = train
+        self.eval_examples = evaluation
+        self.hp = hp
+        self.seed = seed
+        self.compute = compute
+        self.pad_id = pad_id
+        self.checkpoint_root = checkpoint_root
+        self.hooks = hooks
+        self.group_by_length = group_by_length
+        self.clock = clock
+        self.plan = StepPlan.build(len(train), hp)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # weight_decay 0 as in LLaMA-Factory's LoRA recipes; fused kernels are CUDA-only for AdamW.
+        self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=0.0)
+        self.scheduler = get_scheduler(
+            hp.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=self.plan.warmup_steps,
+            num_training_steps=self.plan.total_steps,
+        )
+        self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.precision == "fp16")
+        self.loss_fn = LossFunction(model, compute)
+        self.lengths = [len(e) for e in train]
+        self.state = LoopState(
+            total_steps=self.plan.total_steps,
+            data_fingerprint=data_fingerprint(train, self.plan, seed),
+        )
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self._last_saved_step: int | None = None
+
+    # ---------------------------------------------------------------------------------------- state
+
+    def resume(self, folder: Path) -> None:
+        state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.scaler)
+        if state.data_fingerprint != self.state.data_fingerprint:
+            raise PipelineError(
+                "checkpoint_mismatch",
+                "the job's last checkpoint was trained on different data or settings; it cannot be resumed",
+            )
+        self.state = state
+        self._last_saved_step = state.step
+        log.info("train.resumed", extra={"step": state.step, "checkpoint": str(folder)})
+
+    def save(self) -> Path:
+        folder = save_checkpoint(
+            self.checkpoint_root, self.model, self.optimizer, self.scheduler, self.state, self.scaler
+        )
+        self._last_saved_step = self.state.step
+        self.hooks.on_checkpoint(self.state.step, folder, self._checkpoint_metrics())
+        return folder
+
+    def _checkpoint_metrics(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"step": self.state.step, "epoch": self.epoch_at(self.state.step)}
+        if self.state.epoch_targets:
+            metrics["train_loss"] = self.state.epoch_loss_sum / self.state.epoch_targets
+        elif self.state.last_epoch_loss is not None:
+            metrics["train_loss"] = self.state.last_epoch_loss
+        if self.state.eval_loss is not None:
+            metrics["eval_loss"] = self.state.eval_loss
+        return metrics
+
+    # ---------------------------------------------------------------------------------------- batches
+
+    def epoch_at(self, step: int) -> float:
+        return round(step / self.plan.steps_per_epoch, 4)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            batches = epoch_batches(
+                self.lengths, self.plan.batch_size, self.seed, epoch, group_by_length=self.group_by_length
+            )
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1]
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        epoch, index = divmod(step, self.plan.steps_per_epoch)
+        chosen = self._batches(epoch)[index * self.plan.accumulation : (index + 1) * self.plan.accumulation]
+        return [collate([self.train_examples[i] for i in ids], self.pad_id) for ids in chosen]
+
+    # ---------------------------------------------------------------------------------------- stepping
+
+    def _check_stop(self) -> None:
+        reason = self.hooks.should_stop()
+        if reason is None:
+            return
+        checkpoint_step = None
+        if reason == "shutdown" and self.state.step > 0:
+            # A graceful stop keeps the work done so far; an unfinished accumulation is simply dropped.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self._last_saved_step != self.state.step:
+                self.save()
+            checkpoint_step = self.state.step
+        raise TrainingStopped(reason, checkpoint_step)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over its micro-batches; returns the step's figures."""
+        batches = self.micro_batches(self.state.step)
+        targets = sum(b.target_count for b in batches)
+        tokens = sum(b.tokens for b in batches)
+        loss_sum = 0.0
+        self.model.train()
+        for batch in batches:
+            self._check_stop()
+            loss = self.loss_fn(batch.to(self.compute.device))
+            loss_sum += float(loss.detach())
+            # Normalised by the whole step's targets, so accumulation equals one big batch.
+            self.scaler.scale(loss / max(targets, 1)).backward()
+        self.scaler.unscale_(self.optimizer)
+        limit = self.hp.max_grad_norm if self.hp.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        learning_rate = float(self.scheduler.get_last_lr()[0])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        self.state.epoch_loss_sum += loss_sum
+        self.state.epoch_targets += targets
+        return {
+            "loss_sum": loss_sum,
+            "targets": targets,
+            "tokens": tokens,
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.eval_examples:
+            return None
+        self.model.eval()
+        order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i]))
+        total, count = 0.0, 0
+        size = self.plan.batch_size
+        for start in range(0, len(order), size):
+            batch = collate([self.eval_examples[i] for i in order[start : start + size]], self.pad_id)
+            total += float(self.loss_fn(batch.to(self.compute.device)))
+            count += batch.target_count
+        self.model.train()
+        return total / max(count, 1)
+
+    def run(self) -> TrainResult:
+        plan = self.plan
+        started = self.clock()
+        window = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "started": started}
+        start_step, start_tokens = self.state.step, self.state.tokens_seen
+        while self.state.step < plan.total_steps:
+            self._check_stop()
+            figures = self.train_step()
+            step = self.state.step
+            for key in ("loss_sum", "targets", "tokens"):
+                window[key] += figures[key]
+            epoch_end = step % plan.steps_per_epoch == 0 or step == plan.total_steps
+            if step % self.hp.logging_steps == 0 or step == plan.total_steps:
+                now = self.clock()
+                elapsed = max(now - float(window["started"]), 1e-9)
+                per_step = (now - started) / max(step - start_step, 1)
+                self.hooks.on_log(
+                    {
+                        "step": step,
+                        "total_steps": plan.total_steps,
+                        "epoch": self.epoch_at(step),
+                        "loss": round(float(window["loss_sum"]) / max(int(window["targets"]), 1), 6),
+                        "learning_rate": figures["learning_rate"],
+                        "grad_norm": round(figures["grad_norm"], 6),
+                        "tokens_per_second": round(int(window["tokens"]) / elapsed, 2),
+                        "eta_seconds": round(per_step * (plan.total_steps - step), 1),
+                        "trained_tokens": self.state.tokens_seen,
+                    }
+                )
+                window = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "started": now}
+            if epoch_end:
+                self._end_epoch(step)
+            if self.hp.save_steps and step % self.hp.save_steps == 0 and step != plan.total_steps:
+                self.save()
+        if self._last_saved_step != self.state.step:
+            self.save()
+        runtime = self.clock() - started
+        return TrainResult(
+            adapter_dir=self.checkpoint_root / checkpoint_name(self.state.step),
+            steps=self.state.step,
+            trained_tokens=self.state.tokens_seen,
+            metrics=self._final_metrics(runtime, start_step, self.state.tokens_seen - start_tokens),
+        )
+
+    def _end_epoch(self, step: int) -> None:
+        if self.state.epoch_targets:
+            self.state.last_epoch_loss = self.state.epoch_loss_sum / self.state.epoch_targets
+        self.state.epoch_loss_sum, self.state.epoch_targets = 0.0, 0
+        eval_loss = self.evaluate()
+        if eval_loss is not None:
+            self.state.eval_loss = eval_loss
+            record = {"step": step, "epoch": self.epoch_at(step), "eval_loss": round(eval_loss, 6)}
+            self.state.history.append(record)
+            self.hooks.on_eval({**record, "total_steps": self.plan.total_steps})
+
+    def _final_metrics(self, runtime: float, start_step: int, tokens: int) -> dict[str, Any]:
+        trainable, total = trainable_parameters(self.model)
+        metrics: dict[str, Any] = {
+            "steps": self.state.step,
+            "epochs": self.epoch_at(self.state.step),
+            "train_loss": self.state.last_epoch_loss,
+            "trained_tokens": self.state.tokens_seen,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "train_runtime_seconds": round(runtime, 2),
+            "tokens_per_second": round(tokens / runtime, 2) if runtime > 0 and tokens else None,
+            "resumed_from_step": start_step or None,
+            "compute": self.compute.describe(),
+        }
+        if self.state.eval_loss is not None:
+            metrics["eval_loss"] = self.state.eval_loss
+        return {k: v for k, v in metrics.items() if v is not None}

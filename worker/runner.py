@@ -1,0 +1,211 @@
+"""One delivery of the fine-tune task: claim the job, hold its lease, run the pipeline, end the job once.
+
+The broker is only a doorbell. The job row decides: a delivery whose claim fails (the job is running elsewhere,
+finished, or cancelled) returns at once without importing torch, so duplicates and late copies never train.
+Every outcome is written under this worker's lease; a worker that lost it stops and writes nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+
+from sqlalchemy import delete
+
+from core.contracts import JobStatus, fine_tuned_model_id
+from core.db import get_sessionmaker
+from core.jobs import LeaseLost, add_event, claim, finish, release_to_queue
+from core.models import Checkpoint
+from core.queue import enqueue_fine_tune
+from core.settings import Settings, get_settings
+from core.storage import job_dir
+from worker.dbretry import with_retries
+from worker.heartbeat import JobControl, SessionFactory, install_sigterm_handler
+from worker.spec import JobSpec, parse_job_id
+
+log = logging.getLogger("conch.worker.runner")
+
+INTERNAL_ERROR_MESSAGE = "Training stopped on an internal error ({kind}); the worker log has the details."
+
+
+def worker_identity() -> str:
+    """hostname:pid:random, unique per delivery even when a pid is reused."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def claim_job(job_id: uuid.UUID, owner: str, settings: Settings, sessions: SessionFactory) -> JobSpec | None:
+    def attempt() -> JobSpec | None:
+        session = sessions()
+        try:
+            job = claim(session, job_id, owner, settings.lease_seconds)
+            if job is None:
+                session.rollback()
+                return None
+            spec = JobSpec.from_row(job, settings)
+            add_event(
+                session,
+                job_id,
+                f"Job started (attempt {job.attempts})",
+                data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
+            )
+            session.commit()
+            return spec
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    return with_retries(attempt, what="job.claim")
+
+
+def run_job(public_id: str, settings: Settings | None = None) -> str:
+    """Handle one delivery; returns what happened (for logs and tests): succeeded, failed, cancelled,
+    released, skipped, lease_lost or invalid."""
+    settings = settings or get_settings()
+    sessions = get_sessionmaker()
+    job_id = parse_job_id(public_id)
+    if job_id is None:
+        log.error("job.invalid_id", extra={"job_id": str(public_id)[:80]})
+        return "invalid"
+    owner = worker_identity()
+    spec = claim_job(job_id, owner, settings, sessions)
+    if spec is None:
+        # Already running elsewhere, finished, cancelled or unknown: a duplicate or late delivery.
+        log.info("job.claim_refused", extra={"job_id": public_id, "owner": owner})
+        return "skipped"
+    log.info("job.claimed", extra={"job_id": public_id, "owner": owner, "attempt": spec.attempts})
+    control = JobControl(
+        job_id,
+        owner,
+        lease_seconds=settings.lease_seconds,
+        interval_seconds=settings.heartbeat_seconds,
+        session_factory=sessions,
+    ).start()
+    restore_signal = install_sigterm_handler(control)
+    started = time.monotonic()
+    try:
+        outcome = _run_claimed(spec, control, sessions, settings)
+    finally:
+        restore_signal()
+        control.close()
+    log.info(
+        "job.delivery_done",
+        extra={"job_id": public_id, "outcome": outcome, "seconds": round(time.monotonic() - started, 1)},
+    )
+    return outcome
+
+
+def _run_claimed(spec: JobSpec, control: JobControl, sessions: SessionFactory, settings: Settings) -> str:
+    # The heavy imports happen here, after the claim: only a worker that really trains pays for them.
+    from worker.pipeline.errors import PipelineError, TrainingStopped
+    from worker.pipeline.progress import JobReporter
+    from worker.pipeline.recipe import run_pipeline
+
+    reporter = JobReporter(control, sessions, model_id=fine_tuned_model_id(spec.model, spec.suffix, spec.public_id))
+    try:
+        run_pipeline(spec, reporter, sessions, settings)
+        return "succeeded"
+    except TrainingStopped as stop:
+        if stop.reason == "cancel":
+            return _end_cancelled(spec, control.owner, sessions, settings)
+        if stop.reason == "shutdown":
+            return _release(spec, control.owner, sessions, stop.checkpoint_step)
+        log.warning("job.stopped_lease_lost", extra={"job_id": spec.public_id})
+        return "lease_lost"
+    except LeaseLost:
+        log.warning("job.stopped_lease_lost", extra={"job_id": spec.public_id})
+        return "lease_lost"
+    except PipelineError as exc:
+        log.warning("job.failed", extra={"job_id": spec.public_id, "code": exc.code, "error": exc.message})
+        return _fail(spec, control, sessions, exc.to_error())
+    except Exception as exc:
+        log.exception("job.crashed", extra={"job_id": spec.public_id})
+        error = _internal_error(exc)
+        return _fail(spec, control, sessions, error)
+
+
+def _internal_error(exc: BaseException) -> dict[str, object]:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return {
+            "code": "out_of_memory",
+            "message": "Training ran out of memory; lower per_device_train_batch_size or cutoff_len.",
+            "param": None,
+        }
+    return {"code": "internal_error", "message": INTERNAL_ERROR_MESSAGE.format(kind=type(exc).__name__), "param": None}
+
+
+def _fail(spec: JobSpec, control: JobControl, sessions: SessionFactory, error: dict[str, object]) -> str:
+    if control.lease_lost.is_set():
+        return "lease_lost"
+
+    def attempt() -> bool:
+        session = sessions()
+        try:
+            ended = finish(
+                session,
+                spec.job_id,
+                JobStatus.FAILED,
+                owner=control.owner,
+                message=f"Job failed: {error['message']}",
+                error=error,
+            )
+            session.commit()
+            return ended
+        finally:
+            session.close()
+
+    return "failed" if with_retries(attempt, what="job.fail") else "lease_lost"
+
+
+def _end_cancelled(spec: JobSpec, owner: str, sessions: SessionFactory, settings: Settings) -> str:
+    """End the job cancelled and drop what it produced (checkpoints and any half-written model)."""
+
+    def attempt() -> bool:
+        session = sessions()
+        try:
+            ended = finish(session, spec.job_id, JobStatus.CANCELLED, owner=owner, message="Job cancelled")
+            if not ended:
+                session.rollback()
+                return False
+            session.execute(delete(Checkpoint).where(Checkpoint.job_id == spec.job_id))
+            session.commit()
+            return True
+        finally:
+            session.close()
+
+    if not with_retries(attempt, what="job.cancel"):
+        return "lease_lost"
+    shutil.rmtree(job_dir(spec.job_id, settings), ignore_errors=True)
+    log.info("job.cancelled", extra={"job_id": spec.public_id})
+    return "cancelled"
+
+
+def _release(spec: JobSpec, owner: str, sessions: SessionFactory, checkpoint_step: int | None) -> str:
+    """Graceful shutdown: the job goes back to the queue without spending an attempt, and is enqueued again."""
+    where = f" from the checkpoint at step {checkpoint_step}" if checkpoint_step else " from the start"
+    message = f"The worker is shutting down; the job was queued again and will continue{where}"
+
+    def attempt() -> bool:
+        session = sessions()
+        try:
+            released = release_to_queue(session, spec.job_id, owner, refund_attempt=True, message=message)
+            session.commit()
+            return released
+        finally:
+            session.close()
+
+    if not with_retries(attempt, what="job.release"):
+        return "lease_lost"
+    try:
+        enqueue_fine_tune(spec.public_id)
+    except Exception as exc:  # the reconciler enqueues queued jobs whose message was lost
+        log.warning("job.requeue_failed", extra={"job_id": spec.public_id, "error": str(exc)[:200]})
+    log.info("job.released", extra={"job_id": spec.public_id, "checkpoint_step": checkpoint_step})
+    return "released"

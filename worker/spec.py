@@ -1,0 +1,72 @@
+"""What a claimed job asks for, read once from its row into plain values (no session outlives the claim)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.models import FileObject, FineTuningJob
+from core.settings import Settings
+
+JOB_PREFIX = "ftjob-"
+
+
+def parse_job_id(public_id: str) -> uuid.UUID | None:
+    """``ftjob-<32 hex>`` -> UUID; None for anything else (a malformed message is dropped, never retried)."""
+    if not isinstance(public_id, str) or not public_id.startswith(JOB_PREFIX):
+        return None
+    try:
+        return uuid.UUID(hex=public_id[len(JOB_PREFIX) :])
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    public_id: str
+    path: Path
+    format: str
+    mapping: dict[str, Any] | None
+    sha256: str
+
+    @classmethod
+    def from_row(cls, row: FileObject, settings: Settings) -> FileSpec:
+        path = Path(row.storage_path)
+        if not path.is_absolute():
+            path = settings.artifacts / path
+        report = row.report or {}
+        mapping = report.get("column_mapping") or report.get("mapping")
+        return cls(row.public_id, path, row.format, mapping if isinstance(mapping, dict) else None, row.sha256)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: uuid.UUID
+    public_id: str
+    tenant_id: str
+    model: str
+    suffix: str | None
+    seed: int
+    auto_deploy: bool
+    attempts: int
+    hyperparameters: dict[str, Any]
+    training_file: FileSpec
+    validation_file: FileSpec | None
+
+    @classmethod
+    def from_row(cls, job: FineTuningJob, settings: Settings) -> JobSpec:
+        return cls(
+            job_id=job.id,
+            public_id=job.public_id,
+            tenant_id=job.tenant_id,
+            model=job.model,
+            suffix=job.suffix,
+            seed=int(job.seed),
+            auto_deploy=bool(job.auto_deploy),
+            attempts=job.attempts,
+            hyperparameters=dict(job.hyperparameters or {}),
+            training_file=FileSpec.from_row(job.training_file, settings),
+            validation_file=FileSpec.from_row(job.validation_file, settings) if job.validation_file else None,
+        )
