@@ -77,8 +77,23 @@ async def conch_error_handler(_request: Request, exc: Exception) -> JSONResponse
     return error_response(exc.status_code, exc.to_dict(), headers or None)
 
 
-async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's own 405 names only the first matching route's."""
+    from starlette.routing import Match, Route
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches({**request.scope, "method": next(iter(route.methods))})
+            if match == Match.FULL:
+                methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        exc.headers = {**(exc.headers or {}), "Allow": allowed_methods(request)}
     type_, code = _HTTP_STATUS_ERRORS.get(
         exc.status_code,
         ("server_error" if exc.status_code >= 500 else "invalid_request_error", f"http_{exc.status_code}"),
