@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     inference_device: str = "auto"
     inference_dtype: str = "auto"
+    inference_backend: str = Field(
+        default="auto", description="auto (lean decoder where the architecture allows), lean, or reference"
+    )
     max_new_tokens_default: int = 128
     max_new_tokens_limit: int = 1024
     max_batch_size: int = 8

@@ -1,0 +1,100 @@
+"""The inference service: ``uvicorn inference.app:create_app --factory``.
+
+Start-up reads the deployments table (serving whatever is active, deploying whatever is pending) in a
+background thread, so ``/healthz`` answers at once and ``/readyz`` turns 200 when the deployed model has loaded
+and answered its smoke generation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.logging import configure_logging
+from core.settings import Settings, get_settings
+from inference.auth import Authenticator
+from inference.deployer import Deployer
+from inference.errors import install_error_handlers
+from inference.listener import Listener
+from inference.metrics import Metrics
+from inference.registry import Registry
+from inference.routes import generate, health, openai
+from inference.service import InferenceService
+
+
+class RequestMetrics:
+    """Counts requests by route template (not raw path, which would explode label cardinality) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = _route_template(scope)
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+
+def _route_template(scope: Scope) -> str:
+    # The router records the matched route in the scope; unmatched paths (404s) share one label.
+    route = scope.get("route")
+    return str(getattr(route, "path", "unmatched"))
+
+
+def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
+    """``background=False`` leaves the deployments listener off (tests drive ``app.state.deployer`` by hand)."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    metrics = Metrics()
+    registry = Registry(settings, metrics)
+    deployer = Deployer(registry, settings, metrics)
+    listener = Listener(settings, deployer)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if background:
+            listener.start()
+        try:
+            yield
+        finally:
+            listener.stop()
+            registry.close()
+
+    app = FastAPI(
+        title="Conch inference",
+        version="0.1.0",
+        description="Generation with the deployed (or any named) model; OpenAI-compatible routes.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.registry = registry
+    app.state.deployer = deployer
+    app.state.listener = listener
+    app.state.service = InferenceService(registry, settings)
+    app.state.authenticator = Authenticator(settings)
+    install_error_handlers(app)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.include_router(health.router)
+    app.include_router(generate.router)
+    app.include_router(openai.router)
+    return app

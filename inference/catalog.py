@@ -1,0 +1,124 @@
+"""Which models exist for a tenant: the configured base models (everyone's) and its own fine-tuned ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.base_models import base_model_path, is_prepared
+from core.errors import NotFound, ServiceUnavailable
+from core.models import FineTuningJob, ModelRecord
+from core.settings import Settings
+
+READY = "ready"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class ModelNotReady(ServiceUnavailable):
+    default_code = "model_not_ready"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    folder: Path
+    template: str
+    owner: str | None  # tenant; None for base models, which every tenant may use
+    base_model: str | None
+    created: int
+
+    def visible_to(self, tenant: str) -> bool:
+        return self.owner is None or self.owner == tenant
+
+
+def _timestamp(value: datetime | None) -> int:
+    return int(value.timestamp()) if value else 0
+
+
+MANIFEST = "conch.json"
+
+
+def _manifest_template(folder: Path) -> str | None:
+    try:
+        value = json.loads((folder / MANIFEST).read_text()).get("template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def _template_of(session: Session, record: ModelRecord) -> str:
+    """The template the model was trained with: named by the published folder's manifest, else by its job
+    (``auto`` = the tokenizer's own)."""
+    from_manifest = _manifest_template(Path(record.storage_path))
+    if from_manifest:
+        return from_manifest
+    if record.job_id is None:
+        return "auto"
+    job = session.get(FineTuningJob, record.job_id)
+    if job is None:
+        return "auto"
+    return str((job.hyperparameters or {}).get("template") or "auto")
+
+
+def base_source(name: str, settings: Settings) -> ModelSource:
+    folder = base_model_path(name, settings)
+    if not is_prepared(name, settings):
+        raise ModelNotReady(f"base model {name!r} is not prepared yet; retry later", param="model")
+    return ModelSource(name=name, folder=folder, template="auto", owner=None, base_model=None, created=0)
+
+
+def resolve(session: Session, name: str, tenant: str, settings: Settings) -> ModelSource:
+    """A model this tenant may use, ready to load. Another tenant's model answers exactly like a missing one."""
+    if name in settings.base_models:
+        return base_source(name, settings)
+    record = session.get(ModelRecord, name)
+    if record is None or record.tenant_id != tenant:
+        raise ModelNotFound(f"The model {name!r} does not exist", param="model")
+    if record.status != READY:
+        raise ModelNotReady(f"model {name!r} is {record.status}", param="model")
+    return ModelSource(
+        name=record.id,
+        folder=Path(record.storage_path),
+        template=_template_of(session, record),
+        owner=record.tenant_id,
+        base_model=record.base_model,
+        created=_timestamp(record.created_at),
+    )
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    created: int
+    owned_by: str
+    base_model: str | None
+    ready: bool
+
+
+def visible_models(session: Session, tenant: str, settings: Settings) -> list[ModelEntry]:
+    entries = [
+        ModelEntry(id=name, created=0, owned_by="conch", base_model=None, ready=is_prepared(name, settings))
+        for name in settings.base_models
+    ]
+    records = session.scalars(
+        select(ModelRecord).where(ModelRecord.tenant_id == tenant).order_by(ModelRecord.created_at)
+    )
+    entries += [
+        ModelEntry(
+            id=r.id,
+            created=_timestamp(r.created_at),
+            owned_by=r.tenant_id,
+            base_model=r.base_model,
+            ready=r.status == READY,
+        )
+        for r in records
+    ]
+    return entries

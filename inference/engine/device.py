@@ -1,0 +1,40 @@
+"""Where and in which precision a model runs.
+
+On CUDA, bf16 (fp16 where bf16 is missing). On a CPU, fp32 unless ``INFERENCE_DTYPE`` asks otherwise: bf16 decodes
+faster on CPUs with AVX-512 BF16, but rounding the weights changes some greedy answers (the benchmark reports how
+often), and a route that changes answers has to be chosen, not inherited.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def choose_device(setting: str) -> torch.device:
+    if setting in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def choose_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting not in ("", "auto"):
+        try:
+            return _NAMES[setting.lower()]
+        except KeyError:
+            raise ValueError(f"INFERENCE_DTYPE must be auto, fp32, bf16 or fp16, not {setting!r}") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))

@@ -1,0 +1,203 @@
+"""A lean decoder for the Llama family (Llama, Qwen2, Mistral without sliding windows).
+
+Why not ``model.generate`` or the model's own forward: on a small model and a CPU, per-token time is dominated by
+framework overhead rather than arithmetic. This forward fuses q/k/v and gate/up into one matrix product each,
+reads rotary tables precomputed with the model's own rotary module, and works on a cache the engine owns
+(``KVCache``) so rows can join and leave a running batch. The arithmetic follows the reference modules operation
+for operation (norm in fp32, rotary as ``x*cos + rotate_half(x)*sin``), so greedy tokens match them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from inference.engine.cache import KVCache
+
+SUPPORTED_TYPES = frozenset({"llama", "qwen2", "mistral"})
+STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu}
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why this config needs the reference forward instead, or None when the lean one reproduces it."""
+    if config.model_type not in SUPPORTED_TYPES:
+        return f"model type {config.model_type!r}"
+    if getattr(config, "hidden_act", "silu") not in ACTIVATIONS:
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "use_sliding_window", False) or (
+        config.model_type == "mistral" and getattr(config, "sliding_window", None)
+    ):
+        return "sliding-window attention"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in STATIC_ROPE:
+        return f"rope type {rope.get('rope_type')!r}"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp"
+    return None
+
+
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    out_bias: torch.Tensor | None
+    norm2: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def _cat_bias(*linears: torch.nn.Linear) -> torch.Tensor | None:
+    if all(linear.bias is None for linear in linears):
+        return None
+    return torch.cat(
+        [
+            linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+            for linear in linears
+        ]
+    )
+
+
+class LeanDecoder:
+    """Weights lifted out of a loaded transformers model; the model object itself can then be dropped."""
+
+    def __init__(self, model: Any, max_positions: int) -> None:
+        config = model.config
+        inner = model.model
+        self.dtype: torch.dtype = next(model.parameters()).dtype
+        self.device: torch.device = next(model.parameters()).device
+        self.layers_count = int(config.num_hidden_layers)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+        self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATIONS[getattr(config, "hidden_act", "silu")]
+        self.q_width = self.heads * self.head_dim
+        self.kv_width = self.kv_heads * self.head_dim
+        self.intermediate = int(config.intermediate_size)
+        self.vocab_size = int(config.vocab_size)
+        with torch.no_grad():
+            self.embed = inner.embed_tokens.weight.detach()
+            self.final_norm = inner.norm.weight.detach()
+            self.lm_head = model.lm_head.weight.detach()
+            self.lm_head_bias = model.lm_head.bias.detach() if model.lm_head.bias is not None else None
+            self.layers = [self._lift(layer) for layer in inner.layers]
+            self.cos, self.sin = self._rotary_tables(inner.rotary_emb, max_positions)
+
+    def _lift(self, layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return _Layer(
+            norm1=layer.input_layernorm.weight.detach(),
+            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+            qkv_bias=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+            out=attn.o_proj.weight.detach(),
+            out_bias=attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None,
+            norm2=layer.post_attention_layernorm.weight.detach(),
+            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+            gate_up_bias=_cat_bias(mlp.gate_proj, mlp.up_proj),
+            down=mlp.down_proj.weight.detach(),
+            down_bias=mlp.down_proj.bias.detach() if mlp.down_proj.bias is not None else None,
+        )
+
+    def _rotary_tables(self, rotary: Any, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin per position, from the model's own rotary module (so every static rope type works).
+
+        ``rotate_half(x) * sin`` equals ``roll(x, half) * [-sin_lo, sin_hi]``: one roll instead of slice/neg/cat.
+        """
+        positions = torch.arange(max_positions, device=self.device)[None, :]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = rotary(probe, positions)
+        cos, sin = cos[0], sin[0]
+        half = self.head_dim // 2
+        signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return cos.contiguous(), signed.contiguous()
+
+    @property
+    def parameter_bytes(self) -> int:
+        tensors = [self.embed, self.final_norm]
+        if self.lm_head.data_ptr() != self.embed.data_ptr():
+            tensors.append(self.lm_head)
+        for layer in self.layers:
+            tensors += [layer.norm1, layer.qkv, layer.out, layer.norm2, layer.gate_up, layer.down]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache.empty(
+            self.layers_count, batch, self.kv_heads, self.head_dim, capacity, dtype=self.dtype, device=self.device
+        )
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Same steps as the reference RMSNorm: statistics in fp32, scale in the model dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run ``input_ids`` [batch, steps] (``new_mask`` marks real tokens, pads on the left) through the model,
+        appending to ``cache``; returns fp32 logits of each row's last position [batch, vocab]."""
+        batch, steps = input_ids.shape
+        cache.reserve(steps)
+        start = cache.length
+        end = start + steps
+        cache.mask[:, start:end] = new_mask
+        positions = (cache.positions[:, None] + new_mask.long().cumsum(1) - 1).clamp_min(0)
+        cache.positions += new_mask.long().sum(1)
+        cache.length = end
+
+        cos = self.cos[positions][:, None]  # [batch, 1, steps, head_dim]
+        sin = self.sin[positions][:, None]
+        attn_mask = self._attention_mask(cache, start, steps)
+
+        h = F.embedding(input_ids, self.embed)
+        qk_heads = self.heads + self.kv_heads
+        for index, layer in enumerate(self.layers):
+            x = self._norm(h, layer.norm1)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qk = qkv[..., : self.q_width + self.kv_width].view(batch, steps, qk_heads, self.head_dim).transpose(1, 2)
+            qk = qk * cos + torch.roll(qk, self.head_dim // 2, dims=-1) * sin
+            q = qk[:, : self.heads]
+            keys, values = cache.keys[index], cache.values[index]
+            keys[:, :, start:end] = qk[:, self.heads :]
+            values[:, :, start:end] = (
+                qkv[..., self.q_width + self.kv_width :]
+                .view(batch, steps, self.kv_heads, self.head_dim)
+                .transpose(1, 2)
+            )
+            attended = F.scaled_dot_product_attention(
+                q,
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=attn_mask,
+                scale=self.scale,
+                enable_gqa=self.kv_heads != self.heads,
+            )
+            h = h + F.linear(attended.transpose(1, 2).reshape(batch, steps, self.q_width), layer.out, layer.out_bias)
+            x = self._norm(h, layer.norm2)
+            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).split(self.intermediate, dim=-1)
+            h = h + F.linear(self.act(gate) * up, layer.down, layer.down_bias)
+        last = self._norm(h[:, -1], self.final_norm)
+        return F.linear(last, self.lm_head, self.lm_head_bias).float()
+
+    def _attention_mask(self, cache: KVCache, start: int, steps: int) -> torch.Tensor | None:
+        end = start + steps
+        keys = cache.mask[:, :end]
+        if steps == 1:
+            # Decode: every cached real token is visible; no mask at all when no row has padding.
+            return None if bool(keys.all()) else keys[:, None, None, :]
+        query = torch.arange(start, end, device=keys.device)[:, None]
+        column = torch.arange(end, device=keys.device)[None, :]
+        causal = column <= query  # [steps, end]
+        allowed = causal[None] & keys[:, None, :]
+        # A padding query sees only itself: a row of all-masked scores would turn into NaN.
+        allowed |= (column == query)[None]
+        return allowed[:, None]

@@ -1,0 +1,188 @@
+"""Loading a model folder for serving: safetensors only, no remote code, the template it was trained with."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from core.templates import Message, render_prompt, stop_strings
+from inference.engine.cache import KVCache
+from inference.engine.device import choose_device, choose_dtype, dtype_name
+from inference.engine.lean import LeanDecoder, unsupported_reason
+from inference.engine.reference import ReferenceDecoder
+
+log = logging.getLogger("conch.inference.loader")
+
+# Rotary tables and caches are sized from the model's context; a config claiming millions of positions
+# should not make a small server allocate for them.
+MAX_CONTEXT = 65536
+
+
+class Decoder(Protocol):
+    dtype: torch.dtype
+    device: torch.device
+    vocab_size: int
+
+    @property
+    def parameter_bytes(self) -> int: ...
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache: ...
+
+    def forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
+
+
+class ModelLoadError(Exception):
+    """The folder is not a model this service will serve (missing files, pickle weights, bad config, ...)."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    folder: Path
+    tokenizer: Any
+    decoder: Decoder
+    template: str
+    backend: str
+    max_positions: int
+    pad_id: int
+    eos_ids: frozenset[int]
+    stop_token_ids: frozenset[int]
+    stop_texts: tuple[str, ...]
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)
+    load_seconds: float = 0.0
+
+    @property
+    def size_bytes(self) -> int:
+        return self.decoder.parameter_bytes
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.decoder.dtype)
+
+    def render_chat(self, messages: list[Message]) -> str:
+        # The same code the training pipeline renders examples with, so the model sees what it learned.
+        return render_prompt(self.tokenizer, messages, self.template)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        # The rendered text already holds its special tokens; adding the tokenizer's would double them.
+        return list(self.tokenizer(self.render_chat(messages), add_special_tokens=False)["input_ids"])
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+
+def check_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"{folder} has no .safetensors weights (other weight formats are refused)")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}/config.json is unreadable: {exc}") from exc
+
+
+def _token_ids(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def _sampling_defaults(model: Any) -> dict[str, float | int]:
+    """The model's own generation defaults, used when a request leaves a knob unset (greedy unless it samples)."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not getattr(config, "do_sample", False):
+        return {}
+    defaults: dict[str, float | int] = {}
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        value = getattr(config, key, None)
+        if value is not None:
+            defaults[key] = value
+    return defaults
+
+
+def load_model(
+    name: str,
+    folder: Path,
+    *,
+    template: str = "auto",
+    device_setting: str = "auto",
+    dtype_setting: str = "auto",
+    backend_setting: str = "auto",
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    check_folder(folder)
+    device = choose_device(device_setting)
+    dtype = choose_dtype(dtype_setting, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    except Exception as exc:  # whatever the library raises, the caller needs one kind: this folder is unusable
+        raise ModelLoadError(f"cannot load {folder}: {type(exc).__name__}: {exc}") from exc
+    model = model.to(device).eval()
+    config = model.config
+    max_positions = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), MAX_CONTEXT)
+
+    reason = unsupported_reason(config)
+    if backend_setting == "lean" and reason:
+        raise ModelLoadError(f"INFERENCE_BACKEND=lean cannot run this model: {reason}")
+    decoder: Decoder
+    if backend_setting != "reference" and reason is None:
+        decoder, backend = LeanDecoder(model, max_positions), "lean"
+    else:
+        decoder, backend = ReferenceDecoder(model), "reference"
+
+    eos_ids = _token_ids(getattr(model.generation_config, "eos_token_id", None)) | _token_ids(tokenizer.eos_token_id)
+    stop_ids, stop_texts = set(eos_ids), []
+    for text in stop_strings(template, tokenizer):
+        token = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(token, int) and token != tokenizer.unk_token_id and text in tokenizer.get_vocab():
+            stop_ids.add(token)  # special tokens are dropped from decoded text, so they stop by id
+        else:
+            stop_texts.append(text)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+    loaded = LoadedModel(
+        name=name,
+        folder=folder,
+        tokenizer=tokenizer,
+        decoder=decoder,
+        template=template,
+        backend=backend,
+        max_positions=max_positions,
+        pad_id=int(pad),
+        eos_ids=frozenset(eos_ids),
+        stop_token_ids=frozenset(stop_ids),
+        stop_texts=tuple(stop_texts),
+        sampling_defaults=_sampling_defaults(model),
+    )
+    if backend == "lean":
+        del model  # the lean decoder holds every tensor it needs; the fused copies replace q/k/v and gate/up
+    loaded.load_seconds = time.perf_counter() - started
+    log.info(
+        "model.loaded",
+        extra={
+            "model": name,
+            "folder": str(folder),
+            "backend": backend,
+            "dtype": dtype_name(dtype),
+            "device": str(device),
+            "bytes": loaded.size_bytes,
+            "seconds": round(loaded.load_seconds, 3),
+            **({"lean_unsupported": reason} if reason else {}),
+        },
+    )
+    return loaded

@@ -1,0 +1,316 @@
+"""Which models are in memory, which one answers each tenant, and the swap between them.
+
+Every model in memory passed a smoke generation before it became reachable. Requests hold a ``Lease`` on the
+model they run on, so a swap (which only changes the tenant's default name) never interrupts them, and eviction
+(least recently used first, to stay within ``MODEL_MEMORY_BUDGET_BYTES``) only ever unloads a model nobody holds
+and nobody gets by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from core.models import DEFAULT_TENANT
+from core.settings import Settings
+from inference.catalog import ModelSource
+from inference.engine.engine import Engine, Failed, Finished, GenerationRequest, TextChunk
+from inference.engine.loader import LoadedModel, ModelLoadError, load_model
+from inference.engine.sampling import SamplingParams
+from inference.metrics import Metrics
+
+log = logging.getLogger("conch.inference.registry")
+
+SMOKE_MESSAGES = [{"role": "user", "content": "Say hello."}]
+SMOKE_TIMEOUT_SECONDS = 120.0
+# A model that failed to load is not retried on every request (each try costs seconds of CPU) for this long;
+# a deployment naming it tries again at once.
+RETRY_FAILED_LOAD_SECONDS = 10.0
+
+
+@dataclass
+class ModelHandle:
+    source: ModelSource
+    model: LoadedModel
+    engine: Engine
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    in_use: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+
+class Lease:
+    """A request's hold on a model; released exactly once, however the request ends."""
+
+    def __init__(self, registry: Registry, handle: ModelHandle) -> None:
+        self._registry = registry
+        self.handle = handle
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._registry._release(self.handle)
+
+
+class _WaitSink:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.events: list[Any] = []
+
+    def put(self, event: TextChunk | Finished | Failed) -> None:
+        self.events.append(event)
+        if not isinstance(event, TextChunk):
+            self.done.set()
+
+
+def smoke_test(handle_engine: Engine, model: LoadedModel, timeout: float = SMOKE_TIMEOUT_SECONDS) -> None:
+    """A short greedy answer through the real engine thread; raises ModelLoadError unless it comes back."""
+    sink = _WaitSink()
+    handle_engine.submit(GenerationRequest(model.encode_chat(SMOKE_MESSAGES), SamplingParams(max_new_tokens=4), sink))
+    if not sink.done.wait(timeout):
+        raise ModelLoadError(f"smoke generation gave no answer within {timeout:.0f}s")
+    last = sink.events[-1]
+    if isinstance(last, Failed):
+        raise ModelLoadError(f"smoke generation failed: {last.message}")
+    if not isinstance(last, Finished) or last.completion_tokens < 1:
+        raise ModelLoadError("smoke generation produced no token")
+
+
+def _probe_logits(model: LoadedModel) -> None:
+    """Weights that load but hold NaN or inf would answer garbage forever: refuse them up front."""
+    ids = model.encode_chat(SMOKE_MESSAGES)
+    cache = model.decoder.new_cache(1, len(ids))
+    tensor = torch.tensor([ids], dtype=torch.long, device=model.decoder.device)
+    logits = model.decoder.forward(tensor, torch.ones_like(tensor, dtype=torch.bool), cache)
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelLoadError("the model's logits are not finite (corrupt weights?)")
+
+
+class Registry:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._handles: dict[str, ModelHandle] = {}
+        self._loading: dict[str, Future[ModelHandle]] = {}
+        self._defaults: dict[str, str] = {}
+        self.problems: dict[str, str] = {}  # model -> why it is not loaded (shown by /readyz)
+        self._failed_at: dict[str, float] = {}
+        self.synced = False  # set once the deployments table has been read
+
+    # ------------------------------------------------------------------------------- defaults
+
+    def default_for(self, tenant: str) -> str:
+        return self._defaults.get(tenant, self.settings.default_base_model)
+
+    def defaults(self) -> dict[str, str]:
+        return dict(self._defaults)
+
+    def set_default(self, tenant: str, name: str) -> None:
+        """The swap itself: one dict assignment, so a request sees the old model or the new, never neither."""
+        self._defaults = {**self._defaults, tenant: name}
+
+    def replace_defaults(self, mapping: dict[str, str]) -> None:
+        self._defaults = dict(mapping)
+
+    def _protected(self) -> set[str]:
+        return {*self._defaults.values(), self.default_for(DEFAULT_TENANT)}
+
+    # ------------------------------------------------------------------------------- leases
+
+    def lease(self, name: str, tenant: str) -> Lease | None:
+        """A hold on an already loaded model this tenant may use, or None (then resolve and ``ensure`` it)."""
+        with self._lock:
+            handle = self._handles.get(name)
+            if handle is None or not handle.engine.alive or not handle.source.visible_to(tenant):
+                return None
+            handle.in_use += 1
+            handle.last_used = time.monotonic()
+            return Lease(self, handle)
+
+    def _release(self, handle: ModelHandle) -> None:
+        with self._lock:
+            handle.in_use -= 1
+
+    def loaded(self, name: str) -> ModelHandle | None:
+        return self._handles.get(name)
+
+    def handles(self) -> list[ModelHandle]:
+        return list(self._handles.values())
+
+    # ------------------------------------------------------------------------------- loading
+
+    def ensure(self, source: ModelSource, *, deploying: bool = False) -> ModelHandle:
+        """Load (once, however many callers ask at the same time), probe, smoke-test and install ``source``.
+
+        ``deploying``: smoke-test again a model already in memory (it must answer now), and ignore the back-off
+        after a failed load."""
+        with self._lock:
+            handle = self._handles.get(source.name)
+            if handle is not None and handle.engine.alive and handle.source.folder == source.folder:
+                handle.last_used = time.monotonic()
+                if not deploying:
+                    return handle
+            failed_at = self._failed_at.get(source.name)
+            if not deploying and failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_LOAD_SECONDS:
+                raise ModelLoadError(self.problems.get(source.name, "the model failed to load"))
+            future = self._loading.get(source.name)
+            owner = future is None
+            if future is None:
+                future = Future()
+                self._loading[source.name] = future
+        if not owner:
+            return future.result()
+        try:
+            if handle is not None and handle.engine.alive and handle.source.folder == source.folder:
+                smoke_test(handle.engine, handle.model)
+                result = handle
+            else:
+                result = self._load(source)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(source.name, None)
+
+    def _load(self, source: ModelSource) -> ModelHandle:
+        settings = self.settings
+        engine: Engine | None = None
+        try:
+            model = load_model(
+                source.name,
+                source.folder,
+                template=source.template,
+                device_setting=settings.inference_device,
+                dtype_setting=settings.inference_dtype,
+                backend_setting=settings.inference_backend,
+            )
+            _probe_logits(model)
+            engine = Engine(model, max_batch_size=settings.max_batch_size, observer=self.metrics).start()
+            smoke_test(engine, model)
+        except BaseException as exc:
+            if engine is not None:
+                engine.stop()
+            self.metrics.loads.labels("failed").inc()
+            self.problems[source.name] = str(exc)
+            self._failed_at[source.name] = time.monotonic()
+            raise
+        handle = ModelHandle(source=source, model=model, engine=engine)
+        with self._lock:
+            replaced = self._handles.get(source.name)
+            self._handles[source.name] = handle
+            evicted = self._over_budget(keep=source.name)
+        self.problems.pop(source.name, None)
+        self._failed_at.pop(source.name, None)
+        self.metrics.loads.labels("ok").inc()
+        for old in ([replaced] if replaced else []) + evicted:
+            self._unload(old)
+        self._report()
+        return handle
+
+    # ------------------------------------------------------------------------------- memory
+
+    def enforce_budget(self) -> None:
+        with self._lock:
+            evicted = self._over_budget(keep=None)
+        for handle in evicted:
+            self._unload(handle)
+        self._report()
+
+    def _over_budget(self, keep: str | None) -> list[ModelHandle]:
+        """Pick least recently used models to unload until the budget holds (caller holds the lock)."""
+        budget = self.settings.model_memory_budget_bytes
+        total = sum(h.model.size_bytes for h in self._handles.values())
+        protected = self._protected() | ({keep} if keep else set())
+        candidates = sorted(
+            (h for h in self._handles.values() if h.in_use == 0 and h.name not in protected),
+            key=lambda h: h.last_used,
+        )
+        evicted: list[ModelHandle] = []
+        while total > budget and candidates:
+            victim = candidates.pop(0)
+            del self._handles[victim.name]
+            total -= victim.model.size_bytes
+            evicted.append(victim)
+            self.metrics.evictions.inc()
+        if total > budget:
+            log.warning("registry.over_budget", extra={"bytes": total, "budget": budget})
+        return evicted
+
+    def _unload(self, handle: ModelHandle) -> None:
+        log.info("model.unloaded", extra={"model": handle.name})
+        handle.engine.stop()
+        self.metrics.forget_model(handle.name)
+
+    def maintain(self) -> None:
+        """Drop models whose generation thread died; the next request or reconcile loads them again."""
+        with self._lock:
+            dead = [h for h in self._handles.values() if not h.engine.alive]
+            for handle in dead:
+                del self._handles[handle.name]
+                self.problems[handle.name] = handle.engine.death or "engine stopped"
+        for handle in dead:
+            log.error("model.engine_dead", extra={"model": handle.name, "error": handle.engine.death})
+            self._unload(handle)
+        if dead:
+            self._report()
+
+    def _report(self) -> None:
+        handles = list(self._handles.values())
+        self.metrics.loaded_models.set(len(handles))
+        self.metrics.loaded_bytes.set(sum(h.model.size_bytes for h in handles))
+
+    # ------------------------------------------------------------------------------- readiness
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        name = self.default_for(DEFAULT_TENANT)
+        handle = self._handles.get(name)
+        detail: dict[str, Any] = {"model": name, "synced": self.synced}
+        if handle is None:
+            detail["reason"] = self.problems.get(name) or ("loading" if name in self._loading else "not loaded")
+            ready = False
+        elif not handle.engine.alive:
+            detail["reason"] = handle.engine.death or "engine stopped"
+            ready = False
+        elif handle.engine.error is not None:
+            detail["reason"] = f"engine error: {handle.engine.error}"
+            ready = False
+        else:
+            ready = self.synced
+            if not ready:
+                detail["reason"] = "deployments not read yet"
+        detail["models"] = [
+            {
+                "id": h.name,
+                "backend": h.model.backend,
+                "dtype": h.model.dtype,
+                "bytes": h.model.size_bytes,
+                "healthy": h.engine.healthy,
+                "in_use": h.in_use,
+                "queue_depth": h.engine.queue_depth,
+                "running": h.engine.running,
+            }
+            for h in list(self._handles.values())
+        ]
+        self.metrics.ready.set(1 if ready else 0)
+        return ready, detail
+
+    def close(self) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            handle.engine.stop()

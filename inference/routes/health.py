@@ -1,0 +1,37 @@
+"""Probes and metrics: ``/healthz`` (the process answers), ``/readyz`` (the deployed model is loaded, passed its
+smoke generation and its engine works), ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from core.errors import error_body
+from inference.registry import Registry
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: 503 until the deployed model answers, and whenever its engine fails")
+async def readyz(request: Request) -> JSONResponse:
+    registry: Registry = request.app.state.registry
+    ready, detail = registry.readiness()
+    if ready:
+        return JSONResponse({"status": "ready", **detail})
+    body: dict[str, Any] = {"status": "not_ready", **detail}
+    body.update(error_body(str(detail.get("reason", "not ready")), type_="server_error", code="not_ready"))
+    return JSONResponse(body, status_code=503)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    request.app.state.registry.readiness()  # refreshes the readiness gauge
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
