@@ -153,7 +153,7 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
+        return self._thread.is_alive() and not self._stopping.is_set() and self.death is None
 
     @property
     def healthy(self) -> bool:

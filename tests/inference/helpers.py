@@ -1,0 +1,119 @@
+"""Helpers for the inference tests: rows written with the core models, waiting on conditions, reading metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from core.contracts import DeploymentStatus
+from core.deployments import announce
+from core.models import DEFAULT_TENANT, Deployment, ModelRecord
+from core.settings import Settings
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.05, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last value {value!r})")
+        time.sleep(interval)
+
+
+def register_model(
+    session: Session, model_id: str, folder: Path, *, tenant: str = DEFAULT_TENANT, base: str = "tiny-llama"
+) -> ModelRecord:
+    record = ModelRecord(id=model_id, tenant_id=tenant, base_model=base, storage_path=str(folder), status="ready")
+    session.add(record)
+    session.commit()
+    return record
+
+
+def deploy(
+    session: Session, model_id: str, *, tenant: str = DEFAULT_TENANT, publish: bool = True, status: str = "pending"
+) -> Deployment:
+    """A deployment row as the api or the worker writes it, then (optionally) the pub/sub announcement."""
+    row = Deployment(tenant_id=tenant, model_id=model_id, status=status, requested_by="test")
+    session.add(row)
+    session.commit()
+    if publish:
+        announce(row)
+    return row
+
+
+def deployment_status(session: Session, row: Deployment) -> Deployment:
+    session.expire_all()
+    fresh = session.get(Deployment, row.id)
+    assert fresh is not None
+    return fresh
+
+
+def wait_deployment(session: Session, row: Deployment, *statuses: str, timeout: float = 60.0) -> Deployment:
+    return wait_until(
+        lambda: (d := deployment_status(session, row)).status in statuses and d,
+        timeout=timeout,
+        what=f"deployment {statuses}",
+    )
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)
+
+
+@contextmanager
+def app_client(wait_ready: bool = True, **overrides: Any) -> Iterator[TestClient]:
+    from inference.app import create_app
+
+    app = create_app(settings(**overrides))
+    with TestClient(app) as client:
+        if wait_ready:
+            wait_until(lambda: client.get("/readyz").status_code == 200, what="/readyz 200")
+        yield client
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric_name, _, label_text = head.partition("{")
+        if metric_name != name:
+            continue
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def copy_model(source: Path, target: Path, *, config_changes: dict[str, Any] | None = None) -> Path:
+    shutil.copytree(source, target)
+    if config_changes:
+        config_path = target / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(config_changes)
+        config_path.write_text(json.dumps(config))
+    return target
+
+
+def truncate_weights(folder: Path) -> None:
+    weights = next(folder.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+ACTIVE = DeploymentStatus.ACTIVE.value
+FAILED = DeploymentStatus.FAILED.value
+SUPERSEDED = DeploymentStatus.SUPERSEDED.value

@@ -1,0 +1,151 @@
+"""Hot-swap: deployments written to Postgres (and announced over Redis) drive which model answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.models import Deployment, utcnow
+from tests.factories import build_tiny_model
+from tests.inference.helpers import (
+    ACTIVE,
+    FAILED,
+    SUPERSEDED,
+    app_client,
+    copy_model,
+    deploy,
+    deployment_status,
+    metric,
+    register_model,
+    truncate_weights,
+    wait_deployment,
+    wait_until,
+)
+
+pytestmark = pytest.mark.usefixtures("clean_db", "tiny_models")
+
+FT_ONE = "ft:tiny-llama:one:ftjob-0001"
+FT_TWO = "ft:tiny-llama:two:ftjob-0002"
+
+
+def _served(client) -> str:  # type: ignore[no-untyped-def]
+    response = client.get("/generate", params={"prompt": "Hello", "max_new_tokens": 2})
+    assert response.status_code == 200
+    assert response.headers["x-conch-model"] == response.json()["model"]
+    return str(response.json()["model"])
+
+
+def test_a_published_deployment_swaps_the_answering_model(db, finetuned, finetuned_two) -> None:  # type: ignore[no-untyped-def]
+    register_model(db, FT_ONE, finetuned)
+    register_model(db, FT_TWO, finetuned_two)
+    with app_client() as client:
+        assert _served(client) == "tiny-llama"
+        first = deploy(db, FT_ONE)
+        row = wait_deployment(db, first, ACTIVE, FAILED)
+        assert row.status == ACTIVE, row.reason
+        assert row.activated_at is not None and row.latency_seconds is not None and row.latency_seconds > 0
+        assert _served(client) == FT_ONE
+        second = deploy(db, FT_TWO)
+        assert wait_deployment(db, second, ACTIVE, FAILED).status == ACTIVE
+        assert deployment_status(db, first).status == SUPERSEDED
+        assert _served(client) == FT_TWO
+        # Rolling back is deploying the previous model again; it is still in memory, so it only re-answers a smoke.
+        back = deploy(db, FT_ONE)
+        assert wait_deployment(db, back, ACTIVE, FAILED).status == ACTIVE
+        assert _served(client) == FT_ONE
+        text = client.get("/metrics").text
+        assert metric(text, "conch_inference_swaps_total", result="ok") == 3
+        assert metric(text, "conch_inference_swap_latency_seconds_count") == 3
+        answers = client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        ).json()
+        assert answers["model"] == FT_ONE
+
+
+def test_a_deployment_whose_message_was_missed_is_found_by_polling(db, finetuned) -> None:  # type: ignore[no-untyped-def]
+    register_model(db, FT_ONE, finetuned)
+    with app_client() as client:
+        row = deploy(db, FT_ONE, publish=False)
+        assert wait_deployment(db, row, ACTIVE, FAILED).status == ACTIVE
+        assert _served(client) == FT_ONE
+
+
+def _nan_model(folder: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model(folder, "llama", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "bad_config", "missing_folder", "nan_weights", "pickle_only"])
+def test_a_broken_model_is_never_swapped_in(db, tmp_path, tiny_models, damage) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "broken"
+    if damage == "truncated_weights":
+        truncate_weights(copy_model(tiny_models["tiny-llama"], folder))
+    elif damage == "bad_config":
+        copy_model(tiny_models["tiny-llama"], folder, config_changes={"hidden_size": 96, "model_type": "llama"})
+    elif damage == "nan_weights":
+        _nan_model(folder)
+    elif damage == "pickle_only":
+        copy_model(tiny_models["tiny-llama"], folder)
+        for weights in folder.glob("*.safetensors"):
+            weights.rename(weights.with_suffix(".bin"))
+    register_model(db, "ft:tiny-llama:broken:ftjob-bad", folder)
+    with app_client() as client:
+        row = deploy(db, "ft:tiny-llama:broken:ftjob-bad")
+        failed = wait_deployment(db, row, ACTIVE, FAILED)
+        assert failed.status == FAILED
+        assert failed.reason
+        assert failed.activated_at is None
+        assert _served(client) == "tiny-llama"  # the old model keeps serving
+        assert client.get("/readyz").status_code == 200
+        assert metric(client.get("/metrics").text, "conch_inference_swaps_total", result="failed") == 1
+
+
+def test_a_deployment_of_an_unknown_or_foreign_model_fails(db, finetuned) -> None:  # type: ignore[no-untyped-def]
+    register_model(db, FT_ONE, finetuned, tenant="someone-else")
+    with app_client() as client:
+        unknown = deploy(db, "ft:tiny-llama:ghost:ftjob-none")
+        foreign = deploy(db, FT_ONE)  # the default tenant may not deploy another tenant's model
+        assert wait_deployment(db, unknown, ACTIVE, FAILED).status == FAILED
+        assert wait_deployment(db, foreign, ACTIVE, FAILED).status == FAILED
+        assert _served(client) == "tiny-llama"
+
+
+def test_start_up_serves_what_the_database_says_is_active(db, finetuned, finetuned_two) -> None:  # type: ignore[no-untyped-def]
+    register_model(db, FT_ONE, finetuned)
+    register_model(db, FT_TWO, finetuned_two)
+    active = Deployment(tenant_id="default", model_id=FT_ONE, status=ACTIVE, activated_at=utcnow(), requested_by="t")
+    db.add(active)
+    db.commit()
+    with app_client() as client:
+        assert client.get("/readyz").json()["model"] == FT_ONE
+        assert _served(client) == FT_ONE
+    # A deployment requested while the service was down is deployed when it starts.
+    pending = deploy(db, FT_TWO, publish=False)
+    with app_client() as client:
+        assert wait_deployment(db, pending, ACTIVE, FAILED).status == ACTIVE
+        assert deployment_status(db, active).status == SUPERSEDED
+        wait_until(lambda: _served(client) == FT_TWO, what="new model served")
+
+
+def test_a_tenant_deployment_changes_only_that_tenant(db, finetuned) -> None:  # type: ignore[no-untyped-def]
+    from tests.inference.test_routes import _key
+
+    register_model(db, FT_ONE, finetuned, tenant="tenant-a")
+    key_a, key_default = _key(db, "tenant-a"), _key(db, "default")
+    with app_client(auth_required=True) as client:
+        row = deploy(db, FT_ONE, tenant="tenant-a")
+        assert wait_deployment(db, row, ACTIVE, FAILED).status == ACTIVE
+        ask = {"prompt": "Hello", "max_new_tokens": 2}
+        assert (
+            client.get("/generate", params=ask, headers={"Authorization": f"Bearer {key_a}"}).json()["model"] == FT_ONE
+        )
+        other = client.get("/generate", params=ask, headers={"Authorization": f"Bearer {key_default}"})
+        assert other.json()["model"] == "tiny-llama"

@@ -1,0 +1,200 @@
+"""Against a real uvicorn process: the official openai SDK, a swap under concurrent load, and client disconnects."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.inference.helpers import (
+    ACTIVE,
+    FAILED,
+    copy_model,
+    deploy,
+    metric,
+    register_model,
+    wait_deployment,
+    wait_until,
+)
+from tests.processes import ServiceProcess, free_port, uvicorn_process
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db", "tiny_models")]
+
+
+def _start(log_dir: Path, **env: str) -> tuple[ServiceProcess, str]:
+    port = free_port()
+    process = uvicorn_process("inference", "inference.app:create_app", port, log_dir, env=env).start()
+    base = f"http://127.0.0.1:{port}"
+    process.wait_http(f"{base}/readyz", timeout=120)
+    return process, base
+
+
+@pytest.fixture
+def server(log_dir: Path) -> Iterator[str]:
+    process, base = _start(log_dir)
+    try:
+        yield base
+    finally:
+        process.stop()
+
+
+def test_the_openai_sdk_works_unchanged(server: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "Hello"}], max_tokens=8
+    )
+    assert chat.model == "tiny-llama"
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage is not None and chat.usage.completion_tokens <= 8
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "Hello"}], max_tokens=2
+    )
+    assert raw.headers["x-conch-model"] == "tiny-llama"
+
+    stream = client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [chat.choices[0].finish_reason]
+    assert text == chat.choices[0].message.content  # greedy by default: the same answer streamed
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == chat.usage.total_tokens
+
+    completion = client.completions.create(model="tiny-llama", prompt="The capital of France", max_tokens=6)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage is not None and completion.usage.prompt_tokens > 0
+    streamed = client.completions.create(model="tiny-llama", prompt="The capital of France", max_tokens=6, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+
+    extra = client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=4,
+        extra_body={"top_k": 5, "repetition_penalty": 1.2, "ignore_eos": True},
+    )
+    assert extra.usage is not None and extra.usage.completion_tokens == 4
+
+    models = {m.id for m in client.models.list()}
+    assert {"tiny-llama", "tiny-qwen2"} <= models
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "x"}], max_tokens=1_000_000
+        )
+
+
+def test_a_swap_under_concurrent_load_fails_no_request(db, log_dir: Path, finetuned: Path) -> None:  # type: ignore[no-untyped-def]
+    new_model = "ft:tiny-llama:swap:ftjob-0003"
+    register_model(db, new_model, finetuned)
+    process, base = _start(log_dir)
+    answers: list[tuple[float, int, str]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client_loop(index: int) -> None:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    if index % 2:
+                        response = http.get("/generate", params={"prompt": f"Hello {index}", "max_new_tokens": 16})
+                        model = response.json().get("model", "")
+                    else:
+                        response = http.post(
+                            "/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16},
+                        )
+                        model = response.json().get("model", "")
+                    answers.append((time.monotonic(), response.status_code, response.headers.get("x-conch-model", "")))
+                    assert model == response.headers.get("x-conch-model")
+                except Exception as exc:
+                    errors.append(repr(exc))
+
+    workers = [threading.Thread(target=client_loop, args=(i,)) for i in range(8)]
+    try:
+        for worker in workers:
+            worker.start()
+        wait_until(lambda: len(answers) >= 40, what="load before the swap")
+        row = deploy(db, new_model)
+        active = wait_deployment(db, row, ACTIVE, FAILED)
+        assert active.status == ACTIVE, active.reason
+        swapped_at = time.monotonic()
+        wait_until(lambda: sum(1 for t, _, _ in answers if t > swapped_at + 0.5) >= 40, what="load after the swap")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+        metrics_text = httpx.get(f"{base}/metrics").text
+        process.stop()
+    assert errors == []
+    assert all(status == 200 for _, status, _ in answers)
+    models = [model for _, _, model in answers]
+    assert models[0] == "tiny-llama" and new_model in models
+    # Once the new model answered, the old one only finishes requests that started before the swap.
+    first_new = models.index(new_model)
+    late = [m for t, _, m in answers if t > swapped_at + 0.5]
+    assert set(late) == {new_model}
+    assert first_new > 0
+    assert metric(metrics_text, "conch_inference_batch_size_count") > metric(
+        metrics_text, "conch_inference_batch_size_bucket", le="1.0"
+    )
+
+
+@pytest.fixture
+def long_context_server(tmp_path: Path, log_dir: Path, tiny_models: dict[str, Path]) -> Iterator[str]:
+    """A tiny model with a long context, so a generation runs long enough to be cut short by a disconnect."""
+    import json
+
+    folder = copy_model(
+        tiny_models["tiny-llama"], tmp_path / "long", config_changes={"max_position_embeddings": 40_000}
+    )
+    process, base = _start(
+        log_dir,
+        BASE_MODELS=json.dumps({"tiny-long": str(folder)}),
+        DEFAULT_BASE_MODEL="tiny-long",
+        MAX_NEW_TOKENS_LIMIT="30000",
+    )
+    try:
+        yield base
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(long_context_server: str, stream: bool) -> None:
+    base = long_context_server
+    finished_before = metric(httpx.get(f"{base}/metrics").text, "conch_inference_completions_total", reason="length")
+    body = {"prompt": "Hello", "max_new_tokens": 30_000, "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{base}/generate", json=body) as response:
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in received)
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/generate", json=body, timeout=1.5)
+
+    def cancelled() -> bool:
+        return metric(httpx.get(f"{base}/metrics").text, "conch_inference_cancelled_total") >= 1
+
+    wait_until(cancelled, timeout=60, what="generation cancelled")
+    text = httpx.get(f"{base}/metrics").text
+    assert metric(text, "conch_inference_completions_total", reason="length") == finished_before
+    produced = metric(text, "conch_inference_generated_tokens_total")
+    assert produced < 30_000
+    ready = httpx.get(f"{base}/readyz").json()
+    assert all(m["running"] == 0 for m in ready["models"])
