@@ -7,7 +7,6 @@ quantizer on a model loaded from GGUF, and refuses to save it until the quantize
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 from core.storage import atomic_directory
@@ -45,9 +44,6 @@ def prepare_default_model(folder: Path = DEFAULT_FOLDER) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        # The converter leaves nothing else behind, but a stale partial copy must not survive.
-        for leftover in tmp.glob("*.gguf"):
-            shutil.os.remove(leftover)
     return folder
 
 

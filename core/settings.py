@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     inference_backend: str = Field(
         default="auto", description="auto (lean decoder where the architecture allows), lean, or reference"
     )
+    inference_threads: int = Field(
+        default=0, ge=0, description="CPU threads for generation; 0 = torch's default (all cores)"
+    )
     max_new_tokens_default: int = 128
     max_new_tokens_limit: int = 1024
     max_batch_size: int = 8

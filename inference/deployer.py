@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
@@ -29,6 +29,8 @@ REASON_LIMIT = 2000
 
 
 def _elapsed_since(moment: datetime, now: datetime) -> float:
+    if moment.tzinfo is None:  # SQLite hands timestamps back without their zone; they were written in UTC
+        moment = moment.replace(tzinfo=UTC)
     return max(0.0, (now - moment).total_seconds())
 
 

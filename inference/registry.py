@@ -20,6 +20,7 @@ import torch
 from core.models import DEFAULT_TENANT
 from core.settings import Settings
 from inference.catalog import ModelSource
+from inference.engine.device import configure_threads
 from inference.engine.engine import Engine, Failed, Finished, GenerationRequest, TextChunk
 from inference.engine.loader import LoadedModel, ModelLoadError, load_model
 from inference.engine.sampling import SamplingParams
@@ -107,6 +108,7 @@ class Registry:
         self.problems: dict[str, str] = {}  # model -> why it is not loaded (shown by /readyz)
         self._failed_at: dict[str, float] = {}
         self.synced = False  # set once the deployments table has been read
+        self.threads = configure_threads(settings.inference_threads)
 
     # ------------------------------------------------------------------------------- defaults
 
@@ -278,7 +280,7 @@ class Registry:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         name = self.default_for(DEFAULT_TENANT)
         handle = self._handles.get(name)
-        detail: dict[str, Any] = {"model": name, "synced": self.synced}
+        detail: dict[str, Any] = {"model": name, "synced": self.synced, "threads": self.threads}
         if handle is None:
             detail["reason"] = self.problems.get(name) or ("loading" if name in self._loading else "not loaded")
             ready = False

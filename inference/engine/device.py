@@ -38,3 +38,11 @@ def choose_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def configure_threads(threads: int) -> int:
+    """Intra-op CPU threads for every generation thread (0 keeps torch's default). On a machine shared with
+    training, fewer threads can be much faster: an op split across all cores waits for its slowest core."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

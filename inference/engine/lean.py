@@ -95,7 +95,7 @@ class LeanDecoder:
 
     def _lift(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        return _Layer(
+        lifted = _Layer(
             norm1=layer.input_layernorm.weight.detach(),
             qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
             qkv_bias=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
@@ -107,6 +107,12 @@ class LeanDecoder:
             down=mlp.down_proj.weight.detach(),
             down_bias=mlp.down_proj.bias.detach() if mlp.down_proj.bias is not None else None,
         )
+        # The fused copies replace these: free them now so loading never holds a layer twice.
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            linear.weight = torch.nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
+            if linear.bias is not None:
+                linear.bias = torch.nn.Parameter(linear.bias.new_empty(0), requires_grad=False)
+        return lifted
 
     def _rotary_tables(self, rotary: Any, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin per position, from the model's own rotary module (so every static rope type works).

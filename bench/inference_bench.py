@@ -1,0 +1,492 @@
+"""Inference benchmark: the seed-style app against Conch, same model (SmolLM2-135M-Instruct), same prompts.
+
+Prints figures and ratios; nothing is asserted. Three parts:
+
+1. engine (in process): Conch's decoder in fp32 and bf16 against transformers ``generate`` - single-stream decode
+   tokens/s, a batch of 8, and how often bf16 (or the lean decoder) changes a greedy answer;
+2. conch (a uvicorn process): ``GET /generate`` end to end, time to first token and decode rate from the SSE
+   stream, 8 concurrent clients, publish-to-serving latency of a deployment, peak resident memory;
+3. seed (a uvicorn process running bench/seed_app.py): a few requests only, as each takes about 30 s; its
+   8-client figures are extrapolated from its serialised handling unless ``--seed-requests 8``.
+
+    python -m bench.inference_bench            # a few minutes
+    python -m bench.inference_bench --quick    # engine part only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.model_prep import MODEL_NAME, prepare_default_model  # noqa: E402
+
+# Short prompts as the seed's callers sent them (no chat template on the seed side: some of these make the model
+# run on to max_length, e.g. "What is deep learning" gives 508 tokens); Conch renders each as a user message.
+PROMPTS = [
+    "What is deep learning",
+    "Hi, how are you",
+    "What is the capital of France?",
+    "Give me three tips for staying productive while working from home.",
+    "Explain what a neural network is in two sentences.",
+    "Write a haiku about the ocean.",
+    "How do I make a cup of green tea?",
+    "Why is the sky blue?",
+]
+# More prompts for the greedy-answer comparisons (cheap: they run batched).
+PARITY_PROMPTS = [
+    *PROMPTS,
+    "Translate 'good morning' into French and Spanish.",
+    "What is 12 times 12?",
+    "Suggest a name for a seaside cafe.",
+    "Summarise the plot of Romeo and Juliet in one sentence.",
+    "What should I pack for a weekend hiking trip?",
+    "How does a refrigerator keep food cold?",
+    "Write a short thank-you note to a colleague.",
+    "What is the difference between weather and climate?",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def ratio(ours: float, theirs: float, *, lower_is_better: bool = False) -> str:
+    if ours <= 0 or theirs <= 0:
+        return "-"
+    return f"{(theirs / ours) if lower_is_better else (ours / theirs):.1f}x"
+
+
+# ------------------------------------------------------------------------------------------ engine part
+
+
+@dataclass
+class TimedSink:
+    events: list[Any] = field(default_factory=list)
+    first_at: float | None = None
+    last_at: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, event: Any) -> None:
+        from inference.engine.engine import TextChunk
+
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
+        self.events.append(event)
+        if not isinstance(event, TextChunk):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(getattr(e, "text", "") for e in self.events)
+
+    @property
+    def tokens(self) -> int:
+        return int(getattr(self.events[-1], "completion_tokens", 0))
+
+
+def engine_part(folder: Path, tokens: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from inference.engine.engine import Engine, GenerationRequest
+    from inference.engine.loader import load_model
+    from inference.engine.sampling import SamplingParams
+
+    out: dict[str, Any] = {"threads": torch.get_num_threads()}
+    answers: dict[str, list[str]] = {}
+    for dtype in ("fp32", "bf16"):
+        model = load_model(MODEL_NAME, folder, dtype_setting=dtype)
+        engine = Engine(model, max_batch_size=8).start()
+        tokenizer, stop_ids = model.tokenizer, model.stop_token_ids
+        encoded = [model.encode_chat([{"role": "user", "content": p}]) for p in PARITY_PROMPTS]
+
+        def run(ids: list[list[int]], params: SamplingParams, engine: Engine = engine) -> list[TimedSink]:
+            sinks = [TimedSink() for _ in ids]
+            for prompt_ids, sink in zip(ids, sinks, strict=True):
+                engine.submit(GenerationRequest(prompt_ids, params, sink))
+            for sink in sinks:
+                sink.done.wait(600)
+            return sinks
+
+        run(encoded[:1], SamplingParams(max_new_tokens=8))  # warm-up
+        answers[dtype] = [s.text for s in run(encoded, SamplingParams(max_new_tokens=64))]
+        fixed = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+        singles = []
+        for ids in encoded[:3]:
+            started = time.perf_counter()
+            (sink,) = run([ids], fixed)
+            assert sink.first_at is not None
+            singles.append(((sink.tokens - 1) / (sink.last_at - sink.first_at), sink.first_at - started))
+        started = time.perf_counter()
+        batch = run(encoded[:8], fixed)
+        out[f"lean_{dtype}_decode"] = statistics.median(s for s, _ in singles)
+        out[f"lean_{dtype}_ttft"] = statistics.median(t for _, t in singles)
+        out[f"lean_{dtype}_batch8"] = sum(s.tokens for s in batch) / (max(s.last_at for s in batch) - started)
+        engine.stop()
+        del engine, model
+
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        ids = torch.tensor([encoded[0]])
+        reference.generate(ids, max_new_tokens=4)
+        started = time.perf_counter()
+        reference.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        out[f"generate_{dtype}_decode"] = tokens / (time.perf_counter() - started)
+        if dtype == "fp32":
+            # Does the lean decoder give the library's greedy answers? (First prompts only: generate is slow.)
+            same = 0
+            for index, prompt_ids in enumerate(encoded[:4]):
+                generated = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=64, do_sample=False)
+                new = [t for t in generated[0, len(prompt_ids) :].tolist() if t not in stop_ids]
+                same += tokenizer.decode(new, skip_special_tokens=True) == answers["fp32"][index]
+            out["lean_vs_generate_same"] = (same, 4)
+        del reference
+    differ = sum(a != b for a, b in zip(answers["fp32"], answers["bf16"], strict=True))
+    out["bf16_differs"] = (differ, len(PARITY_PROMPTS))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, target: str, env: dict[str, str], log: Path, *, factory: bool) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(self.port)]
+        argv += ["--log-level", "warning"] + (["--factory"] if factory else [])
+        self.log = log
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("ab"), stderr=subprocess.STDOUT
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def wait(self, path: str, timeout: float = 300.0) -> float:
+        started = time.perf_counter()
+        while time.perf_counter() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base + path, timeout=2).status_code == 200:
+                    return time.perf_counter() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(path)
+
+    def _status_mb(self, field: str) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def peak_rss_mb(self) -> float:
+        return self._status_mb("VmHWM:")
+
+    def rss_mb(self) -> float:
+        return self._status_mb("VmRSS:")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def concurrently(clients: int, work: Callable[[int], list[dict[str, float]]]) -> tuple[list[dict[str, float]], float]:
+    results: list[dict[str, float]] = []
+    lock = threading.Lock()
+
+    def run(index: int) -> None:
+        got = work(index)
+        with lock:
+            results.extend(got)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------ conch part
+
+
+def stream_generate(base: str, prompt: str, max_new_tokens: int) -> dict[str, float]:
+    body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "ignore_eos": True, "stream": True}
+    started = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    with httpx.stream("POST", f"{base}/generate", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            now = time.perf_counter()
+            if event.get("text") and not first:
+                first = now
+            last = now
+            if "usage" in event:
+                tokens = int(event["usage"]["completion_tokens"])
+    return {
+        "ttft": first - started,
+        "latency": last - started,
+        "tokens": tokens,
+        "decode": (tokens - 1) / (last - first) if last > first else 0.0,
+    }
+
+
+def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str) -> dict[str, Any]:
+    from sqlalchemy.orm import Session
+
+    from core.db import make_engine
+    from core.models import Base, Deployment, ModelRecord
+
+    data_dir = Path(tempfile.mkdtemp(prefix="conch-bench-"))
+    database_url = f"sqlite:///{data_dir / 'conch.db'}"
+    db_engine = make_engine(database_url)
+    Base.metadata.create_all(db_engine)
+    env = {
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": "",
+        "BROKER_URL": "",
+        "BASE_MODELS": json.dumps({MODEL_NAME: str(folder)}),
+        "DEFAULT_BASE_MODEL": MODEL_NAME,
+        "DEPLOYMENT_POLL_SECONDS": "0.2",
+        "INFERENCE_DTYPE": dtype,
+        "LOG_LEVEL": "WARNING",
+    }
+    server = Server("inference.app:create_app", env, data_dir / "conch.log", factory=True)
+    out: dict[str, Any] = {}
+    try:
+        out["ready_after"] = server.wait("/readyz")
+        httpx.get(f"{server.base}/generate", params={"prompt": "Hi", "max_new_tokens": 4}, timeout=120)
+        e2e, finished, answer_tokens = [], 0, []
+        for prompt in PROMPTS:
+            started = time.perf_counter()
+            body = httpx.get(f"{server.base}/generate", params={"prompt": prompt}, timeout=600).json()
+            e2e.append(time.perf_counter() - started)
+            finished += body["finish_reason"] == "stop"
+            answer_tokens.append(body["usage"]["completion_tokens"])
+        out["e2e"] = e2e
+        out["eos_terminated"] = (finished, len(PROMPTS))
+        out["answer_tokens"] = statistics.median(answer_tokens)
+        out["example"] = httpx.get(f"{server.base}/generate", params={"prompt": PROMPTS[0]}, timeout=600).json()
+        single = [stream_generate(server.base, p, tokens) for p in PROMPTS[:3]]
+        out["ttft"] = statistics.median(r["ttft"] for r in single)
+        out["decode"] = statistics.median(r["decode"] for r in single)
+
+        def client(index: int) -> list[dict[str, float]]:
+            return [stream_generate(server.base, PROMPTS[(index + r) % len(PROMPTS)], tokens) for r in range(rounds)]
+
+        many, wall = concurrently(clients, client)
+        out["clients"] = clients
+        out["aggregate"] = sum(r["tokens"] for r in many) / wall
+        out["latency_p50"] = percentile([r["latency"] for r in many], 0.5)
+        out["latency_p99"] = percentile([r["latency"] for r in many], 0.99)
+        out["ttft_p50_many"] = percentile([r["ttft"] for r in many], 0.5)
+
+        # A deployment of a "fine-tuned" model (the same weights under a new id): publish-to-serving latency.
+        new_id = f"ft:{MODEL_NAME}:bench:ftjob-{uuid.uuid4().hex[:8]}"
+        with Session(db_engine) as session:
+            session.add(ModelRecord(id=new_id, base_model=MODEL_NAME, storage_path=str(folder)))
+            session.commit()
+            row = Deployment(model_id=new_id, status="pending", requested_by="bench")
+            session.add(row)
+            session.commit()
+            row_id = row.id
+        out["rss_before_swap_mb"] = server.rss_mb()
+        published = time.perf_counter()
+        while True:
+            answer = httpx.get(f"{server.base}/generate", params={"prompt": "Hi", "max_new_tokens": 2}, timeout=60)
+            if answer.json().get("model") == new_id:
+                break
+            if time.perf_counter() - published > 120:
+                raise TimeoutError("the deployment was not served")
+        out["swap_seen"] = time.perf_counter() - published
+        with Session(db_engine) as session:
+            deployed = session.get(Deployment, row_id)
+            out["swap_recorded"] = deployed.latency_seconds if deployed else None
+        out["peak_rss_mb"] = server.peak_rss_mb()
+        out["rss_after_swap_mb"] = server.rss_mb()
+    finally:
+        server.stop()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ seed part
+
+
+def seed_part(folder: Path, requests: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    log = Path(tempfile.mkdtemp(prefix="seed-bench-")) / "seed.log"
+    server = Server("bench.seed_app:app", {"SEED_MODEL_DIR": str(folder)}, log, factory=False)
+    out: dict[str, Any] = {}
+    try:
+        server.wait("/healthz")
+
+        def one(index: int) -> list[dict[str, float]]:
+            prompt = PROMPTS[index % len(PROMPTS)]
+            started = time.perf_counter()
+            text = httpx.get(f"{server.base}/generate", params={"prompt": prompt}, timeout=3600).json()["generate_text"]
+            latency = time.perf_counter() - started
+            generated = len(tokenizer(text)["input_ids"]) - len(tokenizer(prompt)["input_ids"])
+            return [{"latency": latency, "tokens": generated}]
+
+        results, wall = concurrently(requests, one)
+        results.sort(key=lambda r: r["latency"])
+        fastest = results[0]
+        out["requests"] = requests
+        out["latency"] = fastest["latency"]  # the one that ran first, alone
+        out["tokens"] = statistics.median(r["tokens"] for r in results)
+        out["decode"] = fastest["tokens"] / fastest["latency"]
+        out["aggregate"] = sum(r["tokens"] for r in results) / wall
+        out["serialised"] = [round(r["latency"], 1) for r in results]
+        out["example"] = None
+    finally:
+        server.stop()
+    return out
+
+
+def seed_many(seed: dict[str, Any], clients: int) -> tuple[float, float, bool]:
+    """p50/p99 latency of ``clients`` simultaneous requests: measured when that many ran, else from serialisation
+    (the k-th request in line waits for the k-1 before it: k x one request)."""
+    if seed["requests"] >= clients:
+        lat = seed["serialised"]
+        return percentile(lat, 0.5), percentile(lat, 0.99), False
+    per = seed["latency"]
+    lat = [per * k for k in range(1, clients + 1)]
+    return percentile(lat, 0.5), percentile(lat, 0.99), True
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def report(engine: dict[str, Any] | None, conch: dict[str, Any] | None, seed: dict[str, Any] | None) -> None:
+    print()
+    if engine:
+        print(f"== engine (in process, torch threads {engine['threads']}, single stream of 1 prompt) ==")
+        rows = [
+            ("transformers generate, fp32", engine["generate_fp32_decode"], None),
+            ("transformers generate, bf16", engine["generate_bf16_decode"], None),
+            ("Conch lean decoder, fp32 (default)", engine["lean_fp32_decode"], engine["lean_fp32_batch8"]),
+            ("Conch lean decoder, bf16 (INFERENCE_DTYPE=bf16)", engine["lean_bf16_decode"], engine["lean_bf16_batch8"]),
+        ]
+        base = engine["generate_fp32_decode"]
+        print(f"{'route':50} {'decode tok/s':>13} {'vs generate fp32':>17} {'batch of 8 tok/s':>17}")
+        for name, decode, batch in rows:
+            batch_text = f"{batch:.1f}" if batch else "-"
+            print(f"{name:50} {decode:13.1f} {ratio(decode, base):>17} {batch_text:>17}")
+        print(
+            f"time to first token, lean fp32: {engine['lean_fp32_ttft']:.3f} s; bf16: {engine['lean_bf16_ttft']:.3f} s"
+        )
+        same, total = engine["lean_vs_generate_same"]
+        print(f"greedy answers, lean fp32 == transformers generate fp32: {same}/{total} prompts")
+        differ, total = engine["bf16_differs"]
+        print(f"greedy answers that bf16 changes (vs fp32, 64 tokens): {differ}/{total} prompts")
+    if conch:
+        print()
+        print(f"== conch service: ready {conch['ready_after']:.1f} s after start ==")
+        print(
+            f"resident memory: {conch['rss_before_swap_mb']:.0f} MB serving one model, "
+            f"{conch['rss_after_swap_mb']:.0f} MB holding two after a swap (peak {conch['peak_rss_mb']:.0f} MB)"
+        )
+        done, total = conch["eos_terminated"]
+        print(f"GET /generate answers ending at EOS: {done}/{total}, median {conch['answer_tokens']:.0f} tokens")
+        print(f"example: {json.dumps(conch['example'])[:300]}")
+        print(
+            f"deployment publish -> first answer from the new model: {conch['swap_seen']:.2f} s "
+            f"(recorded latency_seconds {conch['swap_recorded']:.2f} s)"
+        )
+    if conch and seed:
+        print()
+        print(f"== seed-style vs Conch (same model, same prompts; seed figures from {seed['requests']} requests) ==")
+        p50_seed, p99_seed, extrapolated = seed_many(seed, conch["clients"])
+        mark = " (extrapolated)" if extrapolated else ""
+        e2e = statistics.median(conch["e2e"])
+        rows = [
+            ("GET /generate end to end, s (median)", seed["latency"], e2e, True),
+            ("time to first token, s", seed["latency"], conch["ttft"], True),
+            ("decode tokens/s, 1 client", seed["decode"], conch["decode"], False),
+            (f"aggregate tokens/s, {conch['clients']} clients", seed["aggregate"], conch["aggregate"], False),
+            (f"p50 latency, {conch['clients']} clients, s{mark}", p50_seed, conch["latency_p50"], True),
+            (f"p99 latency, {conch['clients']} clients, s{mark}", p99_seed, conch["latency_p99"], True),
+        ]
+        print(f"{'metric':48} {'seed-style':>11} {'conch':>10} {'ratio':>8}")
+        for name, theirs, ours, lower in rows:
+            print(f"{name:48} {theirs:11.2f} {ours:10.3f} {ratio(ours, theirs, lower_is_better=lower):>8}")
+        print(
+            f"seed answers: {seed['tokens']:.0f} tokens each (max_length=512, no template); "
+            f"its request latencies when sent together: {seed['serialised']} s (serialised)"
+        )
+        print(
+            f"conch fixed-length runs: {conch['clients']} clients x streams of ignore_eos tokens; "
+            f"time to first token p50 under load {conch['ttft_p50_many']:.3f} s"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="engine part only")
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--seed-requests", type=int, default=2, help="seed-style requests sent together (~30 s each)")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per fixed-length stream")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="streams per concurrent client")
+    parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for every app (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        # The same thread count for the baseline and for Conch, in process and in the servers.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        os.environ["INFERENCE_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    folder = prepare_default_model()
+    engine = None if args.skip_engine else engine_part(folder, args.tokens)
+    conch = seed = None
+    if not args.quick:
+        conch = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype)
+        if not args.skip_seed:
+            seed = seed_part(folder, args.seed_requests)
+    report(engine, conch, seed)
+
+
+if __name__ == "__main__":
+    main()
