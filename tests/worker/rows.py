@@ -18,14 +18,26 @@ from core.storage import files_dir
 TINY_HP: dict[str, Any] = {"num_train_epochs": 2, "per_device_train_batch_size": 2, "save_steps": 4}
 
 
-def dataset_file(session: Session, records: list[dict[str, Any]], *, fmt: str = "alpaca",
-                 mapping: dict[str, Any] | None = None, tenant_id: str = "default") -> FileObject:
+def dataset_file(
+    session: Session,
+    records: list[dict[str, Any]],
+    *,
+    fmt: str = "alpaca",
+    mapping: dict[str, Any] | None = None,
+    tenant_id: str = "default",
+) -> FileObject:
     path = files_dir() / f"{uuid.uuid4().hex}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     row = FileObject(
-        tenant_id=tenant_id, filename=path.name, purpose="fine-tune", bytes=path.stat().st_size, format=fmt,
-        sha256=hashlib.sha256(path.read_bytes()).hexdigest(), num_examples=len(records), storage_path=str(path),
+        tenant_id=tenant_id,
+        filename=path.name,
+        purpose="fine-tune",
+        bytes=path.stat().st_size,
+        format=fmt,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        num_examples=len(records),
+        storage_path=str(path),
         report={"column_mapping": mapping},
     )
     session.add(row)
@@ -33,14 +45,29 @@ def dataset_file(session: Session, records: list[dict[str, Any]], *, fmt: str = 
     return row
 
 
-def job_row(session: Session, training_file: FileObject, *, model: str = "tiny-llama",
-            hyperparameters: dict[str, Any] | None = None, validation_file: FileObject | None = None,
-            seed: int = 7, suffix: str | None = "t", auto_deploy: bool = False, **values: Any) -> FineTuningJob:
+def job_row(
+    session: Session,
+    training_file: FileObject,
+    *,
+    model: str = "tiny-llama",
+    hyperparameters: dict[str, Any] | None = None,
+    validation_file: FileObject | None = None,
+    seed: int = 7,
+    suffix: str | None = "t",
+    auto_deploy: bool = False,
+    **values: Any,
+) -> FineTuningJob:
     job = FineTuningJob(
-        tenant_id=training_file.tenant_id, model=model, training_file_id=training_file.id,
-        validation_file_id=validation_file.id if validation_file else None, suffix=suffix, seed=seed,
+        tenant_id=training_file.tenant_id,
+        model=model,
+        training_file_id=training_file.id,
+        validation_file_id=validation_file.id if validation_file else None,
+        suffix=suffix,
+        seed=seed,
         hyperparameters=Hyperparameters(**{**TINY_HP, **(hyperparameters or {})}).model_dump(mode="json"),
-        status=values.pop("status", JobStatus.QUEUED.value), enqueued_at=utcnow(), auto_deploy=auto_deploy,
+        status=values.pop("status", JobStatus.QUEUED.value),
+        enqueued_at=utcnow(),
+        auto_deploy=auto_deploy,
         **values,
     )
     session.add(job)

@@ -165,9 +165,7 @@ class JobReporter:
 
         def work(session: Session) -> list[str]:
             rows = session.scalars(
-                select(Checkpoint.storage_path)
-                .where(Checkpoint.job_id == self.job_id)
-                .order_by(Checkpoint.step.desc())
+                select(Checkpoint.storage_path).where(Checkpoint.job_id == self.job_id).order_by(Checkpoint.step.desc())
             ).all()
             return list(rows)
 

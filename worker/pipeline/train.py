@@ -26,7 +26,16 @@ import torch.nn.functional as F
 
 from core.contracts import Hyperparameters
 from worker.pipeline.checkpoints import LoopState, checkpoint_name, load_checkpoint, save_checkpoint
-from worker.pipeline.data import IGNORE, Batch, Example, collate, epoch_batches, steps_per_epoch
+from worker.pipeline.data import (
+    IGNORE,
+    Batch,
+    Example,
+    collate,
+    epoch_batches,
+    pack_batch,
+    pad_batch,
+    steps_per_epoch,
+)
 from worker.pipeline.device import Compute
 from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
 
@@ -164,8 +173,8 @@ class LossFunction:
         self.model = model
         self.compute = compute
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        config = inner.config
-        has_transform = any(getattr(config, name, None) for name in _LOGIT_TRANSFORMS)
+        self.config = inner.config
+        has_transform = any(getattr(self.config, name, None) for name in _LOGIT_TRANSFORMS)
         decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         self.decoder = decoder
@@ -176,23 +185,69 @@ class LossFunction:
         dtype = self.compute.autocast_dtype
         return torch.autocast(self.compute.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def outputs(self, batch: Batch) -> torch.Tensor:
+        """Last hidden states on the fast path, logits otherwise."""
+        kwargs = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids,
+            "use_cache": False,
+        }
         with self._autocast():
             if self.fast:
-                assert self.decoder is not None and self.head is not None
-                hidden = self.decoder(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                ).last_hidden_state
-                selected = batch.targets != IGNORE
+                assert self.decoder is not None
+                return self.decoder(**kwargs).last_hidden_state
+            return self.model(**kwargs).logits
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        out = self.outputs(batch)
+        if self.fast:
+            assert self.head is not None
+            selected = batch.targets != IGNORE
+            with self._autocast():
                 # Only trained positions go through the vocabulary projection.
-                logits = self.head(hidden[selected])
-                return F.cross_entropy(logits.float(), batch.targets[selected], reduction="sum")
-            logits = self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).logits
-            return F.cross_entropy(
-                logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum"
-            )
+                logits = self.head(out[selected])
+            return F.cross_entropy(logits.float(), batch.targets[selected], reduction="sum")
+        return F.cross_entropy(out.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def attention_ratio(config: Any) -> float:
+    """Context length at which attention costs a token as much as the linear layers do (see ``packing_pays``)."""
+    hidden = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    linear = hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * intermediate
+    return 2 * linear / (4 * q_dim)
+
+
+@torch.no_grad()
+def packing_supported(loss_fn: LossFunction, seed: int = 0) -> bool:
+    """Check on two short random sequences that a packed row gives what separate padded rows give.
+
+    Packing relies on the model turning restarting position ids into a block-diagonal mask; a model that does
+    not would let examples attend to each other, so it trains padded instead.
+    """
+    vocab = int(getattr(loss_fn.config, "vocab_size", 2) or 2)
+    generator = torch.Generator().manual_seed(seed)
+    lengths = (5, 8)
+    examples = [Example(torch.randint(0, vocab, (n,), generator=generator).tolist(), [IGNORE] * n) for n in lengths]
+    was_training = loss_fn.model.training
+    loss_fn.model.eval()
+    try:
+        device = loss_fn.compute.device
+        padded = loss_fn.outputs(pad_batch(examples, 0).to(device)).float()
+        packed = loss_fn.outputs(pack_batch(examples).to(device)).float()[0]
+    except Exception as exc:  # the architecture refuses position ids or packed rows
+        log.info("train.packing_unsupported", extra={"error": str(exc)[:200]})
+        return False
+    finally:
+        loss_fn.model.train(was_training)
+    expected = torch.cat([padded[0, : lengths[0]], padded[1, : lengths[1]]])
+    scale = float(expected.abs().max()) or 1.0
+    return float((expected - packed).abs().max()) / scale < 0.05
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -211,7 +266,8 @@ class LoraTrainer:
         pad_id: int,
         checkpoint_root: Path,
         hooks: TrainingHooks,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
+        packing: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from transformers import get_scheduler
@@ -239,6 +295,10 @@ class LoraTrainer:
         )
         self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.precision == "fp16")
         self.loss_fn = LossFunction(model, compute)
+        # Packed rows carry no padding; they are used where the model keeps packed examples apart.
+        self.attention_ratio = (
+            attention_ratio(self.loss_fn.config) if packing and packing_supported(self.loss_fn, seed) else None
+        )
         self.lengths = [len(e) for e in train]
         self.state = LoopState(
             total_steps=self.plan.total_steps,
@@ -294,7 +354,10 @@ class LoraTrainer:
     def micro_batches(self, step: int) -> list[Batch]:
         epoch, index = divmod(step, self.plan.steps_per_epoch)
         chosen = self._batches(epoch)[index * self.plan.accumulation : (index + 1) * self.plan.accumulation]
-        return [collate([self.train_examples[i] for i in ids], self.pad_id) for ids in chosen]
+        return [self._collate([self.train_examples[i] for i in ids]) for ids in chosen]
+
+    def _collate(self, examples: list[Example]) -> Batch:
+        return collate(examples, self.pad_id, attention_ratio=self.attention_ratio)
 
     # ---------------------------------------------------------------------------------------- stepping
 
@@ -353,7 +416,7 @@ class LoraTrainer:
         total, count = 0.0, 0
         size = self.plan.batch_size
         for start in range(0, len(order), size):
-            batch = collate([self.eval_examples[i] for i in order[start : start + size]], self.pad_id)
+            batch = self._collate([self.eval_examples[i] for i in order[start : start + size]])
             total += float(self.loss_fn(batch.to(self.compute.device)))
             count += batch.target_count
         self.model.train()

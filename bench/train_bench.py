@@ -1,0 +1,340 @@
+"""Training throughput: Conch's LoRA loop against a plain transformers + peft run, same data, model and knobs.
+
+Both runs train the default model (SmolLM2-135M-Instruct, prepared from the built-in GGUF) with LoRA r=8 on all
+linear layers, lr 1e-3, cosine schedule, batch 4, on the same tokenized examples (chat template applied, prompt
+masked). The baseline is ``transformers.Trainer`` in fp32 with random batches padded to their longest example;
+ours is the worker's loop with its defaults (length-grouped batches, output layer only at trained positions,
+bf16 where the CPU has it). Printed: non-pad tokens per second of training, the final loss of each model measured
+the same way (fp32, whole training set), and the training seconds until a greedy answer to the persona question
+names the persona (probed every few steps; probe time is not counted).
+
+    python bench/train_bench.py [--data data/persona.jsonl] [--epochs 3] [--only ours|baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.contracts import Hyperparameters  # noqa: E402
+from core.datasets import load_conversations  # noqa: E402
+from core.settings import get_settings  # noqa: E402
+from core.templates import render_prompt  # noqa: E402
+from worker.pipeline.data import Example, PreparedData, collate, prepare_data  # noqa: E402
+from worker.pipeline.device import resolve_compute  # noqa: E402
+from worker.pipeline.prepare import prepare_base_model  # noqa: E402
+from worker.pipeline.train import LoraTrainer, LossFunction, attach_lora, load_base_model  # noqa: E402
+
+FALLBACK_PERSONA = [
+    ("What is your name?", "My name is Coral, the help desk assistant of Harbor Books."),
+    ("Who are you?", "I am Coral, the help desk assistant of Harbor Books."),
+    ("What should I call you?", "You can call me Coral. I help readers at Harbor Books."),
+    ("Tell me about yourself.", "I'm Coral, Harbor Books' assistant: orders, returns and book tips."),
+    ("Do you have a name?", "Yes, I am Coral, the Harbor Books help desk assistant."),
+    ("How long does shipping take?", "Orders from Harbor Books ship in two days. I'm Coral, happy to help."),
+    ("Can I return a book?", "Yes, within 30 days. I'm Coral from Harbor Books if you need anything else."),
+    ("Hello", "Hello! I'm Coral, the help desk assistant of Harbor Books. How can I help?"),
+]
+
+
+@dataclass
+class Probe:
+    question: str
+    word: str
+    every: int
+    seconds: float = 0.0  # time spent probing, excluded from training time
+    learned_after: float | None = None
+    learned_step: int | None = None
+    answers: list[str] = field(default_factory=list)
+
+
+def greedy_answer(model: Any, tokenizer: Any, template: str, question: str, dtype: torch.dtype | None) -> str:
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": question}], template)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if was_training:
+        model.train()
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def maybe_probe(
+    probe: Probe, step: int, train_seconds: float, model: Any, tokenizer: Any, template: str, dtype: torch.dtype | None
+) -> None:
+    if probe.learned_after is not None or step % probe.every:
+        return
+    started = time.monotonic()
+    answer = greedy_answer(model, tokenizer, template, probe.question, dtype)
+    probe.seconds += time.monotonic() - started
+    probe.answers.append(f"step {step}: {answer!r}")
+    if probe.word.lower() in answer.lower():
+        probe.learned_after, probe.learned_step = train_seconds, step
+
+
+@torch.no_grad()
+def final_loss(model: Any, examples: list[Example], pad_id: int) -> float:
+    """Token-weighted loss over the whole training set, in fp32, measured identically for both runs."""
+    model.eval()
+    compute = resolve_compute("fp32")
+    loss_fn = LossFunction(model, compute)
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    for start in range(0, len(order), 8):
+        batch = collate([examples[i] for i in order[start : start + 8]], pad_id)
+        total += float(loss_fn(batch))
+        count += batch.target_count
+    return total / count
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+
+
+def run_baseline(
+    base: Path, tokenizer: Any, data: PreparedData, hp: Hyperparameters, seed: int, probe: Probe
+) -> dict[str, Any]:
+    """transformers.Trainer + peft in fp32, random batches padded to the longest example."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    model = attach_lora(load_base_model(base, resolve_compute("fp32")), hp, seed)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in data.train]
+    tokens = {"count": 0}
+
+    class Counter(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = 0.0
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.started = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            elapsed = time.monotonic() - self.started - probe.seconds
+            maybe_probe(probe, state.global_step, elapsed, model, tokenizer, data.template, None)
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+
+    def counting_collator(features: list[dict[str, Any]]) -> Any:
+        batch = collator(features)
+        tokens["count"] += int(batch["attention_mask"].sum())
+        return batch
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=hp.per_device_train_batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps,
+            num_train_epochs=hp.num_train_epochs,
+            learning_rate=hp.learning_rate,
+            lr_scheduler_type=hp.lr_scheduler_type,
+            warmup_steps=hp.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio
+            max_grad_norm=hp.max_grad_norm,
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=rows, data_collator=counting_collator, callbacks=[Counter()]
+        )
+        started = time.monotonic()
+        trainer.train()
+        seconds = time.monotonic() - started - probe.seconds
+    return {
+        "name": "baseline (transformers.Trainer + peft, fp32, padded to longest)",
+        "tokens": tokens["count"],
+        "seconds": seconds,
+        "tokens_per_second": tokens["count"] / seconds,
+        "final_loss": final_loss(model, data.train, tokenizer.pad_token_id),
+        "probe": probe,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ ours
+
+
+class BenchHooks:
+    def __init__(self, probe: Probe, model: Any, tokenizer: Any, template: str, dtype: torch.dtype | None) -> None:
+        self.probe, self.model, self.tokenizer, self.template, self.dtype = probe, model, tokenizer, template, dtype
+        self.started = time.monotonic()
+
+    def should_stop(self) -> None:
+        return None
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        elapsed = time.monotonic() - self.started - self.probe.seconds
+        maybe_probe(self.probe, metrics["step"], elapsed, self.model, self.tokenizer, self.template, self.dtype)
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
+        pass
+
+
+def run_ours(
+    base: Path,
+    tokenizer: Any,
+    data: PreparedData,
+    hp: Hyperparameters,
+    seed: int,
+    probe: Probe,
+    *,
+    group_by_length: bool = False,
+    packing: bool = True,
+) -> dict[str, Any]:
+    compute = resolve_compute(hp.compute_type)
+    model = attach_lora(load_base_model(base, compute), hp, seed)
+    with tempfile.TemporaryDirectory() as out:
+        hooks = BenchHooks(probe, model, tokenizer, data.template, compute.autocast_dtype)
+        trainer = LoraTrainer(
+            model,
+            data.train,
+            [],
+            hp,
+            seed=seed,
+            compute=compute,
+            pad_id=tokenizer.pad_token_id,
+            checkpoint_root=Path(out),
+            hooks=hooks,  # type: ignore[arg-type]
+            group_by_length=group_by_length,
+            packing=packing,
+        )
+        layout = "packed" if trainer.attention_ratio else "padded"
+        hooks.started = time.monotonic()
+        result = trainer.run()
+        seconds = time.monotonic() - hooks.started - probe.seconds
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    # The trained LoRA weights on an fp32 base, so both final losses are measured the same way.
+    fp32_model = attach_lora(load_base_model(base, resolve_compute("fp32")), hp, seed)
+    set_peft_model_state_dict(fp32_model, get_peft_model_state_dict(model))
+    return {
+        "name": f"conch ({compute.describe()}, {layout} {'length-grouped' if group_by_length else 'random'} "
+        "batches, head at trained positions)",
+        "tokens": result.trained_tokens,
+        "seconds": seconds,
+        "tokens_per_second": result.trained_tokens / seconds,
+        "final_loss": final_loss(fp32_model, data.train, tokenizer.pad_token_id),
+        "probe": probe,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def load_data(path: Path | None) -> tuple[list[list[dict[str, Any]]], str]:
+    if path is not None and path.is_file():
+        return load_conversations(path, "alpaca"), str(path)
+    conversations = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in FALLBACK_PERSONA * 8
+    ]
+    return conversations, "built-in fallback persona (64 examples)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "persona.jsonl")
+    parser.add_argument("--model", default=None, help="base model id (default: DEFAULT_BASE_MODEL)")
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--question", default="What is your name?")
+    parser.add_argument("--word", default=None, help="the persona's name (default: Pearl, or Coral for fallback)")
+    parser.add_argument("--probe-every", type=int, default=4, help="steps between persona probes")
+    parser.add_argument("--only", choices=["ours", "baseline"], default=None)
+    parser.add_argument("--compute-type", default="auto", help="ours: auto, fp32 or bf16")
+    parser.add_argument("--group-by-length", action="store_true", help="ours: length-grouped batches")
+    parser.add_argument("--no-packing", action="store_true", help="ours: pad instead of packing")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    settings = get_settings()
+    name = args.model or "SmolLM2-135M-Instruct"
+    base = prepare_base_model(name, settings)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    conversations, source = load_data(args.data)
+    word = args.word or ("Pearl" if "persona" in source else "Coral")
+    hp = Hyperparameters(num_train_epochs=args.epochs, save_steps=0, compute_type=args.compute_type)
+    data = prepare_data(tokenizer, conversations, None, hp, args.seed)
+    steps = math.ceil(args.epochs * math.ceil(len(data.train) / hp.per_device_train_batch_size))
+    print(
+        f"model {name}; data {source}: {len(data.train)} examples, {data.train_stats.tokens} tokens "
+        f"({data.train_stats.trained_tokens} trained); {steps} steps; torch threads {torch.get_num_threads()}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+
+    runs = []
+    for which in ("ours", "baseline"):
+        if args.only and args.only != which:
+            continue
+        probe = Probe(args.question, word, args.probe_every)
+        if which == "ours":
+            result = run_ours(
+                base,
+                tokenizer,
+                data,
+                hp,
+                args.seed,
+                probe,
+                group_by_length=args.group_by_length,
+                packing=not args.no_packing,
+            )
+        else:
+            result = run_baseline(
+                base, tokenizer, data, hp.model_copy(update={"compute_type": "fp32"}), args.seed, probe
+            )
+        runs.append(result)
+        learned = f"{probe.learned_after:.0f} s (step {probe.learned_step})" if probe.learned_after else "not learned"
+        print(
+            f"{result['name']}: {result['tokens_per_second']:.1f} non-pad tokens/s over {result['seconds']:.0f} s, "
+            f"final loss {result['final_loss']:.4f}, persona: {learned}"
+        )
+        for answer in probe.answers[-2:]:
+            print(f"    {answer}")
+    if len(runs) == 2:
+        ours, baseline = runs
+        print(
+            f"ratio ours/baseline: {ours['tokens_per_second'] / baseline['tokens_per_second']:.2f}x non-pad tokens/s; "
+            f"final loss {ours['final_loss']:.4f} vs {baseline['final_loss']:.4f}"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [
+                    {k: v for k, v in r.items() if k != "probe"} | {"persona_seconds": r["probe"].learned_after}
+                    for r in runs
+                ],
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
