@@ -61,7 +61,8 @@ def _route_template(scope: Scope) -> str:
 
 
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
-    """``background=False`` leaves the deployments listener off (tests drive ``app.state.deployer`` by hand)."""
+    """``background=False``: no deployments listener and no unloading at shutdown; the caller drives
+    ``app.state.deployer`` and closes ``app.state.registry`` (tests that run the lifespan many times)."""
     settings = settings or get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
     metrics = Metrics()
@@ -71,8 +72,10 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if background:
-            listener.start()
+        if not background:  # the caller drives deployments and owns the models' lifetime
+            yield
+            return
+        listener.start()
         try:
             yield
         finally:

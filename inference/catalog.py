@@ -16,6 +16,7 @@ from core.models import FineTuningJob, ModelRecord
 from core.settings import Settings
 
 READY = "ready"
+MAX_MODEL_ID = 512
 
 
 class ModelNotFound(NotFound):
@@ -79,6 +80,8 @@ def resolve(session: Session, name: str, tenant: str, settings: Settings) -> Mod
     """A model this tenant may use, ready to load. Another tenant's model answers exactly like a missing one."""
     if name in settings.base_models:
         return base_source(name, settings)
+    if not name or len(name) > MAX_MODEL_ID or any(ord(c) < 32 for c in name):
+        raise ModelNotFound(f"The model {name!r} does not exist", param="model")  # not even worth a query
     record = session.get(ModelRecord, name)
     if record is None or record.tenant_id != tenant:
         raise ModelNotFound(f"The model {name!r} does not exist", param="model")

@@ -22,13 +22,17 @@ class Listener:
         self.deployer = deployer
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.passes = 0
+
+    def start(self) -> None:
+        """Start both threads (again, after a stop: an app's lifespan may run more than once)."""
+        self.stop()
+        self._stop.clear()
         self._threads = [
             threading.Thread(target=self._reconcile_loop, name="deployments-reconcile", daemon=True),
             threading.Thread(target=self._subscribe_loop, name="deployments-subscribe", daemon=True),
         ]
-        self.passes = 0
-
-    def start(self) -> None:
         for thread in self._threads:
             thread.start()
 

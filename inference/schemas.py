@@ -11,13 +11,13 @@ MAX_STOP_LENGTH = 256
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"] = "text"
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -30,16 +30,11 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
-def _stops(value: Any) -> Any:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        return value
-    if len(value) > MAX_STOP_STRINGS:
+def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else (value or [])
+    if len(stops) > MAX_STOP_STRINGS:
         raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-    if any(isinstance(s, str) and (not s or len(s) > MAX_STOP_LENGTH) for s in value):
+    if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
         raise ValueError(f"stop strings must be 1-{MAX_STOP_LENGTH} characters")
     return value
 
@@ -48,7 +43,7 @@ class SamplingFields(BaseModel):
     """Knobs every generation route takes. Unset ones fall back to the model's defaults (greedy unless its
     generation config samples), and to MAX_NEW_TOKENS_DEFAULT for the length."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = Field(
         default=None, max_length=512, description="a model id; unset or 'default': the deployed one"
@@ -56,16 +51,20 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=100_000)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
-    stop: list[str] = Field(default_factory=list, description="a string or up to 16; the text ends before them")
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
+    stop: str | list[str] | None = Field(default=None, description="a string or up to 16; the text ends before them")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop")
     @classmethod
-    def _stop(cls, value: Any) -> Any:
-        return _stops(value)
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        return _check_stops(value)
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class GenerateBody(SamplingFields):
@@ -81,7 +80,7 @@ class GenerateBody(SamplingFields):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
@@ -108,3 +107,107 @@ class CompletionBody(OpenAIFields):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
+
+
+# ------------------------------------------------------------------------------------------- responses
+# Declared for the OpenAPI schema (clients and schema-driven tests read it); routes build the same shapes.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class GenerateResponse(BaseModel):
+    generate_text: str
+    model: str = Field(description="the model version that answered (also the x-conch-model header)")
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    base_model: str | None = None
+    ready: bool = Field(description="its weights are in place (a base model may still be being prepared)")
+    loaded: bool = Field(description="in memory now")
+    deployed: bool = Field(description="the model requests naming none get")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+# Each server-sent event carries ``data: <json>``; the last one is ``data: [DONE]``.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+SSE_CONTENT = {"text/event-stream": {"schema": SSE_EVENT}}
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": SSE_CONTENT, "headers": {"x-conch-model": {"schema": {"type": "string"}}}},
+    **error_responses(400, 401, 404, 422, 500, 503),
+}
+READ_RESPONSES = error_responses(401, 404, 422)

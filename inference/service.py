@@ -178,7 +178,7 @@ class InferenceService:
             ),
             presence_penalty=float(getattr(fields, "presence_penalty", None) or 0.0),
             frequency_penalty=float(getattr(fields, "frequency_penalty", None) or 0.0),
-            stop=tuple(fields.stop),
+            stop=tuple(fields.stop_list),
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,
         )

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this a temperature only overflows the logits; it is greedy in all but name.
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,7 +30,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
     @property
     def penalised(self) -> bool:
@@ -66,7 +69,8 @@ class RowSampler:
             self.counts[token] = self.counts.get(token, 0) + 1
 
     def choose(self, logits: torch.Tensor) -> int:
-        """One row of fp32 logits -> the next token id."""
+        """One row of fp32 logits -> the next token id. Never raises: extreme settings (a penalty or temperature
+        near zero) overflow to inf/NaN, which are cleaned up here so one request cannot fail a shared batch."""
         params = self.params
         if params.repetition_penalty != 1.0 and self.seen:
             index = torch.tensor(sorted(set(self.seen)), dtype=torch.long, device=logits.device)
@@ -80,21 +84,29 @@ class RowSampler:
             counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
             penalty = counts * params.frequency_penalty + params.presence_penalty
             logits = logits.index_add(0, index, -penalty)
+        logits = _finite(logits)
         if params.greedy:
             return int(torch.argmax(logits).item())
-        logits = logits / params.temperature
-        if params.top_k > 0 and params.top_k < logits.shape[-1]:
-            threshold = torch.topk(logits, params.top_k).values[-1]
-            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        scaled = _finite(logits / max(params.temperature, MIN_TEMPERATURE))
+        if params.top_k > 0 and params.top_k < scaled.shape[-1]:
+            threshold = torch.topk(scaled, params.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
         if params.top_p < 1.0:
-            ordered, order = torch.sort(logits, descending=True)
-            cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
+            ordered, order = torch.sort(scaled, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
             # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
-            drop = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p
+            drop = probs.cumsum(-1) - probs >= params.top_p
             ordered = ordered.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(0, order, ordered)
-        probs = torch.softmax(logits, dim=-1)
+            scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, ordered)
+        probs = torch.softmax(scaled, dim=-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+            return int(torch.argmax(scaled).item())
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generator).item())
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    top = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=top, neginf=float("-inf"))
 
 
 def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:

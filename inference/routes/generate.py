@@ -21,7 +21,7 @@ from inference.routes.common import (
     service_of,
     sse,
 )
-from inference.schemas import GenerateBody
+from inference.schemas import GENERATION_RESPONSES, GenerateBody, GenerateResponse, error_responses
 from inference.service import Generation
 
 router = APIRouter(tags=["generate"])
@@ -29,7 +29,12 @@ router = APIRouter(tags=["generate"])
 MAX_PROMPT_CHARS = 200_000
 
 
-@router.get("/generate", summary="Answer one prompt (rendered as a user message)")
+@router.get(
+    "/generate",
+    summary="Answer one prompt (rendered as a user message)",
+    response_model=GenerateResponse,
+    responses=error_responses(400, 401, 404, 422, 500, 503),
+)
 async def generate_get(
     request: Request,
     tenant: TenantDep,
@@ -42,7 +47,12 @@ async def generate_get(
     return await _generate(request, tenant, body)
 
 
-@router.post("/generate", summary="Answer a prompt or a conversation; SSE with stream=true")
+@router.post(
+    "/generate",
+    summary="Answer a prompt or a conversation; SSE with stream=true",
+    response_model=GenerateResponse,
+    responses=GENERATION_RESPONSES,
+)
 async def generate_post(request: Request, tenant: TenantDep, body: GenerateBody) -> Response:
     return await _generate(request, tenant, body)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from core.errors import error_body
@@ -20,7 +20,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: 503 until the deployed model answers, and whenever its engine fails")
+@router.get(
+    "/readyz",
+    summary="Readiness: 503 until the deployed model answers, and whenever its engine fails",
+    responses={503: {"description": "not ready: the reason, and the error envelope"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     registry: Registry = request.app.state.registry
     ready, detail = registry.readiness()
@@ -31,7 +35,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     request.app.state.registry.readiness()  # refreshes the readiness gauge
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -28,7 +28,17 @@ from inference.routes.common import (
     service_of,
     sse,
 )
-from inference.schemas import ChatCompletionBody, CompletionBody, OpenAIFields
+from inference.schemas import (
+    GENERATION_RESPONSES,
+    READ_RESPONSES,
+    ChatCompletionBody,
+    ChatCompletionResponse,
+    CompletionBody,
+    CompletionResponse,
+    ModelList,
+    ModelObject,
+    OpenAIFields,
+)
 from inference.service import Generation, Result
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -68,7 +78,12 @@ def _include_usage(body: OpenAIFields) -> bool:
 # ------------------------------------------------------------------------------------------- chat
 
 
-@router.post("/chat/completions", summary="Chat completion (SSE chunks with stream=true)")
+@router.post(
+    "/chat/completions",
+    summary="Chat completion (SSE chunks with stream=true)",
+    response_model=ChatCompletionResponse,
+    responses=GENERATION_RESPONSES,
+)
 async def chat_completions(request: Request, tenant: TenantDep, body: ChatCompletionBody) -> Response:
     _refuse_unsupported(body)
     service = service_of(request)
@@ -133,7 +148,12 @@ async def _chat_stream(generation: Generation, head: dict[str, Any], include_usa
 # ------------------------------------------------------------------------------------------- completions
 
 
-@router.post("/completions", summary="Raw text continuation, no chat template (SSE with stream=true)")
+@router.post(
+    "/completions",
+    summary="Raw text continuation, no chat template (SSE with stream=true)",
+    response_model=CompletionResponse,
+    responses=GENERATION_RESPONSES,
+)
 async def completions(request: Request, tenant: TenantDep, body: CompletionBody) -> Response:
     _refuse_unsupported(body)
     service = service_of(request)
@@ -232,7 +252,12 @@ async def _entries(request: Request, tenant: str) -> list[ModelEntry]:
     return await run_in_threadpool(read)
 
 
-@router.get("/models", summary="Models this caller may use: base models and its fine-tuned ones")
+@router.get(
+    "/models",
+    summary="Models this caller may use: base models and its fine-tuned ones",
+    response_model=ModelList,
+    responses=READ_RESPONSES,
+)
 async def list_models(request: Request, tenant: TenantDep) -> dict[str, Any]:
     service = service_of(request)
     loaded = {h.name for h in service.registry.handles()}
@@ -241,7 +266,7 @@ async def list_models(request: Request, tenant: TenantDep) -> dict[str, Any]:
     return {"object": "list", "data": [_model_object(e, loaded, deployed) for e in entries]}
 
 
-@router.get("/models/{model_id:path}", summary="One model")
+@router.get("/models/{model_id:path}", summary="One model", response_model=ModelObject, responses=READ_RESPONSES)
 async def retrieve_model(request: Request, tenant: TenantDep, model_id: str) -> dict[str, Any]:
     service = service_of(request)
     for entry in await _entries(request, tenant):
