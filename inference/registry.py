@@ -21,7 +21,7 @@ from core.models import DEFAULT_TENANT
 from core.settings import Settings
 from inference.catalog import ModelSource
 from inference.engine.device import configure_threads
-from inference.engine.engine import Engine, Failed, Finished, GenerationRequest, TextChunk
+from inference.engine.engine import Engine, EngineUnavailable, Failed, Finished, GenerationRequest, TextChunk
 from inference.engine.loader import LoadedModel, ModelLoadError, load_model
 from inference.engine.sampling import SamplingParams
 from inference.metrics import Metrics
@@ -258,17 +258,24 @@ class Registry:
         self.metrics.forget_model(handle.name)
 
     def maintain(self) -> None:
-        """Drop models whose generation thread died; the next request or reconcile loads them again."""
+        """Drop models whose generation thread died (the next request or reconcile loads them again), and probe
+        engines whose last step failed: an idle engine has no next step to clear its error."""
         with self._lock:
             dead = [h for h in self._handles.values() if not h.engine.alive]
             for handle in dead:
                 del self._handles[handle.name]
                 self.problems[handle.name] = handle.engine.death or "engine stopped"
+            failing = [h for h in self._handles.values() if h.engine.error is not None]
         for handle in dead:
             log.error("model.engine_dead", extra={"model": handle.name, "error": handle.engine.death})
             self._unload(handle)
         if dead:
             self._report()
+        for handle in failing:
+            try:
+                smoke_test(handle.engine, handle.model)  # a good step clears the error
+            except (ModelLoadError, EngineUnavailable) as exc:
+                log.error("model.engine_failing", extra={"model": handle.name, "error": str(exc)})
 
     def _report(self) -> None:
         handles = list(self._handles.values())

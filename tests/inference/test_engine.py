@@ -239,3 +239,18 @@ def test_a_dead_generation_thread_fails_its_requests_and_refuses_new_ones(engine
     assert engine.death and "InjectedFault" in engine.death
     with pytest.raises(EngineUnavailable):
         engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=4), CollectSink()))
+
+
+def test_extreme_sampling_settings_never_fail_a_shared_batch(engine_for):  # type: ignore[no-untyped-def]
+    engine = engine_for()
+    ids = engine.model.encode_chat([{"role": "user", "content": "Hello"}])
+    extreme = [
+        SamplingParams(max_new_tokens=8, temperature=2.0, top_p=1e-300, repetition_penalty=0.01, ignore_eos=True),
+        SamplingParams(max_new_tokens=8, temperature=1e-300, frequency_penalty=2.0, presence_penalty=-2.0),
+        SamplingParams(max_new_tokens=8, temperature=2.0, top_k=1, repetition_penalty=10.0, seed=1),
+    ]
+    plain = _submit(engine, ids, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    sinks = [_submit(engine, ids, params) for params in extreme]
+    for sink in [plain, *sinks]:
+        assert isinstance(sink.wait().last, Finished)
+    assert engine.healthy
