@@ -113,6 +113,17 @@ class JobReporter:
             "tokens_per_second": metrics["tokens_per_second"],
             "eta_seconds": metrics["eta_seconds"],
         }
+        log.info(
+            "job.step",
+            extra={
+                "job_id": self.job_id.hex,
+                "step": step,
+                "total_steps": total,
+                "loss": metrics["loss"],
+                "tokens_per_second": metrics["tokens_per_second"],
+                "eta_seconds": metrics["eta_seconds"],
+            },
+        )
         self.event(
             f"Step {step}/{total}: training loss={metrics['loss']:.4f}",
             type_="metrics",

@@ -122,10 +122,11 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
     plan = StepPlan.build(len(data.train), hp)
     rate = estimate_tokens_per_second(compute, total - trainable)
     estimate = plan.epochs * data.train_stats.tokens / max(rate, 1e-9)
+    targets = "all linear layers" if hp.lora_target == "all" else str(hp.lora_target)
     reporter.event(
         f"Plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch x {plan.epochs:g} epochs, batch "
         f"{plan.batch_size} x {plan.accumulation} accumulation) on {compute.describe()}; LoRA rank "
-        f"{hp.lora_rank} on {hp.lora_target}: {trainable:,} trainable of {total:,} parameters; "
+        f"{hp.lora_rank} on {targets}: {trainable:,} trainable of {total:,} parameters; "
         f"estimated {estimate:.0f} s",
         data={
             "stage": JobStage.VALIDATING.value,
