@@ -71,7 +71,7 @@ def _environment(api_port: int, inference_port: int) -> dict[str, str]:
     return env
 
 
-def run_demo(console: Console, *, prompt: str, dataset: Path, expect: str, epochs: float) -> int:
+def run_demo(console: Console, *, prompt: str, dataset: Path, expect: str, epochs: int) -> int:
     from cli.follow import follow_job
     from cli.migrate import upgrade_head
     from cli.stack import Stack, build_children

