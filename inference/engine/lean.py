@@ -1,10 +1,13 @@
 """A lean decoder for the Llama family (Llama, Qwen2, Mistral without sliding windows).
 
-Why not ``model.generate`` or the model's own forward: on a small model and a CPU, per-token time is dominated by
-framework overhead rather than arithmetic. This forward fuses q/k/v and gate/up into one matrix product each,
-reads rotary tables precomputed with the model's own rotary module, and works on a cache the engine owns
-(``KVCache``) so rows can join and leave a running batch. The arithmetic follows the reference modules operation
-for operation (norm in fp32, rotary as ``x*cos + rotate_half(x)*sin``), so greedy tokens match them.
+Why not ``model.generate`` or the model's own forward: ``generate`` pays the library's per-step bookkeeping and a
+cache that grows by concatenation, and neither lets rows join or leave a running batch. This forward reads rotary
+tables precomputed with the model's own rotary module and works on a cache the engine owns (``KVCache``). The
+arithmetic follows the reference modules operation for operation (norm statistics in fp32, rotary as
+``x*cos + rotate_half(x)*sin``, separate q/k/v and gate/up products), so greedy tokens match them. The weights are
+the loaded tensors themselves, not copies: a model costs its file size in memory (fusing q/k/v or gate/up into one
+product measured no faster on a CPU, where decoding is bound by reading the weights, and would double them while
+loading).
 """
 
 from __future__ import annotations
@@ -41,29 +44,57 @@ def unsupported_reason(config: Any) -> str | None:
     return None
 
 
+def _weight(linear: torch.nn.Linear) -> torch.Tensor:
+    return linear.weight.detach()
+
+
+def _bias(linear: torch.nn.Linear) -> torch.Tensor | None:
+    return linear.bias.detach() if linear.bias is not None else None
+
+
 @dataclass
 class _Layer:
     norm1: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    q: torch.Tensor
+    q_bias: torch.Tensor | None
+    k: torch.Tensor
+    k_bias: torch.Tensor | None
+    v: torch.Tensor
+    v_bias: torch.Tensor | None
     out: torch.Tensor
     out_bias: torch.Tensor | None
     norm2: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
+    gate: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
 
+    @classmethod
+    def lift(cls, layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return cls(
+            norm1=layer.input_layernorm.weight.detach(),
+            q=_weight(attn.q_proj),
+            q_bias=_bias(attn.q_proj),
+            k=_weight(attn.k_proj),
+            k_bias=_bias(attn.k_proj),
+            v=_weight(attn.v_proj),
+            v_bias=_bias(attn.v_proj),
+            out=_weight(attn.o_proj),
+            out_bias=_bias(attn.o_proj),
+            norm2=layer.post_attention_layernorm.weight.detach(),
+            gate=_weight(mlp.gate_proj),
+            gate_bias=_bias(mlp.gate_proj),
+            up=_weight(mlp.up_proj),
+            up_bias=_bias(mlp.up_proj),
+            down=_weight(mlp.down_proj),
+            down_bias=_bias(mlp.down_proj),
+        )
 
-def _cat_bias(*linears: torch.nn.Linear) -> torch.Tensor | None:
-    if all(linear.bias is None for linear in linears):
-        return None
-    return torch.cat(
-        [
-            linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
-            for linear in linears
-        ]
-    )
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
 
 
 class LeanDecoder:
@@ -82,37 +113,14 @@ class LeanDecoder:
         self.scale = self.head_dim**-0.5
         self.act: Callable[[torch.Tensor], torch.Tensor] = ACTIVATIONS[getattr(config, "hidden_act", "silu")]
         self.q_width = self.heads * self.head_dim
-        self.kv_width = self.kv_heads * self.head_dim
-        self.intermediate = int(config.intermediate_size)
         self.vocab_size = int(config.vocab_size)
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach()
             self.final_norm = inner.norm.weight.detach()
             self.lm_head = model.lm_head.weight.detach()
             self.lm_head_bias = model.lm_head.bias.detach() if model.lm_head.bias is not None else None
-            self.layers = [self._lift(layer) for layer in inner.layers]
+            self.layers = [_Layer.lift(layer) for layer in inner.layers]
             self.cos, self.sin = self._rotary_tables(inner.rotary_emb, max_positions)
-
-    def _lift(self, layer: Any) -> _Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        lifted = _Layer(
-            norm1=layer.input_layernorm.weight.detach(),
-            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
-            qkv_bias=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-            out=attn.o_proj.weight.detach(),
-            out_bias=attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None,
-            norm2=layer.post_attention_layernorm.weight.detach(),
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-            gate_up_bias=_cat_bias(mlp.gate_proj, mlp.up_proj),
-            down=mlp.down_proj.weight.detach(),
-            down_bias=mlp.down_proj.bias.detach() if mlp.down_proj.bias is not None else None,
-        )
-        # The fused copies replace these: free them now so loading never holds a layer twice.
-        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            linear.weight = torch.nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
-            if linear.bias is not None:
-                linear.bias = torch.nn.Parameter(linear.bias.new_empty(0), requires_grad=False)
-        return lifted
 
     def _rotary_tables(self, rotary: Any, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin per position, from the model's own rotary module (so every static rope type works).
@@ -129,12 +137,10 @@ class LeanDecoder:
 
     @property
     def parameter_bytes(self) -> int:
-        tensors = [self.embed, self.final_norm]
-        if self.lm_head.data_ptr() != self.embed.data_ptr():
-            tensors.append(self.lm_head)
-        for layer in self.layers:
-            tensors += [layer.norm1, layer.qkv, layer.out, layer.norm2, layer.gate_up, layer.down]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.embed, self.final_norm, self.lm_head]
+        tensors += [t for layer in self.layers for t in layer.tensors()]
+        unique = {t.data_ptr(): t for t in tensors}  # tied embeddings count once
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache.empty(
@@ -165,20 +171,16 @@ class LeanDecoder:
         attn_mask = self._attention_mask(cache, start, steps)
 
         h = F.embedding(input_ids, self.embed)
-        qk_heads = self.heads + self.kv_heads
+        half = self.head_dim // 2
         for index, layer in enumerate(self.layers):
             x = self._norm(h, layer.norm1)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            qk = qkv[..., : self.q_width + self.kv_width].view(batch, steps, qk_heads, self.head_dim).transpose(1, 2)
-            qk = qk * cos + torch.roll(qk, self.head_dim // 2, dims=-1) * sin
-            q = qk[:, : self.heads]
+            q = F.linear(x, layer.q, layer.q_bias).view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
+            k = F.linear(x, layer.k, layer.k_bias).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = F.linear(x, layer.v, layer.v_bias).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + torch.roll(q, half, dims=-1) * sin
             keys, values = cache.keys[index], cache.values[index]
-            keys[:, :, start:end] = qk[:, self.heads :]
-            values[:, :, start:end] = (
-                qkv[..., self.q_width + self.kv_width :]
-                .view(batch, steps, self.kv_heads, self.head_dim)
-                .transpose(1, 2)
-            )
+            keys[:, :, start:end] = k * cos + torch.roll(k, half, dims=-1) * sin
+            values[:, :, start:end] = v
             attended = F.scaled_dot_product_attention(
                 q,
                 keys[:, :, :end],
@@ -189,8 +191,8 @@ class LeanDecoder:
             )
             h = h + F.linear(attended.transpose(1, 2).reshape(batch, steps, self.q_width), layer.out, layer.out_bias)
             x = self._norm(h, layer.norm2)
-            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).split(self.intermediate, dim=-1)
-            h = h + F.linear(self.act(gate) * up, layer.down, layer.down_bias)
+            gate = F.linear(x, layer.gate, layer.gate_bias)
+            h = h + F.linear(self.act(gate) * F.linear(x, layer.up, layer.up_bias), layer.down, layer.down_bias)
         last = self._norm(h[:, -1], self.final_norm)
         return F.linear(last, self.lm_head, self.lm_head_bias).float()
 

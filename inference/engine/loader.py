@@ -170,7 +170,7 @@ def load_model(
         sampling_defaults=_sampling_defaults(model),
     )
     if backend == "lean":
-        del model  # the lean decoder holds every tensor it needs; the fused copies replace q/k/v and gate/up
+        del model  # the lean decoder holds the weight tensors themselves; the module tree can go
     loaded.load_seconds = time.perf_counter() - started
     log.info(
         "model.loaded",
