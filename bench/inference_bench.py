@@ -106,7 +106,8 @@ class TimedSink:
         return int(getattr(self.events[-1], "completion_tokens", 0))
 
 
-def engine_part(folder: Path, tokens: int) -> dict[str, Any]:
+def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
+    """Every route measured ``repeats`` times, interleaved (a busy machine slows all of them alike), medians kept."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -114,57 +115,81 @@ def engine_part(folder: Path, tokens: int) -> dict[str, Any]:
     from inference.engine.loader import load_model
     from inference.engine.sampling import SamplingParams
 
-    out: dict[str, Any] = {"threads": torch.get_num_threads()}
-    answers: dict[str, list[str]] = {}
-    for dtype in ("fp32", "bf16"):
-        model = load_model(MODEL_NAME, folder, dtype_setting=dtype)
-        engine = Engine(model, max_batch_size=8).start()
-        tokenizer, stop_ids = model.tokenizer, model.stop_token_ids
-        encoded = [model.encode_chat([{"role": "user", "content": p}]) for p in PARITY_PROMPTS]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    engines = {
+        name: Engine(load_model(MODEL_NAME, folder, dtype_setting=name), max_batch_size=8).start() for name in dtypes
+    }
+    libraries = {
+        name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval() for name, dtype in dtypes.items()
+    }
+    model = engines["fp32"].model
+    encoded = [model.encode_chat([{"role": "user", "content": p}]) for p in PARITY_PROMPTS]
 
-        def run(ids: list[list[int]], params: SamplingParams, engine: Engine = engine) -> list[TimedSink]:
-            sinks = [TimedSink() for _ in ids]
-            for prompt_ids, sink in zip(ids, sinks, strict=True):
-                engine.submit(GenerationRequest(prompt_ids, params, sink))
-            for sink in sinks:
-                sink.done.wait(600)
-            return sinks
-
-        run(encoded[:1], SamplingParams(max_new_tokens=8))  # warm-up
-        answers[dtype] = [s.text for s in run(encoded, SamplingParams(max_new_tokens=64))]
-        fixed = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-        singles = []
-        for ids in encoded[:3]:
-            started = time.perf_counter()
-            (sink,) = run([ids], fixed)
-            assert sink.first_at is not None
-            singles.append(((sink.tokens - 1) / (sink.last_at - sink.first_at), sink.first_at - started))
+    def run(engine: Engine, ids: list[list[int]], params: SamplingParams) -> tuple[list[TimedSink], float]:
+        sinks = [TimedSink() for _ in ids]
         started = time.perf_counter()
-        batch = run(encoded[:8], fixed)
-        out[f"lean_{dtype}_decode"] = statistics.median(s for s, _ in singles)
-        out[f"lean_{dtype}_ttft"] = statistics.median(t for _, t in singles)
-        out[f"lean_{dtype}_batch8"] = sum(s.tokens for s in batch) / (max(s.last_at for s in batch) - started)
-        engine.stop()
-        del engine, model
+        for prompt_ids, sink in zip(ids, sinks, strict=True):
+            engine.submit(GenerationRequest(prompt_ids, params, sink))
+        for sink in sinks:
+            sink.done.wait(600)
+        return sinks, started
 
-        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    fixed = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+
+    def lean_single(name: str) -> tuple[float, float]:
+        (sink,), started = run(engines[name], [encoded[0]], fixed)
+        assert sink.first_at is not None
+        return (sink.tokens - 1) / (sink.last_at - sink.first_at), sink.first_at - started
+
+    def lean_batch(name: str) -> float:
+        sinks, started = run(engines[name], encoded[:8], fixed)
+        return sum(s.tokens for s in sinks) / (max(s.last_at for s in sinks) - started)
+
+    def library_single(name: str) -> tuple[float, float]:
         ids = torch.tensor([encoded[0]])
-        reference.generate(ids, max_new_tokens=4)
         started = time.perf_counter()
-        reference.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        out[f"generate_{dtype}_decode"] = tokens / (time.perf_counter() - started)
-        if dtype == "fp32":
-            # Does the lean decoder give the library's greedy answers? (First prompts only: generate is slow.)
-            same = 0
-            for index, prompt_ids in enumerate(encoded[:4]):
-                generated = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=64, do_sample=False)
-                new = [t for t in generated[0, len(prompt_ids) :].tolist() if t not in stop_ids]
-                same += tokenizer.decode(new, skip_special_tokens=True) == answers["fp32"][index]
-            out["lean_vs_generate_same"] = (same, 4)
-        del reference
+        libraries[name].generate(ids, max_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        libraries[name].generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return (tokens - 1) / (time.perf_counter() - started - first), first
+
+    def library_batch(name: str) -> float:
+        batch = model.tokenizer.pad({"input_ids": encoded[:8]}, padding=True, padding_side="left", return_tensors="pt")
+        started = time.perf_counter()
+        libraries[name].generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return 8 * tokens / (time.perf_counter() - started)
+
+    for engine in engines.values():  # warm-up: first calls pay one-off allocations
+        run(engine, [encoded[0]], SamplingParams(max_new_tokens=4))
+    samples: dict[str, list[Any]] = {}
+    for _ in range(repeats):
+        for name in dtypes:
+            samples.setdefault(f"generate_{name}", []).append(library_single(name))
+            samples.setdefault(f"lean_{name}", []).append(lean_single(name))
+            samples.setdefault(f"generate_{name}_batch8", []).append(library_batch(name))
+            samples.setdefault(f"lean_{name}_batch8", []).append(lean_batch(name))
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats}
+    for key, values in samples.items():
+        if key.endswith("batch8"):
+            out[key] = statistics.median(values)
+        else:
+            out[f"{key}_decode"] = statistics.median(v[0] for v in values)
+            out[f"{key}_ttft"] = statistics.median(v[1] for v in values)
+
+    # Greedy answers: the lean decoder against the library's generate (fp32), and bf16 against fp32.
+    greedy = SamplingParams(max_new_tokens=64)
+    answers = {name: [s.text for s in run(engine, encoded, greedy)[0]] for name, engine in engines.items()}
+    same = 0
+    for index, prompt_ids in enumerate(encoded[:4]):
+        generated = libraries["fp32"].generate(torch.tensor([prompt_ids]), max_new_tokens=64, do_sample=False)
+        new = [t for t in generated[0, len(prompt_ids) :].tolist() if t not in model.stop_token_ids]
+        same += model.tokenizer.decode(new, skip_special_tokens=True) == answers["fp32"][index]
+    out["lean_vs_generate_same"] = (same, 4)
     differ = sum(a != b for a, b in zip(answers["fp32"], answers["bf16"], strict=True))
     out["bf16_differs"] = (differ, len(PARITY_PROMPTS))
+    for engine in engines.values():
+        engine.stop()
     return out
 
 
@@ -398,21 +423,24 @@ def seed_many(seed: dict[str, Any], clients: int) -> tuple[float, float, bool]:
 def report(engine: dict[str, Any] | None, conch: dict[str, Any] | None, seed: dict[str, Any] | None) -> None:
     print()
     if engine:
-        print(f"== engine (in process, torch threads {engine['threads']}, single stream of 1 prompt) ==")
-        rows = [
-            ("transformers generate, fp32", engine["generate_fp32_decode"], None),
-            ("transformers generate, bf16", engine["generate_bf16_decode"], None),
-            ("Conch lean decoder, fp32 (default)", engine["lean_fp32_decode"], engine["lean_fp32_batch8"]),
-            ("Conch lean decoder, bf16 (INFERENCE_DTYPE=bf16)", engine["lean_bf16_decode"], engine["lean_bf16_batch8"]),
-        ]
-        base = engine["generate_fp32_decode"]
-        print(f"{'route':50} {'decode tok/s':>13} {'vs generate fp32':>17} {'batch of 8 tok/s':>17}")
-        for name, decode, batch in rows:
-            batch_text = f"{batch:.1f}" if batch else "-"
-            print(f"{name:50} {decode:13.1f} {ratio(decode, base):>17} {batch_text:>17}")
         print(
-            f"time to first token, lean fp32: {engine['lean_fp32_ttft']:.3f} s; bf16: {engine['lean_bf16_ttft']:.3f} s"
+            f"== engine (in process, torch threads {engine['threads']}, medians of {engine['repeats']} interleaved "
+            "runs; ratios against transformers generate fp32) =="
         )
+        rows = [
+            ("transformers generate, fp32", "generate_fp32"),
+            ("transformers generate, bf16", "generate_bf16"),
+            ("Conch lean decoder + engine, fp32 (default)", "lean_fp32"),
+            ("Conch lean decoder + engine, bf16 (INFERENCE_DTYPE=bf16)", "lean_bf16"),
+        ]
+        base, base_batch = engine["generate_fp32_decode"], engine["generate_fp32_batch8"]
+        print(f"{'route':58} {'decode tok/s':>12} {'ratio':>6} {'TTFT s':>7} {'batch of 8 tok/s':>17} {'ratio':>6}")
+        for name, key in rows:
+            decode, batch = engine[f"{key}_decode"], engine[f"{key}_batch8"]
+            print(
+                f"{name:58} {decode:12.1f} {ratio(decode, base):>6} {engine[f'{key}_ttft']:7.3f} "
+                f"{batch:17.1f} {ratio(batch, base_batch):>6}"
+            )
         same, total = engine["lean_vs_generate_same"]
         print(f"greedy answers, lean fp32 == transformers generate fp32: {same}/{total} prompts")
         differ, total = engine["bf16_differs"]
@@ -467,19 +495,22 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per fixed-length stream")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="streams per concurrent client")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each engine measurement")
     parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for every app (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for every app (0: Conch's default, half the cores)"
+    )
     args = parser.parse_args()
-    if args.threads:
-        # The same thread count for the baseline and for Conch, in process and in the servers.
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        os.environ["INFERENCE_THREADS"] = str(args.threads)
-        import torch
+    from inference.engine.device import auto_threads, configure_threads
 
-        torch.set_num_threads(args.threads)
+    threads = args.threads or auto_threads()
+    # The same thread count for the baseline and for Conch, in process and in the servers.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["INFERENCE_THREADS"] = str(threads)
+    configure_threads(threads)
 
     folder = prepare_default_model()
-    engine = None if args.skip_engine else engine_part(folder, args.tokens)
+    engine = None if args.skip_engine else engine_part(folder, args.tokens, args.repeats)
     conch = seed = None
     if not args.quick:
         conch = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype)

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         default="auto", description="auto (lean decoder where the architecture allows), lean, or reference"
     )
     inference_threads: int = Field(
-        default=0, ge=0, description="CPU threads for generation; 0 = torch's default (all cores)"
+        default=0, ge=0, description="CPU threads for generation; 0 = half the cores (the rest for everything else)"
     )
     max_new_tokens_default: int = 128
     max_new_tokens_limit: int = 1024

@@ -7,6 +7,8 @@ often), and a route that changes answers has to be chosen, not inherited.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _NAMES = {
@@ -40,9 +42,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
+def auto_threads() -> int:
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def configure_threads(threads: int) -> int:
-    """Intra-op CPU threads for every generation thread (0 keeps torch's default). On a machine shared with
-    training, fewer threads can be much faster: an op split across all cores waits for its slowest core."""
-    if threads > 0:
-        torch.set_num_threads(threads)
+    """Intra-op CPU threads for every generation thread; 0 = half the cores.
+
+    An operation split across all cores waits for the slowest one, so when anything else runs (the event loop,
+    the api, a training job) a busy core stalls every matrix product: measured on 2 cores while another process
+    trained, a batch-of-8 decode step took 3.6 s on 2 threads and 0.09 s on 1. A machine dedicated to inference
+    sets ``INFERENCE_THREADS`` to its core count."""
+    torch.set_num_threads(threads if threads > 0 else auto_threads())
     return torch.get_num_threads()
