@@ -149,3 +149,25 @@ def test_a_tenant_deployment_changes_only_that_tenant(db, finetuned) -> None:  #
         )
         other = client.get("/generate", params=ask, headers={"Authorization": f"Bearer {key_default}"})
         assert other.json()["model"] == "tiny-llama"
+
+
+def test_a_request_running_during_a_swap_stays_on_the_old_model(db, tmp_path, tiny_models, finetuned) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    # A long context, so the old model's generation is still running well after the swap.
+    long = copy_model(tiny_models["tiny-llama"], tmp_path / "long", config_changes={"max_position_embeddings": 40_000})
+    register_model(db, FT_ONE, finetuned)
+    overrides = {"base_models": {"tiny-long": str(long)}, "default_base_model": "tiny-long"}
+    with app_client(max_new_tokens_limit=30_000, **overrides) as client:
+        body = {"prompt": "Hello", "max_new_tokens": 30_000, "ignore_eos": True, "stream": True}
+        with client.stream("POST", "/generate", json=body) as response:
+            events = (json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {"))
+            assert next(events)["model"] == "tiny-long"
+            row = deploy(db, FT_ONE)
+            assert wait_deployment(db, row, ACTIVE, FAILED).status == ACTIVE
+            assert _served(client) == FT_ONE  # new requests get the new model...
+            later = [next(events) for _ in range(50)]
+            # ...while the one that started before the swap keeps streaming from the old one.
+            assert {e["model"] for e in later} == {"tiny-long"}
+            assert all("finish_reason" not in e for e in later)
+            assert client.app.state.registry.loaded("tiny-long").engine.running == 1  # type: ignore[attr-defined]
