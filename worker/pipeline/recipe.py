@@ -152,6 +152,13 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
         hooks=reporter,
     )
     resume_from = reporter.latest_checkpoint()
+    if resume_from is not None and not trainer.matches(resume_from):
+        # Only a worker upgrade that tokenizes differently gets here: start over rather than fail the job.
+        reporter.event(
+            f"The checkpoint at {resume_from.name} does not match this run's data; training from the start",
+            level="warning",
+        )
+        resume_from = None
     if resume_from is not None:
         trainer.resume(resume_from)
         reporter.event(
