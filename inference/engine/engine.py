@@ -268,7 +268,21 @@ class Engine:
         else:
             self._cache.extend(cache)
             self._rows.extend(rows)
-        self._advance(rows, choose_tokens(logits, [r.sampler for r in rows]))
+        self._advance(rows, self._choose(logits, rows))
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Next tokens; a row whose logits are not finite (broken weights, overflow) fails instead of
+        answering garbage. Its token is a placeholder: the row leaves the batch before it is used."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):
+            for row, ok in zip(rows, finite.tolist(), strict=True):
+                if not ok:
+                    row.finish_reason = "failed"
+                    row.request.sink.put(Failed("the model produced non-finite logits"))
+            if self.observer:
+                self.observer.failure("non_finite_logits")
+            logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
+        return choose_tokens(logits, [row.sampler for row in rows])
 
     def _decode_step(self) -> None:
         assert self._cache is not None
@@ -281,12 +295,15 @@ class Engine:
         self.max_batch_seen = max(self.max_batch_seen, size)
         if self.observer:
             self.observer.batch(self.model.name, size)
-        self._advance(list(self._rows), choose_tokens(logits, [row.sampler for row in self._rows]))
+        rows = list(self._rows)
+        self._advance(rows, self._choose(logits, rows))
 
     def _advance(self, rows: list[_Row], tokens: list[int]) -> None:
         now = time.perf_counter()
         model = self.model
         for row, token in zip(rows, tokens, strict=True):
+            if row.finish_reason is not None:  # failed while choosing
+                continue
             request, params = row.request, row.request.params
             row.generated += 1
             row.last_token = token
@@ -320,6 +337,8 @@ class Engine:
             if row.finish_reason is None:
                 keep.append(index)
                 continue
+            if row.finish_reason == "failed":
+                continue  # its Failed event went out already
             if row.finish_reason != "cancelled":
                 tail = row.stops.flush()
                 if tail:
