@@ -492,10 +492,10 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--seed-requests", type=int, default=2, help="seed-style requests sent together (~30 s each)")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens per fixed-length stream")
+    parser.add_argument("--tokens", type=int, default=96, help="tokens per fixed-length stream")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="streams per concurrent client")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each engine measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each engine measurement")
     parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads for every app (0: Conch's default, half the cores)"
