@@ -249,6 +249,7 @@ def test_resume_from_a_checkpoint_ends_like_an_uninterrupted_run(
     hp = Hyperparameters(num_train_epochs=3, per_device_train_batch_size=2, save_steps=5, lora_dropout=0.1)
     base = tiny_models["tiny-llama"]
     straight = trainer_for(base, tokenizer, hp, tmp_path / "straight", Recorder())
+    assert straight.measure_throughput() > 0  # the pre-flight measurement leaves the run unchanged
     uninterrupted = straight.run()
 
     stopping = Recorder(stop_after=7, reason="shutdown")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
+import math
 from typing import Any
 
 import torch
@@ -17,13 +17,13 @@ from core.settings import Settings
 from core.storage import atomic_directory, checkpoints_dir, fine_tuned_dir
 from worker.heartbeat import SessionFactory
 from worker.pipeline.data import PreparedData, prepare_data, render_with_mask
-from worker.pipeline.device import Compute, resolve_compute
+from worker.pipeline.device import resolve_compute
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.merge import merge_adapter
 from worker.pipeline.prepare import BaseModelError, prepare_base_model
 from worker.pipeline.progress import JobReporter
 from worker.pipeline.publish import register_model
-from worker.pipeline.train import LoraTrainer, StepPlan, attach_lora, load_base_model, trainable_parameters
+from worker.pipeline.train import LoraTrainer, attach_lora, load_base_model, trainable_parameters
 from worker.spec import FileSpec, JobSpec
 
 log = logging.getLogger("conch.worker.recipe")
@@ -47,26 +47,6 @@ def read_conversations(file: FileSpec, param: str) -> list[list[dict[str, Any]]]
         return load_conversations(file.path, file.format, file.mapping)  # type: ignore[arg-type]
     except ValueError as exc:
         raise PipelineError("invalid_file", f"{file.public_id} no longer validates: {exc}", param) from exc
-
-
-def estimate_tokens_per_second(compute: Compute, frozen_parameters: int) -> float:
-    """A rough pre-flight guess: measured matrix-multiply speed over LoRA's ~4 FLOPs per parameter and token.
-
-    Forward (2) plus the backward pass through frozen weights (2, no weight gradients); the efficiency factor
-    accounts for attention, norms and framework overhead and was calibrated on this project's CPU runs.
-    """
-    dtype = compute.autocast_dtype or torch.float32
-    a = torch.randn(256, 576, dtype=dtype, device=compute.device)
-    b = torch.randn(576, 1536, dtype=dtype, device=compute.device)
-    torch.matmul(a, b)
-    repeats = 20
-    started = time.perf_counter()
-    for _ in range(repeats):
-        torch.matmul(a, b)
-    if compute.device.type == "cuda":
-        torch.cuda.synchronize()
-    flops = 2 * 256 * 576 * 1536 * repeats / max(time.perf_counter() - started, 1e-9)
-    return flops * 0.35 / (4 * max(frozen_parameters, 1))
 
 
 def _report_data(reporter: JobReporter, data: PreparedData, hp: Hyperparameters) -> None:
@@ -119,27 +99,6 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
 
     model = attach_lora(load_base_model(base_path, compute), hp, spec.seed)
     trainable, total = trainable_parameters(model)
-    plan = StepPlan.build(len(data.train), hp)
-    rate = estimate_tokens_per_second(compute, total - trainable)
-    estimate = plan.epochs * data.train_stats.tokens / max(rate, 1e-9)
-    targets = "all linear layers" if hp.lora_target == "all" else str(hp.lora_target)
-    reporter.event(
-        f"Plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch x {plan.epochs:g} epochs, batch "
-        f"{plan.batch_size} x {plan.accumulation} accumulation) on {compute.describe()}; LoRA rank "
-        f"{hp.lora_rank} on {targets}: {trainable:,} trainable of {total:,} parameters; "
-        f"estimated {estimate:.0f} s",
-        data={
-            "stage": JobStage.VALIDATING.value,
-            **plan.to_json(),
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "device": compute.device.type,
-            "precision": compute.precision,
-            "estimated_seconds": round(estimate, 1),
-            "estimated_tokens_per_second": round(rate, 1),
-        },
-        progress={"step": 0, "total_steps": plan.total_steps, "epoch": 0.0, "percent": 0.0},
-    )
     trainer = LoraTrainer(
         model,
         data.train,
@@ -150,6 +109,30 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
         pad_id=int(pad_id),
         checkpoint_root=checkpoints_dir(spec.job_id, settings),
         hooks=reporter,
+    )
+    plan = trainer.plan
+    rate = trainer.measure_throughput()
+    # Training passes over every epoch, plus one forward-only pass (about a third of the cost) per evaluation.
+    evaluations = math.ceil(plan.epochs) if data.eval else 0
+    estimate = (plan.epochs * data.train_stats.tokens + evaluations * data.eval_stats.tokens / 3) / rate
+    targets = "all linear layers" if hp.lora_target == "all" else str(hp.lora_target)
+    reporter.event(
+        f"Plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch x {plan.epochs:g} epochs, batch "
+        f"{plan.batch_size} x {plan.accumulation} accumulation) on {compute.describe()}; LoRA rank "
+        f"{hp.lora_rank} on {targets}: {trainable:,} trainable of {total:,} parameters; "
+        f"estimated {estimate:.0f} s of training at {rate:.0f} tokens/s",
+        data={
+            "stage": JobStage.VALIDATING.value,
+            **plan.to_json(),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "device": compute.device.type,
+            "precision": compute.precision,
+            "packed": trainer.attention_ratio is not None,
+            "estimated_seconds": round(estimate, 1),
+            "estimated_tokens_per_second": round(rate, 1),
+        },
+        progress={"step": 0, "total_steps": plan.total_steps, "epoch": 0.0, "percent": 0.0},
     )
     resume_from = reporter.latest_checkpoint()
     if resume_from is not None and not trainer.matches(resume_from):
