@@ -44,6 +44,9 @@ class JobControl:
         self.cancel_requested = False
         self.lease_lost = threading.Event()
         self.shutdown_requested = threading.Event()
+        # Set just before the worker writes the job's final state: a heartbeat that then finds the job no
+        # longer running is seeing that write, not a takeover.
+        self.finishing = threading.Event()
         self.last_renewed = time.monotonic()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id.hex[:8]}", daemon=True)
@@ -95,6 +98,8 @@ class JobControl:
             try:
                 self.renew_once()
             except LeaseLost:
+                if self.finishing.is_set():
+                    return
                 log.warning("job.lease_lost", extra={"job_id": self.job_id.hex, "owner": self.owner})
                 self.lease_lost.set()
                 return

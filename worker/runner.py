@@ -111,6 +111,7 @@ def _run_claimed(spec: JobSpec, control: JobControl, sessions: SessionFactory, s
         run_pipeline(spec, reporter, sessions, settings)
         return "succeeded"
     except TrainingStopped as stop:
+        control.finishing.set()
         if stop.reason == "cancel":
             return _end_cancelled(spec, control.owner, sessions, settings)
         if stop.reason == "shutdown":
@@ -144,6 +145,7 @@ def _internal_error(exc: BaseException) -> dict[str, object]:
 def _fail(spec: JobSpec, control: JobControl, sessions: SessionFactory, error: dict[str, object]) -> str:
     if control.lease_lost.is_set():
         return "lease_lost"
+    control.finishing.set()
 
     def attempt() -> bool:
         session = sessions()

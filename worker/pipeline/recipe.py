@@ -160,6 +160,7 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
     with atomic_directory(folder) as tmp:
         merge_adapter(base_path, result.adapter_dir, tmp, template=data.template, manifest=manifest)
     reporter.stage(JobStage.PUBLISHING, f"Publishing {model_id}")
+    reporter.control.finishing.set()
     register_model(
         session_factory,
         spec,
