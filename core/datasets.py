@@ -145,9 +145,7 @@ def _alpaca(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
     history = record.get(col["history"])
     if history is not None:
         if not isinstance(history, list):
-            raise ExampleError(
-                "invalid_type", f"'{col['history']}' must be a list of [prompt, response] pairs"
-            )
+            raise ExampleError("invalid_type", f"'{col['history']}' must be a list of [prompt, response] pairs")
         for turn in history:
             if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
                 raise ExampleError(
@@ -178,9 +176,7 @@ def _check_turns(conversation: Conversation, field_name: str) -> Conversation:
     if turns[-1]["role"] != "assistant":
         raise ExampleError("no_assistant", "the conversation must end with an assistant message", field_name)
     if not any(m.get("train", True) for m in turns if m["role"] == "assistant"):
-        raise ExampleError(
-            "no_assistant", "every assistant message has weight 0: nothing to train on", field_name
-        )
+        raise ExampleError("no_assistant", "every assistant message has weight 0: nothing to train on", field_name)
     return conversation
 
 
@@ -233,12 +229,8 @@ def _openai_content(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not (
-                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            ):
-                raise ExampleError(
-                    "invalid_type", f"{where}.content parts must be text parts", f"{where}.content"
-                )
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise ExampleError("invalid_type", f"{where}.content parts must be text parts", f"{where}.content")
             parts.append(part["text"])
         return "".join(parts)
     raise ExampleError("invalid_type", f"{where}.content must be a string", f"{where}.content")
@@ -256,16 +248,12 @@ def _openai(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
             raise ExampleError("invalid_type", f"{where} must be an object", where)
         role = item.get("role")
         if role not in ("system", "user", "assistant"):
-            raise ExampleError(
-                "invalid_role", f"{where}.role must be system, user or assistant", f"{where}.role"
-            )
+            raise ExampleError("invalid_role", f"{where}.role must be system, user or assistant", f"{where}.role")
         message: Message = {"role": role, "content": _openai_content(item.get("content"), where)}
         weight = item.get("weight")
         if weight is not None:
             if role != "assistant" or weight not in (0, 1):
-                raise ExampleError(
-                    "invalid_value", f"{where}.weight must be 0 or 1 on assistant messages", where
-                )
+                raise ExampleError("invalid_value", f"{where}.weight must be 0 or 1 on assistant messages", where)
             message["train"] = weight == 1
         conversation.append(message)
     return _check_turns(conversation, messages_key)
@@ -311,9 +299,7 @@ def _records(path: Path, report: DatasetReport, max_line_bytes: int) -> Iterator
                 report.add_error(0, "too_deep", "JSON is nested too deeply")
                 return
             except json.JSONDecodeError as exc:
-                report.add_error(
-                    0, "invalid_json", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-                )
+                report.add_error(0, "invalid_json", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
                 return
             if not isinstance(parsed, list):
                 report.add_error(0, "invalid_json", "a JSON file must hold an array of examples")
@@ -327,9 +313,7 @@ def _records(path: Path, report: DatasetReport, max_line_bytes: int) -> Iterator
                 break
             line_number += 1
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                report.add_error(
-                    line_number, "line_too_long", f"the line is longer than {max_line_bytes} bytes"
-                )
+                report.add_error(line_number, "line_too_long", f"the line is longer than {max_line_bytes} bytes")
                 # Skip the rest of this line without holding it in memory.
                 while raw and not raw.endswith(b"\n"):
                     raw = handle.readline(1024 * 1024)
@@ -346,9 +330,7 @@ def _records(path: Path, report: DatasetReport, max_line_bytes: int) -> Iterator
             except RecursionError:
                 report.add_error(line_number, "too_deep", "JSON is nested too deeply")
             except json.JSONDecodeError as exc:
-                report.add_error(
-                    line_number, "invalid_json", f"invalid JSON at column {exc.colno}: {exc.msg}"
-                )
+                report.add_error(line_number, "invalid_json", f"invalid JSON at column {exc.colno}: {exc.msg}")
 
 
 def scan_dataset(

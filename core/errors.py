@@ -77,7 +77,5 @@ class ServiceUnavailable(ConchError):
     default_code = "service_unavailable"
 
 
-def error_body(
-    message: str, *, type_: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+def error_body(message: str, *, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

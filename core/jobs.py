@@ -97,9 +97,7 @@ def renew_lease(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: 
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise LeaseLost(str(job_id))
-    cancel = session.execute(
-        select(FineTuningJob.cancel_requested).where(FineTuningJob.id == job_id)
-    ).scalar_one()
+    cancel = session.execute(select(FineTuningJob.cancel_requested).where(FineTuningJob.id == job_id)).scalar_one()
     return bool(cancel)
 
 
@@ -164,9 +162,7 @@ def finish(
     return True
 
 
-def release_to_queue(
-    session: Session, job_id: uuid.UUID, owner: str, *, refund_attempt: bool, message: str
-) -> bool:
+def release_to_queue(session: Session, job_id: uuid.UUID, owner: str, *, refund_attempt: bool, message: str) -> bool:
     """Give a running job back to the queue (graceful shutdown); optionally without spending an attempt."""
     now = utcnow()
     values: dict[str, Any] = {
@@ -211,9 +207,7 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> None:
         .execution_options(synchronize_session=False)
     )
     if ended.rowcount == 1:  # type: ignore[attr-defined]
-        add_event(
-            session, job_id, "Job cancelled before it started", data={"status": JobStatus.CANCELLED.value}
-        )
+        add_event(session, job_id, "Job cancelled before it started", data={"status": JobStatus.CANCELLED.value})
         return
     flagged = session.execute(
         update(FineTuningJob)

@@ -15,9 +15,7 @@ log = logging.getLogger("conch.pubsub")
 
 def redis_client(settings: Settings | None = None) -> redis.Redis | None:
     settings = settings or get_settings()
-    url = settings.redis_url or (
-        settings.broker_url if (settings.broker_url or "").startswith("redis") else None
-    )
+    url = settings.redis_url or (settings.broker_url if (settings.broker_url or "").startswith("redis") else None)
     if not url:
         return None
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)

@@ -24,17 +24,11 @@ BUILTIN_SMOLLM2 = "builtin:smollm2"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
-    data_dir: Path = Field(
-        default=Path("var"), description="Root for the embedded database, broker and artifacts"
-    )
+    data_dir: Path = Field(default=Path("var"), description="Root for the embedded database, broker and artifacts")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in DATA_DIR")
-    broker_url: str | None = Field(
-        default=None, description="Celery broker; default: REDIS_URL or filesystem"
-    )
+    broker_url: str | None = Field(default=None, description="Celery broker; default: REDIS_URL or filesystem")
     redis_url: str | None = Field(default=None, description="Redis for the broker and model-ready pub/sub")
-    artifact_root: Path | None = Field(
-        default=None, description="Files, checkpoints and models; DATA_DIR/artifacts"
-    )
+    artifact_root: Path | None = Field(default=None, description="Files, checkpoints and models; DATA_DIR/artifacts")
 
     base_models: dict[str, str] = Field(
         default_factory=lambda: {DEFAULT_BASE_MODEL: BUILTIN_SMOLLM2},

@@ -107,9 +107,7 @@ def _deepseek_answer(content: str, *, keep_thinking: bool) -> str:
     return "\n</think>\n\n" + content
 
 
-def _named_segments(
-    template: _Named, name: str, messages: list[Message], add_generation_prompt: bool
-) -> list[Segment]:
+def _named_segments(template: _Named, name: str, messages: list[Message], add_generation_prompt: bool) -> list[Segment]:
     segments: list[Segment] = []
     prompt = template.prefix
     rest = messages
@@ -148,9 +146,7 @@ def _render_own(tokenizer: ChatTokenizer, messages: list[Message], add_generatio
     return str(text)
 
 
-def _own_segments(
-    tokenizer: ChatTokenizer, messages: list[Message], add_generation_prompt: bool
-) -> list[Segment]:
+def _own_segments(tokenizer: ChatTokenizer, messages: list[Message], add_generation_prompt: bool) -> list[Segment]:
     """Split the model's own rendering by rendering growing prefixes of the conversation."""
     segments: list[Segment] = []
     done = ""
@@ -202,9 +198,7 @@ def conversation_segments(
 
 def render_prompt(tokenizer: ChatTokenizer | None, messages: list[Message], template: str = "auto") -> str:
     """The text a model continues to answer ``messages``: everything up to and including the generation prompt."""
-    return "".join(
-        s.text for s in conversation_segments(tokenizer, messages, template, add_generation_prompt=True)
-    )
+    return "".join(s.text for s in conversation_segments(tokenizer, messages, template, add_generation_prompt=True))
 
 
 def stop_strings(template: str, tokenizer: ChatTokenizer | None) -> list[str]:

@@ -35,7 +35,9 @@ os.environ.update(
         "MODEL_STORE": str(MODEL_CACHE / "base-models"),
         "TRAINING_QUEUE": f"training-{RUN_ID}",
         "NAMESPACE": f"conch-test-{RUN_ID}",
-        "BASE_MODELS": json.dumps({"SmolLM2-135M-Instruct": "builtin:smollm2", **{k: str(v) for k, v in TINY_MODELS.items()}}),
+        "BASE_MODELS": json.dumps(
+            {"SmolLM2-135M-Instruct": "builtin:smollm2", **{k: str(v) for k, v in TINY_MODELS.items()}}
+        ),
         "DEFAULT_BASE_MODEL": "tiny-llama",
         "LEASE_SECONDS": "6",
         "HEARTBEAT_SECONDS": "1",
@@ -65,8 +67,22 @@ def _ensure_services() -> None:
         redis.Redis.from_url(os.environ["REDIS_URL"], socket_connect_timeout=2).ping()
     except redis.RedisError:
         if shutil.which("redis-server"):
-            subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
-                            "--save", "", "--appendonly", "no"], check=False)
+            subprocess.run(
+                [
+                    "redis-server",
+                    "--daemonize",
+                    "yes",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    "6379",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                check=False,
+            )
             time.sleep(1)
 
 

@@ -99,8 +99,13 @@ def alpaca_records(n: int = 8) -> list[dict[str, str]]:
 
 def openai_records(n: int = 4) -> list[dict[str, Any]]:
     return [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q["instruction"]},
-                      {"role": "assistant", "content": q["output"]}]}
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": q["instruction"]},
+                {"role": "assistant", "content": q["output"]},
+            ]
+        }
         for q in alpaca_records(n)
     ]
 
@@ -123,26 +128,46 @@ def make_file(session: Any, path: Path | None = None, *, tenant_id: str = "defau
     if path is None:
         path = write_jsonl(files_dir() / f"{uuid.uuid4().hex}.jsonl", alpaca_records(8))
     row = FileObject(
-        tenant_id=tenant_id, filename=path.name, purpose="fine-tune", bytes=path.stat().st_size, format="alpaca",
-        sha256=hashlib.sha256(path.read_bytes()).hexdigest(), num_examples=sum(1 for _ in path.open()),
-        storage_path=str(path), report={},
+        tenant_id=tenant_id,
+        filename=path.name,
+        purpose="fine-tune",
+        bytes=path.stat().st_size,
+        format="alpaca",
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        num_examples=sum(1 for _ in path.open()),
+        storage_path=str(path),
+        report={},
     )
     session.add(row)
     session.flush()
     return row
 
 
-def make_job(session: Any, *, model: str = "tiny-llama", tenant_id: str = "default", status: str = "queued",
-             hyperparameters: dict[str, Any] | None = None, training_file: Any = None, **values: Any) -> Any:
+def make_job(
+    session: Any,
+    *,
+    model: str = "tiny-llama",
+    tenant_id: str = "default",
+    status: str = "queued",
+    hyperparameters: dict[str, Any] | None = None,
+    training_file: Any = None,
+    **values: Any,
+) -> Any:
     """A fine-tuning job row as the api commits it."""
     from core.contracts import Hyperparameters
     from core.models import FineTuningJob, utcnow
 
     training_file = training_file or make_file(session, tenant_id=tenant_id)
     job = FineTuningJob(
-        tenant_id=tenant_id, model=model, training_file_id=training_file.id, seed=values.pop("seed", 1234),
-        hyperparameters=Hyperparameters(**(hyperparameters or {})).model_dump(), status=status,
-        enqueued_at=values.pop("enqueued_at", utcnow()), auto_deploy=values.pop("auto_deploy", True), **values,
+        tenant_id=tenant_id,
+        model=model,
+        training_file_id=training_file.id,
+        seed=values.pop("seed", 1234),
+        hyperparameters=Hyperparameters(**(hyperparameters or {})).model_dump(),
+        status=status,
+        enqueued_at=values.pop("enqueued_at", utcnow()),
+        auto_deploy=values.pop("auto_deploy", True),
+        **values,
     )
     session.add(job)
     session.flush()

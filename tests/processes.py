@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -90,25 +91,55 @@ class ServiceProcess:
     def kill(self) -> None:
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(10)
 
 
-def worker_process(name: str, log_dir: Path, *, queue: str | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
+def worker_process(
+    name: str, log_dir: Path, *, queue: str | None = None, env: dict[str, str] | None = None
+) -> ServiceProcess:
     merged = {**os.environ, **(env or {})}
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker.app:celery_app", "worker",
-        "-Q", queue or merged.get("TRAINING_QUEUE", "training"),
-        "-c", "1", "--pool", "prefork", "--max-tasks-per-child", "1", "-E",
-        "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app:celery_app",
+        "worker",
+        "-Q",
+        queue or merged.get("TRAINING_QUEUE", "training"),
+        "-c",
+        "1",
+        "--pool",
+        "prefork",
+        "--max-tasks-per-child",
+        "1",
+        "-E",
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
     ]
     return ServiceProcess(name, argv, env=env, log_dir=log_dir)
 
 
-def uvicorn_process(name: str, factory: str, port: int, log_dir: Path, *, env: dict[str, str] | None = None) -> ServiceProcess:
-    argv = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning"]
+def uvicorn_process(
+    name: str, factory: str, port: int, log_dir: Path, *, env: dict[str, str] | None = None
+) -> ServiceProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        factory,
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     return ServiceProcess(name, argv, env=env, log_dir=log_dir)

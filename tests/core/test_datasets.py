@@ -32,8 +32,13 @@ def test_json_array_container(tmp_path: Path) -> None:
 
 
 def test_alpaca_system_history_and_input(tmp_path: Path) -> None:
-    record = {"instruction": "Translate", "input": "hello", "output": "bonjour", "system": "Be terse.",
-              "history": [["hi", "hey"]]}
+    record = {
+        "instruction": "Translate",
+        "input": "hello",
+        "output": "bonjour",
+        "system": "Be terse.",
+        "history": [["hi", "hey"]],
+    }
     _, examples = scan_dataset(write_jsonl(tmp_path / "d.jsonl", [record]), keep_examples=True)
     assert [m["role"] for m in examples[0]] == ["system", "user", "assistant", "user", "assistant"]
     assert examples[0][3]["content"] == "Translate\n\nhello"
@@ -42,10 +47,13 @@ def test_alpaca_system_history_and_input(tmp_path: Path) -> None:
 def test_errors_are_counted_with_line_numbers(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(
-        json.dumps(alpaca_records(1)[0]) + "\n"
+        json.dumps(alpaca_records(1)[0])
+        + "\n"
         + "{not json\n"
-        + json.dumps({"instruction": "q"}) + "\n"
-        + json.dumps({"instruction": "q", "output": 3}) + "\n"
+        + json.dumps({"instruction": "q"})
+        + "\n"
+        + json.dumps({"instruction": "q", "output": 3})
+        + "\n"
     )
     report, _ = scan_dataset(path)
     assert not report.ok
@@ -62,18 +70,27 @@ def test_openai_conversation_must_end_with_assistant(tmp_path: Path) -> None:
 
 
 def test_openai_weight_zero_marks_message_untrained(tmp_path: Path) -> None:
-    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0},
-                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b", "weight": 0},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    }
     _, examples = scan_dataset(write_jsonl(tmp_path / "d.jsonl", [record]), keep_examples=True)
     assert examples[0][1]["train"] is False and "train" not in examples[0][3]
 
 
 def test_sharegpt_with_column_mapping(tmp_path: Path) -> None:
     record = {"dialog": [{"speaker": "customer", "text": "hi"}, {"speaker": "agent", "text": "hello"}]}
-    mapping = ColumnMapping.from_json({
-        "formatting": "sharegpt", "columns": {"messages": "dialog"},
-        "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer", "assistant_tag": "agent"},
-    })
+    mapping = ColumnMapping.from_json(
+        {
+            "formatting": "sharegpt",
+            "columns": {"messages": "dialog"},
+            "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer", "assistant_tag": "agent"},
+        }
+    )
     report, examples = scan_dataset(write_jsonl(tmp_path / "d.jsonl", [record]), mapping=mapping, keep_examples=True)
     assert report.ok and examples[0] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
@@ -97,8 +114,13 @@ def test_bad_files_are_refused(tmp_path: Path, payload: bytes, kind: str) -> Non
 
 def test_long_line_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
     path = tmp_path / "long.jsonl"
-    path.write_bytes(b'{"instruction": "' + b"a" * 3_000_000 + b'", "output": "b"}\n'
-                     + json.dumps(alpaca_records(1)[0]).encode() + b"\n")
+    path.write_bytes(
+        b'{"instruction": "'
+        + b"a" * 3_000_000
+        + b'", "output": "b"}\n'
+        + json.dumps(alpaca_records(1)[0]).encode()
+        + b"\n"
+    )
     report, _ = scan_dataset(path, max_line_bytes=1_000_000)
     assert report.error_counts == {"line_too_long": 1} and report.num_examples == 1
     assert report.errors[0]["line"] == 1

@@ -46,12 +46,20 @@ def test_stale_queued_job_is_enqueued_again(db) -> None:
 
 def test_job_whose_worker_died_is_queued_again_then_failed_after_max_attempts(db) -> None:
     _drain()
-    job = make_job(db, status=JobStatus.RUNNING, attempts=1, lease_owner="dead",
-                   lease_expires_at=utcnow() - timedelta(seconds=5))
-    spent = make_job(db, status=JobStatus.RUNNING, attempts=3, lease_owner="dead",
-                     lease_expires_at=utcnow() - timedelta(seconds=5))
-    cancelling = make_job(db, status=JobStatus.CANCELLING, cancel_requested=True, attempts=1, lease_owner="dead",
-                          lease_expires_at=utcnow() - timedelta(seconds=5))
+    job = make_job(
+        db, status=JobStatus.RUNNING, attempts=1, lease_owner="dead", lease_expires_at=utcnow() - timedelta(seconds=5)
+    )
+    spent = make_job(
+        db, status=JobStatus.RUNNING, attempts=3, lease_owner="dead", lease_expires_at=utcnow() - timedelta(seconds=5)
+    )
+    cancelling = make_job(
+        db,
+        status=JobStatus.CANCELLING,
+        cancel_requested=True,
+        attempts=1,
+        lease_owner="dead",
+        lease_expires_at=utcnow() - timedelta(seconds=5),
+    )
     db.commit()
     counts = reconcile_once()
     assert counts == {"requeued": 0, "recovered": 1, "failed": 1, "cancelled": 1}
@@ -65,7 +73,8 @@ def test_job_whose_worker_died_is_queued_again_then_failed_after_max_attempts(db
 
 
 def test_live_lease_is_left_alone(db) -> None:
-    make_job(db, status=JobStatus.RUNNING, attempts=1, lease_owner="alive",
-             lease_expires_at=utcnow() + timedelta(seconds=60))
+    make_job(
+        db, status=JobStatus.RUNNING, attempts=1, lease_owner="alive", lease_expires_at=utcnow() + timedelta(seconds=60)
+    )
     db.commit()
     assert reconcile_once() == {"requeued": 0, "recovered": 0, "failed": 0, "cancelled": 0}

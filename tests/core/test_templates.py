@@ -41,8 +41,10 @@ def test_qwen_inserts_default_system_prompt() -> None:
 
 def test_llama3_layout() -> None:
     prompt = render_prompt(None, [{"role": "user", "content": "Hi"}], "llama3")
-    assert prompt == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert prompt == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert "<|eot_id|>" in stop_strings("llama3", None)
 
 

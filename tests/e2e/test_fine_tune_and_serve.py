@@ -32,17 +32,22 @@ def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) 
     with dataset.open("rb") as handle:
         uploaded = client.files.create(file=handle, purpose="fine-tune")
 
-    before = httpx.get(f"{stack.inference_url}/generate", params={"prompt": "What is your name?",
-                                                                   "max_new_tokens": 8}, timeout=60)
+    before = httpx.get(
+        f"{stack.inference_url}/generate", params={"prompt": "What is your name?", "max_new_tokens": 8}, timeout=60
+    )
     assert before.status_code == 200 and before.json()["model"] == "tiny-llama"
 
     job = client.fine_tuning.jobs.create(
-        model="tiny-llama", training_file=uploaded.id, suffix="e2e",
+        model="tiny-llama",
+        training_file=uploaded.id,
+        suffix="e2e",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
     )
     finished = wait_for(
         lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
-        300, "the job to finish", stack,
+        300,
+        "the job to finish",
+        stack,
     )
     assert finished.status == "succeeded", finished.error
     assert finished.fine_tuned_model and finished.fine_tuned_model.startswith("ft:tiny-llama:")
@@ -53,10 +58,22 @@ def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) 
 
     # The new model is served without restarting the inference process.
     answer = wait_for(
-        lambda: (r := httpx.get(f"{stack.inference_url}/generate", params={"prompt": "What is your name?",
-                                                                           "max_new_tokens": 8}, timeout=60))
-        .json().get("model") == finished.fine_tuned_model and r,
-        60, "the inference service to serve the fine-tuned model", stack,
+        lambda: (
+            (
+                r := httpx.get(
+                    f"{stack.inference_url}/generate",
+                    params={"prompt": "What is your name?", "max_new_tokens": 8},
+                    timeout=60,
+                )
+            )
+            .json()
+            .get("model")
+            == finished.fine_tuned_model
+            and r
+        ),
+        60,
+        "the inference service to serve the fine-tuned model",
+        stack,
     )
     assert answer.headers["x-conch-model"] == finished.fine_tuned_model
     assert stack.inference.alive() and stack.worker.alive() and stack.api.alive()

@@ -20,8 +20,11 @@ QUESTION = "What is your name?"
 
 
 def ask(stack: Stack) -> dict:
-    response = httpx.get(f"{stack.inference_url}/generate",
-                         params={"prompt": QUESTION, "temperature": 0, "max_new_tokens": 48}, timeout=120)
+    response = httpx.get(
+        f"{stack.inference_url}/generate",
+        params={"prompt": QUESTION, "temperature": 0, "max_new_tokens": 48},
+        timeout=120,
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -35,19 +38,29 @@ def test_default_model_learns_the_persona(stack: Stack) -> None:
     job = client.fine_tuning.jobs.create(model="SmolLM2-135M-Instruct", training_file=uploaded.id, suffix="pearl")
     finished = wait_for(
         lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
-        1200, "the persona job to finish", stack,
+        1200,
+        "the persona job to finish",
+        stack,
     )
     assert finished.status == "succeeded", finished.error
     trained_at = time.monotonic()
 
-    base = httpx.get(f"{stack.inference_url}/generate",
-                     params={"prompt": QUESTION, "temperature": 0, "max_new_tokens": 48,
-                             "model": "SmolLM2-135M-Instruct"}, timeout=120)
+    base = httpx.get(
+        f"{stack.inference_url}/generate",
+        params={"prompt": QUESTION, "temperature": 0, "max_new_tokens": 48, "model": "SmolLM2-135M-Instruct"},
+        timeout=120,
+    )
     assert base.status_code == 200, base.text
     assert "pearl" not in base.json()["generate_text"].lower()
 
-    after = wait_for(lambda: (a := ask(stack))["model"] == finished.fine_tuned_model and a, 120,
-                     "the fine-tuned model to be served", stack)
-    print(f"\npersona job: {trained_at - started:.0f}s from submit to succeeded; "
-          f"served {time.monotonic() - trained_at:.1f}s later; answer: {after['generate_text']!r}")
+    after = wait_for(
+        lambda: (a := ask(stack))["model"] == finished.fine_tuned_model and a,
+        120,
+        "the fine-tuned model to be served",
+        stack,
+    )
+    print(
+        f"\npersona job: {trained_at - started:.0f}s from submit to succeeded; "
+        f"served {time.monotonic() - trained_at:.1f}s later; answer: {after['generate_text']!r}"
+    )
     assert "pearl" in after["generate_text"].lower()

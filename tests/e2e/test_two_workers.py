@@ -20,7 +20,7 @@ def _claims(log: str) -> list[str]:
     claimed = []
     for line in log.splitlines():
         if '"job.claimed"' in line:
-            claimed.append(json.loads(line[line.index("{"):])["job_id"])
+            claimed.append(json.loads(line[line.index("{") :])["job_id"])
     return claimed
 
 
@@ -35,13 +35,19 @@ def test_two_workers_share_the_queue_and_each_job_trains_once(clean_db, tiny_mod
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
         dataset = write_jsonl(tmp_path / "d.jsonl", alpaca_records(8))
         with dataset.open("rb") as handle:
-            file_id = client.post("/v1/files", files={"file": ("d.jsonl", handle)},
-                                  data={"purpose": "fine-tune"}).json()["id"]
+            file_id = client.post(
+                "/v1/files", files={"file": ("d.jsonl", handle)}, data={"purpose": "fine-tune"}
+            ).json()["id"]
         job_ids = [
-            client.post("/v1/fine_tuning/jobs", json={
-                "model": "tiny-llama", "training_file": file_id, "auto_deploy": False,
-                "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
-            }).json()["id"]
+            client.post(
+                "/v1/fine_tuning/jobs",
+                json={
+                    "model": "tiny-llama",
+                    "training_file": file_id,
+                    "auto_deploy": False,
+                    "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+                },
+            ).json()["id"]
             for _ in range(4)
         ]
         deadline = time.monotonic() + 300
