@@ -291,7 +291,7 @@ def stream_generate(base: str, prompt: str, max_new_tokens: int) -> dict[str, fl
     }
 
 
-def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str) -> dict[str, Any]:
+def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str, redis_url: str) -> dict[str, Any]:
     from sqlalchemy.orm import Session
 
     from core.db import make_engine
@@ -304,7 +304,8 @@ def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str)
     env = {
         "DATA_DIR": str(data_dir),
         "DATABASE_URL": database_url,
-        "REDIS_URL": "",
+        "REDIS_URL": redis_url,  # empty: the deployment is found by polling only
+        "NAMESPACE": f"conch-bench-{uuid.uuid4().hex[:8]}",
         "BROKER_URL": "",
         "BASE_MODELS": json.dumps({MODEL_NAME: str(folder)}),
         "DEFAULT_BASE_MODEL": MODEL_NAME,
@@ -343,6 +344,7 @@ def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str)
         out["ttft_p50_many"] = percentile([r["ttft"] for r in many], 0.5)
 
         # A deployment of a "fine-tuned" model (the same weights under a new id): publish-to-serving latency.
+        out["rss_before_swap_mb"] = server.rss_mb()
         new_id = f"ft:{MODEL_NAME}:bench:ftjob-{uuid.uuid4().hex[:8]}"
         with Session(db_engine) as session:
             session.add(ModelRecord(id=new_id, base_model=MODEL_NAME, storage_path=str(folder)))
@@ -350,9 +352,17 @@ def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str)
             row = Deployment(model_id=new_id, status="pending", requested_by="bench")
             session.add(row)
             session.commit()
+            published = time.perf_counter()
             row_id = row.id
-        out["rss_before_swap_mb"] = server.rss_mb()
-        published = time.perf_counter()
+            if redis_url:
+                from core.contracts import DeploymentAnnouncement
+                from core.pubsub import announce_deployment
+                from core.settings import Settings
+
+                announce_deployment(
+                    DeploymentAnnouncement(deployment_id=str(row.id), model_id=new_id, tenant_id=row.tenant_id),
+                    Settings(redis_url=redis_url, namespace=env["NAMESPACE"]),
+                )
         while True:
             answer = httpx.get(f"{server.base}/generate", params={"prompt": "Hi", "max_new_tokens": 2}, timeout=60)
             if answer.json().get("model") == new_id:
@@ -360,6 +370,7 @@ def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str)
             if time.perf_counter() - published > 120:
                 raise TimeoutError("the deployment was not served")
         out["swap_seen"] = time.perf_counter() - published
+        out["swap_via"] = "announced over Redis" if redis_url else "found by polling every 0.2 s"
         with Session(db_engine) as session:
             deployed = session.get(Deployment, row_id)
             out["swap_recorded"] = deployed.latency_seconds if deployed else None
@@ -457,7 +468,7 @@ def report(engine: dict[str, Any] | None, conch: dict[str, Any] | None, seed: di
         print(f"example: {json.dumps(conch['example'])[:300]}")
         print(
             f"deployment publish -> first answer from the new model: {conch['swap_seen']:.2f} s "
-            f"(recorded latency_seconds {conch['swap_recorded']:.2f} s)"
+            f"(recorded latency_seconds {conch['swap_recorded']:.2f} s; {conch['swap_via']})"
         )
     if conch and seed:
         print()
@@ -498,6 +509,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each engine measurement")
     parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
     parser.add_argument(
+        "--redis", default="", help="announce the deployment over this Redis (default: the service polls only)"
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads for every app (0: Conch's default, half the cores)"
     )
     args = parser.parse_args()
@@ -513,7 +527,7 @@ def main() -> None:
     engine = None if args.skip_engine else engine_part(folder, args.tokens, args.repeats)
     conch = seed = None
     if not args.quick:
-        conch = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype)
+        conch = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype, args.redis)
         if not args.skip_seed:
             seed = seed_part(folder, args.seed_requests)
     report(engine, conch, seed)
