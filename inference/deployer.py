@@ -123,26 +123,35 @@ class Deployer:
             return row.tenant_id, row.model_id
 
     def _activate(self, deployment_id: uuid.UUID, tenant: str, model_id: str) -> None:
-        with session_scope() as session:
-            row = session.get(Deployment, deployment_id, with_for_update=True)
-            if row is None or row.status != DeploymentStatus.LOADING:
-                return  # changed under us (another replica finished it); the next refresh picks it up
-            now = utcnow()
-            for other in session.scalars(
-                select(Deployment).where(
-                    Deployment.tenant_id == tenant,
-                    Deployment.status == DeploymentStatus.ACTIVE,
-                    Deployment.id != deployment_id,
-                )
-            ):
-                other.status = DeploymentStatus.SUPERSEDED
-            row.status = DeploymentStatus.ACTIVE
-            row.activated_at = now
-            row.reason = None
-            row.latency_seconds = _elapsed_since(row.created_at, now)
-            latency = row.latency_seconds
-        # Committed: now the in-memory switch. Requests already running keep their lease on the old model.
-        self.registry.set_default(tenant, model_id)
+        # The in-memory switch comes first, inside the transaction that marks the row active, and is undone if
+        # that transaction does not commit: whoever reads "active" from the database is already served the new
+        # model. Requests already running keep their lease on the old one.
+        before = self.registry.defaults()
+        latency: float | None = None
+        try:
+            with session_scope() as session:
+                row = session.get(Deployment, deployment_id, with_for_update=True)
+                if row is None or row.status != DeploymentStatus.LOADING:
+                    return  # changed under us (another replica finished it); the next refresh picks it up
+                now = utcnow()
+                for other in session.scalars(
+                    select(Deployment).where(
+                        Deployment.tenant_id == tenant,
+                        Deployment.status == DeploymentStatus.ACTIVE,
+                        Deployment.id != deployment_id,
+                    )
+                ):
+                    other.status = DeploymentStatus.SUPERSEDED
+                row.status = DeploymentStatus.ACTIVE
+                row.activated_at = now
+                row.reason = None
+                row.latency_seconds = latency = _elapsed_since(row.created_at, now)
+                self.registry.set_default(tenant, model_id)
+        except BaseException:
+            self.registry.replace_defaults(before)
+            raise
+        if latency is None:
+            return
         self.metrics.swaps.labels("ok").inc()
         self.metrics.swap_latency.observe(latency)
         log.info(
