@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
@@ -79,9 +79,7 @@ async def upload_file(
                 req_hash=req_hash,
             )
             if replay is not None:
-                return JSONResponse(
-                    replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"}
-                )
+                return replay.response()
         report, _ = await run_in_threadpool(
             scan_dataset,
             upload.path,

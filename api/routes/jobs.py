@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -36,24 +35,16 @@ def create_job(
 ) -> Any:
     route = f"POST {request.url.path}"
     req_hash = idempotency.request_hash(body.model_dump(mode="json", exclude_unset=True))
-    if idempotency_key:
-        replay = idempotency.find_replay(
-            session, tenant_id=principal.tenant_id, key=idempotency_key, route=route, req_hash=req_hash
-        )
-        if replay is not None:
-            return JSONResponse(replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})
-    job = service.create_job(session, tenant_id=principal.tenant_id, body=body, settings=settings)
-    out = service.job_out(job)
-    if idempotency_key:
-        idempotency.remember(
-            session,
-            tenant_id=principal.tenant_id,
-            key=idempotency_key,
-            route=route,
-            req_hash=req_hash,
-            body=out.model_dump(mode="json"),
-        )
-    return out
+    return idempotency.respond_once(
+        session,
+        tenant_id=principal.tenant_id,
+        key=idempotency_key,
+        route=route,
+        req_hash=req_hash,
+        create=lambda: service.job_out(
+            service.create_job(session, tenant_id=principal.tenant_id, body=body, settings=settings)
+        ),
+    )
 
 
 def _metadata_filter(request: Request) -> dict[str, str]:

@@ -9,14 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
 from api.schemas import ERROR_RESPONSES, DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
 from api.services import idempotency
 from api.services import models as service
 from api.services.auth import Principal
-from core.models import Deployment
 
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
@@ -29,26 +27,14 @@ def _with_idempotency(
     create: Any,
 ) -> Any:
     """Deploy-like POSTs have no body: the key, the route and the path identify the request."""
-    route = f"POST {request.url.path}"
-    req_hash = idempotency.request_hash({"path": request.url.path})
-    if idempotency_key:
-        replay = idempotency.find_replay(
-            session, tenant_id=principal.tenant_id, key=idempotency_key, route=route, req_hash=req_hash
-        )
-        if replay is not None:
-            return JSONResponse(replay.body, status_code=replay.status_code, headers={"Idempotent-Replayed": "true"})
-    deployment: Deployment = create()
-    out = service.deployment_out(deployment)
-    if idempotency_key:
-        idempotency.remember(
-            session,
-            tenant_id=principal.tenant_id,
-            key=idempotency_key,
-            route=route,
-            req_hash=req_hash,
-            body=out.model_dump(mode="json"),
-        )
-    return out
+    return idempotency.respond_once(
+        session,
+        tenant_id=principal.tenant_id,
+        key=idempotency_key,
+        route=f"POST {request.url.path}",
+        req_hash=idempotency.request_hash({"path": request.url.path}),
+        create=lambda: service.deployment_out(create()),
+    )
 
 
 @router.get("/v1/models", response_model=ModelList, summary="List base and fine-tuned models")

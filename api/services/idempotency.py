@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,6 +27,9 @@ from core.models import IdempotencyRecord
 class Replay:
     status_code: int
     body: dict[str, Any]
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status_code, headers={"Idempotent-Replayed": "true"})
 
 
 def request_hash(payload: Any) -> str:
@@ -73,3 +79,19 @@ def remember(
             param="Idempotency-Key",
             code="idempotency_key_in_use",
         ) from exc
+
+
+def respond_once(
+    session: Session, *, tenant_id: str, key: str | None, route: str, req_hash: str, create: Callable[[], BaseModel]
+) -> BaseModel | JSONResponse:
+    """Run ``create`` and remember its answer under ``key``; a retry with the same key gets that answer back."""
+    if key:
+        replay = find_replay(session, tenant_id=tenant_id, key=key, route=route, req_hash=req_hash)
+        if replay is not None:
+            return replay.response()
+    out = create()
+    if key:
+        remember(
+            session, tenant_id=tenant_id, key=key, route=route, req_hash=req_hash, body=out.model_dump(mode="json")
+        )
+    return out
