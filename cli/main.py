@@ -57,7 +57,7 @@ def migrate() -> None:
 
 @app.command()
 def up(
-    flower: Annotated[bool, typer.Option(help="also start Flower")] = False,
+    flower: Annotated[bool, typer.Option(help="also start Flower (basic auth from FLOWER_BASIC_AUTH)")] = False,
     api_port: int = 8000,
     inference_port: int = 8001,
     flower_port: int = 5555,
@@ -69,6 +69,9 @@ def up(
     from worker.pipeline.prepare import prepare_base_model
 
     settings = get_settings()
+    if flower and not os.environ.get("FLOWER_BASIC_AUTH"):
+        console.print("[red]--flower needs FLOWER_BASIC_AUTH=user:password (Flower never runs unauthenticated)[/red]")
+        raise typer.Exit(2)
     upgrade_head()
     prepare_base_model(settings.default_base_model)
     log_dir = settings.data_dir / "logs"
@@ -85,6 +88,7 @@ def up(
             flower=flower,
             flower_port=flower_port,
             queue=settings.training_queue,
+            flower_basic_auth=os.environ.get("FLOWER_BASIC_AUTH"),
         ),
         env,
     )

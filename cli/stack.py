@@ -53,7 +53,14 @@ def python_module(*args: str) -> list[str]:
 
 
 def build_children(
-    log_dir: Path, *, api_port: int, inference_port: int, flower: bool, flower_port: int = 5555, queue: str = "training"
+    log_dir: Path,
+    *,
+    api_port: int,
+    inference_port: int,
+    flower: bool,
+    flower_port: int = 5555,
+    queue: str = "training",
+    flower_basic_auth: str | None = None,
 ) -> list[Child]:
     children = [
         Child(
@@ -115,11 +122,20 @@ def build_children(
         ),
     ]
     if flower:
+        if not flower_basic_auth:
+            raise ValueError("Flower needs FLOWER_BASIC_AUTH=user:password")
         children.append(
             Child(
                 "flower",
                 python_module(
-                    "celery", "-A", "worker.app:celery_app", "flower", f"--port={flower_port}", "--address=127.0.0.1"
+                    "celery",
+                    "-A",
+                    "worker.app:celery_app",
+                    "flower",
+                    f"--port={flower_port}",
+                    "--address=127.0.0.1",
+                    # Flower shows task arguments and can control workers: never without authentication.
+                    f"--basic-auth={flower_basic_auth}",
                 ),
                 log_dir / "flower.log",
             )
