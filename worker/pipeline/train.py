@@ -116,12 +116,10 @@ def load_base_model(base_path: Path, compute: Compute) -> Any:
 
 
 def lora_target_modules(target: str | list[str]) -> str | list[str]:
-    if isinstance(target, str):
-        names = [t.strip() for t in target.split(",") if t.strip()]
-        if names == ["all"]:
-            return "all-linear"  # every linear layer except the output head
-        return names
-    return list(target)
+    """``all`` (LLaMA-Factory's word) -> peft's every-linear-layer-but-the-output-head; else module names."""
+    raw = target.split(",") if isinstance(target, str) else target
+    names = [t.strip() for t in raw if t.strip()]
+    return "all-linear" if names == ["all"] else names
 
 
 def attach_lora(model: Any, hp: Hyperparameters, seed: int) -> Any:
