@@ -16,6 +16,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ConchError, RateLimited, Unauthorized, error_body
+from core.http import allowed_methods
 
 log = logging.getLogger("conch.api")
 
@@ -75,19 +76,6 @@ async def conch_error_handler(_request: Request, exc: Exception) -> JSONResponse
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return error_response(exc.status_code, exc.to_dict(), headers or None)
-
-
-def allowed_methods(request: Request) -> str:
-    """Every method some route serves at this path. Starlette's own 405 names only the first matching route's."""
-    from starlette.routing import Match, Route
-
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods:
-            match, _ = route.matches({**request.scope, "method": next(iter(route.methods))})
-            if match == Match.FULL:
-                methods |= route.methods
-    return ", ".join(sorted(methods))
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -8,9 +8,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
 
 from core.errors import ConchError, ServiceUnavailable, Unauthorized, error_body
+from core.http import allowed_methods
 
 log = logging.getLogger("conch.inference")
 
@@ -39,17 +39,6 @@ async def _conch(_request: Request, exc: Exception) -> JSONResponse:
     return _json(exc.status_code, {"error": exc.to_dict()}, headers)
 
 
-def _allowed_methods(request: Request) -> str:
-    """Every method served at this path: Starlette's own 405 names only those of the first route that matched."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods:
-            match, _ = route.matches({**request.scope, "method": next(iter(route.methods))})
-            if match == Match.FULL:
-                methods |= route.methods
-    return ", ".join(sorted(methods))
-
-
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else "Request failed"
@@ -57,7 +46,7 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
         message = "No such route"
     headers = dict(exc.headers) if exc.headers else {}
     if exc.status_code == 405:
-        headers["Allow"] = _allowed_methods(request)
+        headers["Allow"] = allowed_methods(request)
     kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
     body = error_body(message, type_=kind, code=f"http_{exc.status_code}")
     return _json(exc.status_code, body, headers or None)
