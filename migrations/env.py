@@ -30,9 +30,7 @@ def run_migrations_offline() -> None:
 
 def _run(connection: Connection) -> None:
     # Batch mode lets SQLite, which cannot ALTER most things, follow the same migrations as Postgres.
-    context.configure(
-        connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True
-    )
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ log = logging.getLogger("conch.inference.loader")
 # Rotary tables and caches are sized from the model's context; a config claiming millions of positions
 # should not make a small server allocate for them.
 MAX_CONTEXT = 65536
+
+# transformers' from_pretrained is not thread-safe: it swaps process-wide state while it builds a model on the
+# meta device, so two loads at once (a deployment loading in the background while a request loads another model
+# on demand) can leave one model with tensors that were never materialised. Loads take turns.
+_FROM_PRETRAINED = threading.Lock()
 
 
 class Decoder(Protocol):
@@ -127,10 +133,11 @@ def load_model(
     device = choose_device(device_setting)
     dtype = choose_dtype(dtype_setting, device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
-        )
+        with _FROM_PRETRAINED:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+            )
     except Exception as exc:  # whatever the library raises, the caller needs one kind: this folder is unusable
         raise ModelLoadError(f"cannot load {folder}: {type(exc).__name__}: {exc}") from exc
     model = model.to(device).eval()

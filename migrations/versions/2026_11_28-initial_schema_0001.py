@@ -152,9 +152,7 @@ def upgrade() -> None:
 
     op.create_table(
         "job_events",
-        sa.Column(
-            "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("job_id", sa.Uuid(), nullable=False),
         sa.Column("level", sa.String(length=16), nullable=False),
         sa.Column("type", sa.String(length=16), nullable=False),

@@ -23,6 +23,16 @@ class Stack:
         return "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in (self.api, self.worker, self.inference))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test shows the tail of every service's log, so a failure in CI can be read without a rerun."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    stack = getattr(item, "funcargs", {}).get("stack")
+    if report.failed and isinstance(stack, Stack):
+        report.sections.append(("service logs", stack.logs()))
+
+
 @pytest.fixture
 def stack(clean_db: None, tiny_models: dict[str, Path], log_dir: Path) -> Iterator[Stack]:
     api_port, inference_port = free_port(), free_port()

@@ -54,8 +54,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--daemonize", "no", "--dir", str(self.data_dir)]
+        argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.data_dir),
+        ]
         argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.starts += 1
         self.process = ServiceProcess(f"redis-{self.starts}", argv, log_dir=self.log_dir).start()
@@ -134,8 +145,9 @@ class PostgresServer:
 
     def _pg_ctl(self, action: str, *extra: str) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run([_pg_bin("pg_ctl"), "-D", str(self.data_dir), "-o", options, "-l", str(self.log_file), "-w",
-                   *extra, action])
+        self._run(
+            [_pg_bin("pg_ctl"), "-D", str(self.data_dir), "-o", options, "-l", str(self.log_file), "-w", *extra, action]
+        )
 
     def init(self) -> PostgresServer:
         self._run([_pg_bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
@@ -181,8 +193,9 @@ class PostgresServer:
 class FaultStack:
     """An api and one Celery worker on the given database and Redis, driven over HTTP like a client would."""
 
-    def __init__(self, log_dir: Path, *, database_url: str, redis_url: str, workers: int = 1,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, *, database_url: str, redis_url: str, workers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
         self.env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "BROKER_URL": redis_url, **(env or {})}
         self.port = free_port()
         self.api = uvicorn_process("api", "api.app:create_app", self.port, log_dir, env=self.env)
@@ -211,16 +224,22 @@ class FaultStack:
     def upload(self, folder: Path, examples: int = 8) -> str:
         dataset = write_jsonl(folder / "train.jsonl", alpaca_records(examples))
         with dataset.open("rb") as handle:
-            response = self.client.post("/v1/files", files={"file": ("train.jsonl", handle)},
-                                        data={"purpose": "fine-tune"})
+            response = self.client.post(
+                "/v1/files", files={"file": ("train.jsonl", handle)}, data={"purpose": "fine-tune"}
+            )
         assert response.status_code in (200, 201), response.text
         return str(response.json()["id"])
 
     def submit(self, file_id: str, *, n_epochs: int = 1) -> dict[str, Any]:
-        response = self.client.post("/v1/fine_tuning/jobs", json={
-            "model": "tiny-llama", "training_file": file_id, "auto_deploy": False,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": n_epochs}}},
-        })
+        response = self.client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny-llama",
+                "training_file": file_id,
+                "auto_deploy": False,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": n_epochs}}},
+            },
+        )
         assert 200 <= response.status_code < 300, response.text
         return dict(response.json())
 
@@ -246,7 +265,7 @@ class FaultStack:
         for worker in self.workers:
             for line in worker.log().splitlines():
                 if '"job.claimed"' in line:
-                    claimed.append(json.loads(line[line.index("{"):])["job_id"])
+                    claimed.append(json.loads(line[line.index("{") :])["job_id"])
         return claimed
 
     def worker_log(self) -> str:

@@ -63,15 +63,19 @@ def test_redis_down_at_submit_still_queues_and_runs_once_redis_is_back(
         stack.start_api()
         file_id = stack.upload(tmp_path, examples=8)
 
-        response = stack.client.post("/v1/fine_tuning/jobs", json={
-            "model": "tiny-llama", "training_file": file_id, "auto_deploy": False,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
-        })
+        response = stack.client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny-llama",
+                "training_file": file_id,
+                "auto_deploy": False,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+            },
+        )
         assert 200 <= response.status_code < 300, response.text
         job_id = response.json()["id"]
         assert response.json()["status"] == "queued"
-        wait_until(lambda: "job.enqueue_failed" in stack.api.log(), 30, "the failed enqueue to be logged",
-                   stack.logs)
+        wait_until(lambda: "job.enqueue_failed" in stack.api.log(), 30, "the failed enqueue to be logged", stack.logs)
         assert stack.job(job_id)["status"] == "queued"
 
         # The worker starts while the broker is still down, and connects once it is back.

@@ -12,6 +12,7 @@ import torch
 
 from inference.engine.cache import KVCache
 from inference.engine.engine import Engine, Failed, Finished, GenerationRequest, TextChunk
+from inference.engine.lean import LeanDecoder
 from inference.engine.loader import LoadedModel, load_model
 from inference.engine.sampling import SamplingParams
 from inference.engine.text import IncrementalDetokenizer, StopMatcher
@@ -254,3 +255,34 @@ def test_extreme_sampling_settings_never_fail_a_shared_batch(engine_for):  # typ
     for sink in [plain, *sinks]:
         assert isinstance(sink.wait().last, Finished)
     assert engine.healthy
+
+
+def test_models_loaded_at_the_same_time_are_all_whole(tiny_models):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    # A deployment loads in the background while a request loads another model on demand; the library's loader
+    # is not thread-safe on its own, and an unguarded race leaves tied weights on the meta device.
+    loaded: list[LoadedModel] = []
+    errors: list[BaseException] = []
+
+    def load(name: str) -> None:
+        try:
+            loaded.append(load_model(name, tiny_models[name]))
+        except BaseException as exc:  # collected so the test reports it instead of a silent thread death
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(name,)) for name in ("tiny-llama", "tiny-qwen2") * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(loaded) == 6
+    for model in loaded:
+        decoder = model.decoder
+        assert isinstance(decoder, LeanDecoder)
+        reference = AutoModelForCausalLM.from_pretrained(model.folder)
+        # Whole means every tensor holds the checkpoint's values, the tied output head included.
+        assert not decoder.lm_head.is_meta
+        assert torch.equal(decoder.lm_head, reference.lm_head.weight.detach())
+        assert torch.equal(decoder.embed, reference.get_input_embeddings().weight.detach())
