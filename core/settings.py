@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     inference_backend: str = Field(
         default="auto", description="auto (lean decoder where the architecture allows), lean, or reference"
     )
+    inference_quant: str = Field(
+        default="none",
+        description="none, int8 or int4: weight-only quantised products on a CPU (faster; changes some answers)",
+    )
     inference_threads: int = Field(
         default=0, ge=0, description="CPU threads for generation; 0 = half the cores (the rest for everything else)"
     )

@@ -188,6 +188,7 @@ class Registry:
                 device_setting=settings.inference_device,
                 dtype_setting=settings.inference_dtype,
                 backend_setting=settings.inference_backend,
+                quant_setting=settings.inference_quant,
             )
             engine = Engine(model, max_batch_size=settings.max_batch_size, observer=self.metrics).start()
             smoke_test(engine, model)

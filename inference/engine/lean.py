@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.engine.cache import KVCache
+from inference.engine.quant import Projection, projection
 
 SUPPORTED_TYPES = frozenset({"llama", "qwen2", "mistral"})
 STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
@@ -52,55 +53,40 @@ def _bias(linear: torch.nn.Linear) -> torch.Tensor | None:
     return linear.bias.detach() if linear.bias is not None else None
 
 
+def _projection(linears: list[Any], scheme: str, dtype: torch.dtype) -> Projection:
+    return projection([_weight(m) for m in linears], [_bias(m) for m in linears], scheme, dtype)
+
+
 @dataclass
 class _Layer:
     norm1: torch.Tensor
-    q: torch.Tensor
-    q_bias: torch.Tensor | None
-    k: torch.Tensor
-    k_bias: torch.Tensor | None
-    v: torch.Tensor
-    v_bias: torch.Tensor | None
-    out: torch.Tensor
-    out_bias: torch.Tensor | None
+    qkv: Projection
+    out: Projection
     norm2: torch.Tensor
-    gate: torch.Tensor
-    gate_bias: torch.Tensor | None
-    up: torch.Tensor
-    up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Projection
+    down: Projection
 
     @classmethod
-    def lift(cls, layer: Any) -> _Layer:
+    def lift(cls, layer: Any, scheme: str, dtype: torch.dtype) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         return cls(
             norm1=layer.input_layernorm.weight.detach(),
-            q=_weight(attn.q_proj),
-            q_bias=_bias(attn.q_proj),
-            k=_weight(attn.k_proj),
-            k_bias=_bias(attn.k_proj),
-            v=_weight(attn.v_proj),
-            v_bias=_bias(attn.v_proj),
-            out=_weight(attn.o_proj),
-            out_bias=_bias(attn.o_proj),
+            qkv=_projection([attn.q_proj, attn.k_proj, attn.v_proj], scheme, dtype),
+            out=_projection([attn.o_proj], scheme, dtype),
             norm2=layer.post_attention_layernorm.weight.detach(),
-            gate=_weight(mlp.gate_proj),
-            gate_bias=_bias(mlp.gate_proj),
-            up=_weight(mlp.up_proj),
-            up_bias=_bias(mlp.up_proj),
-            down=_weight(mlp.down_proj),
-            down_bias=_bias(mlp.down_proj),
+            gate_up=_projection([mlp.gate_proj, mlp.up_proj], scheme, dtype),
+            down=_projection([mlp.down_proj], scheme, dtype),
         )
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        projections = (self.qkv, self.out, self.gate_up, self.down)
+        return [self.norm1, self.norm2] + [t for p in projections for t in p.tensors()]
 
 
 class LeanDecoder:
     """Weights lifted out of a loaded transformers model; the model object itself can then be dropped."""
 
-    def __init__(self, model: Any, max_positions: int) -> None:
+    def __init__(self, model: Any, max_positions: int, *, quant: str = "none") -> None:
         config = model.config
         inner = model.model
         self.dtype: torch.dtype = next(model.parameters()).dtype
@@ -115,11 +101,13 @@ class LeanDecoder:
         self.q_width = self.heads * self.head_dim
         self.vocab_size = int(config.vocab_size)
         with torch.no_grad():
+            self.quant = quant
             self.embed = inner.embed_tokens.weight.detach()
             self.final_norm = inner.norm.weight.detach()
-            self.lm_head = model.lm_head.weight.detach()
-            self.lm_head_bias = model.lm_head.bias.detach() if model.lm_head.bias is not None else None
-            self.layers = [_Layer.lift(layer) for layer in inner.layers]
+            # The output layer picks every token: int4 there costs answers for little speed, so it stays int8.
+            head_scheme = "int8" if quant != "none" else "none"
+            self.lm_head = _projection([model.lm_head], head_scheme, self.dtype)
+            self.layers = [_Layer.lift(layer, quant, self.dtype) for layer in inner.layers]
             self.cos, self.sin = self._rotary_tables(inner.rotary_emb, max_positions)
 
     def _rotary_tables(self, rotary: Any, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +125,7 @@ class LeanDecoder:
 
     @property
     def parameter_bytes(self) -> int:
-        tensors = [self.embed, self.final_norm, self.lm_head]
+        tensors = [self.embed, self.final_norm, *self.lm_head.tensors()]
         tensors += [t for layer in self.layers for t in layer.tensors()]
         unique = {t.data_ptr(): t for t in tensors}  # tied embeddings count once
         return sum(t.numel() * t.element_size() for t in unique.values())
@@ -174,9 +162,10 @@ class LeanDecoder:
         half = self.head_dim // 2
         for index, layer in enumerate(self.layers):
             x = self._norm(h, layer.norm1)
-            q = F.linear(x, layer.q, layer.q_bias).view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
-            k = F.linear(x, layer.k, layer.k_bias).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = F.linear(x, layer.v, layer.v_bias).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = layer.qkv.parts(x)
+            q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+            k = k.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+            v = v.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
             q = q * cos + torch.roll(q, half, dims=-1) * sin
             keys, values = cache.keys[index], cache.values[index]
             keys[:, :, start:end] = k * cos + torch.roll(k, half, dims=-1) * sin
@@ -189,12 +178,12 @@ class LeanDecoder:
                 scale=self.scale,
                 enable_gqa=self.kv_heads != self.heads,
             )
-            h = h + F.linear(attended.transpose(1, 2).reshape(batch, steps, self.q_width), layer.out, layer.out_bias)
+            h = h + layer.out(attended.transpose(1, 2).reshape(batch, steps, self.q_width))
             x = self._norm(h, layer.norm2)
-            gate = F.linear(x, layer.gate, layer.gate_bias)
-            h = h + F.linear(self.act(gate) * F.linear(x, layer.up, layer.up_bias), layer.down, layer.down_bias)
+            gate, up = layer.gate_up.parts(x)
+            h = h + layer.down(self.act(gate) * up)
         last = self._norm(h[:, -1], self.final_norm)
-        return F.linear(last, self.lm_head, self.lm_head_bias).float()
+        return self.lm_head(last).float()
 
     def _attention_mask(self, cache: KVCache, start: int, steps: int) -> torch.Tensor | None:
         end = start + steps

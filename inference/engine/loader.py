@@ -16,6 +16,7 @@ from core.templates import Message, render_prompt, stop_strings
 from inference.engine.cache import KVCache
 from inference.engine.device import choose_device, choose_dtype, dtype_name
 from inference.engine.lean import LeanDecoder, unsupported_reason
+from inference.engine.quant import check_scheme
 from inference.engine.reference import ReferenceDecoder
 
 log = logging.getLogger("conch.inference.loader")
@@ -125,13 +126,20 @@ def load_model(
     device_setting: str = "auto",
     dtype_setting: str = "auto",
     backend_setting: str = "auto",
+    quant_setting: str = "none",
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     check_folder(folder)
     device = choose_device(device_setting)
-    dtype = choose_dtype(dtype_setting, device)
+    try:
+        quant = check_scheme(quant_setting, device)
+        # The quantised kernels are fast with bf16 activations only (see quant.py).
+        quantised_default = quant != "none" and dtype_setting in ("", "auto")
+        dtype = torch.bfloat16 if quantised_default else choose_dtype(dtype_setting, device)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     try:
         with _FROM_PRETRAINED:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
@@ -147,9 +155,11 @@ def load_model(
     reason = unsupported_reason(config)
     if backend_setting == "lean" and reason:
         raise ModelLoadError(f"INFERENCE_BACKEND=lean cannot run this model: {reason}")
+    if quant != "none" and (reason or backend_setting == "reference"):
+        raise ModelLoadError(f"INFERENCE_QUANT={quant} needs the lean decoder, which cannot run this model: {reason}")
     decoder: Decoder
     if backend_setting != "reference" and reason is None:
-        decoder, backend = LeanDecoder(model, max_positions), "lean"
+        decoder, backend = LeanDecoder(model, max_positions, quant=quant), "lean"
     else:
         decoder, backend = ReferenceDecoder(model), "reference"
 
@@ -186,6 +196,7 @@ def load_model(
             "folder": str(folder),
             "backend": backend,
             "dtype": dtype_name(dtype),
+            "quant": quant,
             "device": str(device),
             "bytes": loaded.size_bytes,
             "seconds": round(loaded.load_seconds, 3),

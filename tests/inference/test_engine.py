@@ -14,6 +14,7 @@ from inference.engine.cache import KVCache
 from inference.engine.engine import Engine, Failed, Finished, GenerationRequest, TextChunk
 from inference.engine.lean import LeanDecoder
 from inference.engine.loader import LoadedModel, load_model
+from inference.engine.quant import Dense
 from inference.engine.sampling import SamplingParams
 from inference.engine.text import IncrementalDetokenizer, StopMatcher
 
@@ -283,6 +284,8 @@ def test_models_loaded_at_the_same_time_are_all_whole(tiny_models):  # type: ign
         assert isinstance(decoder, LeanDecoder)
         reference = AutoModelForCausalLM.from_pretrained(model.folder)
         # Whole means every tensor holds the checkpoint's values, the tied output head included.
-        assert not decoder.lm_head.is_meta
-        assert torch.equal(decoder.lm_head, reference.lm_head.weight.detach())
+        assert isinstance(decoder.lm_head, Dense)
+        (head,) = decoder.lm_head.weights
+        assert not head.is_meta
+        assert torch.equal(head, reference.lm_head.weight.detach())
         assert torch.equal(decoder.embed, reference.get_input_embeddings().weight.detach())
