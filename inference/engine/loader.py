@@ -135,9 +135,7 @@ def load_model(
     device = choose_device(device_setting)
     try:
         quant = check_scheme(quant_setting, device)
-        # The quantised kernels are fast with bf16 activations only (see quant.py).
-        quantised_default = quant != "none" and dtype_setting in ("", "auto")
-        dtype = torch.bfloat16 if quantised_default else choose_dtype(dtype_setting, device)
+        dtype = choose_dtype(dtype_setting, device)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     try:

@@ -3,9 +3,11 @@
 Decoding one token reads every weight once, so on a CPU its speed is the speed of reading weights: measured on the
 default model (2 cores), the products of one token took 47 ms in fp32, 21 ms in bf16, 10 ms with int8 weights and
 5.4 ms with int4 weights (groups of 32, as llama.cpp's Q4_1 keeps them). The quantised kernels are PyTorch's own
-(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); they are fast with bf16 activations only, so a
-quantised model computes in bf16. Rounding weights changes some greedy answers (the benchmark counts how many), so
-these routes are opt-in.
+(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); they are fast with bf16 inputs only (fp32 inputs take
+a scalar path, 30x slower), so each product rounds its input to bf16 and returns to the model's dtype. Everything
+else (norms, rotary, attention, the residual stream) stays in the model's dtype, fp32 on a CPU: attention over a
+bf16 cache measured 7x slower than over an fp32 one, and fp32 keeps answers closer to the dense model's. Rounding
+weights still changes some greedy answers (the benchmark counts how many), so these routes are opt-in.
 
 Quantised routes fuse the products that read the same input (q/k/v, gate/up) into one call: the weights are new
 tensors anyway, and on a CPU each call costs microseconds of dispatch. Dense weights stay the loaded tensors.
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 SCHEMES = ("none", "int8", "int4")
 INT4_GROUP = 32
+KERNEL_DTYPE = torch.bfloat16  # the quantised kernels' input, scale and output dtype
 
 
 def check_scheme(scheme: str, device: torch.device) -> str:
@@ -61,22 +64,17 @@ class Dense(Projection):
 @dataclass
 class _Fused(Projection):
     widths: list[int]
-    bias: torch.Tensor | None
+    bias: torch.Tensor | None  # fp32, added after the product
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        flat = x.reshape(-1, x.shape[-1])
-        out = self._product(flat.to(self._activation_dtype))
+        out = self._product(x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)).to(x.dtype)
         if self.bias is not None:
-            out = out + self.bias
-        out = out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+            out = out + self.bias.to(x.dtype)
+        out = out.view(*x.shape[:-1], out.shape[-1])
         return tuple(out.split(self.widths, dim=-1)) if len(self.widths) > 1 else (out,)
-
-    @property
-    def _activation_dtype(self) -> torch.dtype:
-        raise NotImplementedError
 
 
 @dataclass
@@ -84,11 +82,7 @@ class Int8(_Fused):
     """Per-output-channel symmetric int8: w = q * scale."""
 
     weight: torch.Tensor  # int8 [out, in]
-    scales: torch.Tensor  # [out], in the activation dtype
-
-    @property
-    def _activation_dtype(self) -> torch.dtype:
-        return self.scales.dtype
+    scales: torch.Tensor  # [out], KERNEL_DTYPE
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.weight, self.scales)
@@ -102,11 +96,7 @@ class Int4(_Fused):
     """Asymmetric int4 in groups of ``INT4_GROUP`` along the input: w = q * scale + min (llama.cpp's Q4_1 form)."""
 
     packed: torch.Tensor
-    scales_and_zeros: torch.Tensor  # [groups, out, 2], in the activation dtype
-
-    @property
-    def _activation_dtype(self) -> torch.dtype:
-        return self.scales_and_zeros.dtype
+    scales_and_zeros: torch.Tensor  # [groups, out, 2], KERNEL_DTYPE
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales_and_zeros)
@@ -123,13 +113,13 @@ def _joined(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | Non
     return weight, torch.cat(parts)
 
 
-def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
     q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scales.to(dtype)
+    return q.contiguous(), scales.to(KERNEL_DTYPE)
 
 
-def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out_features, in_features = weight.shape
     groups = weight.view(out_features, in_features // INT4_GROUP, INT4_GROUP)
     low = groups.amin(dim=-1, keepdim=True)
@@ -138,22 +128,20 @@ def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     # The kernel computes (q - 8) * scale + zero, so zero is the group's minimum plus eight steps.
     zeros = low + 8 * scale
-    scales_and_zeros = torch.cat([scale, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    scales_and_zeros = torch.cat([scale, zeros], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
     return packed, scales_and_zeros
 
 
-def projection(
-    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], scheme: str, dtype: torch.dtype
-) -> Projection:
+def projection(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], scheme: str) -> Projection:
     """The products of one input with ``weights``; under a quantised scheme, fused into one quantised matrix."""
     if scheme == "none":
         return Dense(list(weights), list(biases))
     widths = [int(w.shape[0]) for w in weights]
     joined = _joined(weights, biases)
-    weight, bias = joined[0], (joined[1].to(dtype) if len(joined) > 1 else None)
+    weight, bias = joined[0], (joined[1] if len(joined) > 1 else None)
     if scheme == "int4" and weight.shape[1] % INT4_GROUP == 0:
-        packed, scales_and_zeros = quantize_int4(weight, dtype)
+        packed, scales_and_zeros = quantize_int4(weight)
         return Int4(widths, bias, packed, scales_and_zeros)
     # int8, and int4's fallback for widths its groups do not divide.
-    q, scales = quantize_int8(weight, dtype)
+    q, scales = quantize_int8(weight)
     return Int8(widths, bias, q, scales)
