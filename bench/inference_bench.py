@@ -76,6 +76,53 @@ def ratio(ours: float, theirs: float, *, lower_is_better: bool = False) -> str:
     return f"{(theirs / ours) if lower_is_better else (ours / theirs):.1f}x"
 
 
+# ------------------------------------------------------------------------------------------ llama.cpp
+
+
+@dataclass
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on the same model's Q4_1 GGUF, the file the default model is prepared from.
+
+    Optional: ``make bench`` installs it (the ``bench`` extra builds it from source once, a few minutes)."""
+
+    llm: Any
+
+    @classmethod
+    def open(cls, threads: int) -> LlamaCpp | None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            print("llama-cpp-python is not installed (pip install -e '.[bench]'): no llama.cpp baseline")
+            return None
+        from bench.model_prep import gguf_file
+
+        llm = Llama(model_path=str(gguf_file()), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+        return cls(llm)
+
+    def single(self, ids: list[int], tokens: int) -> tuple[float, float]:
+        """(decode tokens/s, time to first token) for one greedy stream of ``tokens`` tokens from a cold cache."""
+        self.llm.reset()  # no prefix reuse: the prompt is evaluated in full every time, as for the others
+        started = time.perf_counter()
+        first = now = 0.0
+        count = 0
+        for _ in self.llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            now = time.perf_counter()
+            first = first or now
+            count += 1
+            if count >= tokens:
+                break
+        return (count - 1) / (now - first), first - started
+
+    def greedy(self, ids: list[int], tokens: int, tokenizer: Any) -> str:
+        self.llm.reset()
+        out: list[int] = []
+        for token in self.llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if token == self.llm.token_eos() or len(out) >= tokens:
+                break
+            out.append(int(token))
+        return str(tokenizer.decode(out, skip_special_tokens=True))
+
+
 # ------------------------------------------------------------------------------------------ engine part
 
 
@@ -116,12 +163,16 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
     from inference.engine.sampling import SamplingParams
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    routes = {"fp32": {}, "bf16": {"dtype_setting": "bf16"}, "int8": {"quant_setting": "int8"}}
+    routes["int4"] = {"quant_setting": "int4"}
     engines = {
-        name: Engine(load_model(MODEL_NAME, folder, dtype_setting=name), max_batch_size=8).start() for name in dtypes
+        name: Engine(load_model(MODEL_NAME, folder, **options), max_batch_size=8).start()
+        for name, options in routes.items()
     }
     libraries = {
         name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval() for name, dtype in dtypes.items()
     }
+    llama = LlamaCpp.open(torch.get_num_threads())
     model = engines["fp32"].model
     encoded = [model.encode_chat([{"role": "user", "content": p}]) for p in PARITY_PROMPTS]
 
@@ -166,10 +217,13 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
     for _ in range(repeats):
         for name in dtypes:
             samples.setdefault(f"generate_{name}", []).append(library_single(name))
-            samples.setdefault(f"lean_{name}", []).append(lean_single(name))
             samples.setdefault(f"generate_{name}_batch8", []).append(library_batch(name))
+        for name in routes:
+            samples.setdefault(f"lean_{name}", []).append(lean_single(name))
             samples.setdefault(f"lean_{name}_batch8", []).append(lean_batch(name))
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats}
+        if llama:
+            samples.setdefault("llamacpp", []).append(llama.single(encoded[0], tokens))
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "llamacpp": bool(llama)}
     for key, values in samples.items():
         if key.endswith("batch8"):
             out[key] = statistics.median(values)
@@ -186,8 +240,10 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
         new = [t for t in generated[0, len(prompt_ids) :].tolist() if t not in model.stop_token_ids]
         same += model.tokenizer.decode(new, skip_special_tokens=True) == answers["fp32"][index]
     out["lean_vs_generate_same"] = (same, 4)
-    differ = sum(a != b for a, b in zip(answers["fp32"], answers["bf16"], strict=True))
-    out["bf16_differs"] = (differ, len(PARITY_PROMPTS))
+    for name in [*(r for r in routes if r != "fp32"), *(["llamacpp"] if llama else [])]:
+        theirs = answers[name] if name in answers else [llama.greedy(ids, 64, model.tokenizer) for ids in encoded]
+        differ = sum(a != b for a, b in zip(answers["fp32"], theirs, strict=True))
+        out[f"{name}_differs"] = (differ, len(PARITY_PROMPTS))
     for engine in engines.values():
         engine.stop()
     return out
@@ -291,7 +347,9 @@ def stream_generate(base: str, prompt: str, max_new_tokens: int) -> dict[str, fl
     }
 
 
-def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str, redis_url: str) -> dict[str, Any]:
+def conch_part(
+    folder: Path, tokens: int, clients: int, rounds: int, dtype: str, redis_url: str, quant: str = "none"
+) -> dict[str, Any]:
     from sqlalchemy.orm import Session
 
     from core.db import make_engine
@@ -311,6 +369,7 @@ def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str,
         "DEFAULT_BASE_MODEL": MODEL_NAME,
         "DEPLOYMENT_POLL_SECONDS": "0.2",
         "INFERENCE_DTYPE": dtype,
+        "INFERENCE_QUANT": quant,
         "LOG_LEVEL": "WARNING",
     }
     server = Server("inference.app:create_app", env, data_dir / "conch.log", factory=True)
@@ -326,6 +385,7 @@ def conch_part(folder: Path, tokens: int, clients: int, rounds: int, dtype: str,
             finished += body["finish_reason"] == "stop"
             answer_tokens.append(body["usage"]["completion_tokens"])
         out["e2e"] = e2e
+        out["e2e_median"] = statistics.median(e2e)
         out["eos_terminated"] = (finished, len(PROMPTS))
         out["answer_tokens"] = statistics.median(answer_tokens)
         out["example"] = httpx.get(f"{server.base}/generate", params={"prompt": PROMPTS[0]}, timeout=600).json()
@@ -431,70 +491,166 @@ def seed_many(seed: dict[str, Any], clients: int) -> tuple[float, float, bool]:
 # ------------------------------------------------------------------------------------------ report
 
 
-def report(engine: dict[str, Any] | None, conch: dict[str, Any] | None, seed: dict[str, Any] | None) -> None:
+ROUTE_NAMES = {
+    "generate_fp32": "transformers generate, fp32",
+    "generate_bf16": "transformers generate, bf16",
+    "llamacpp": "llama.cpp, Q4_1 GGUF (llama-cpp-python)",
+    "lean_fp32": "Conch, fp32 (default: same greedy tokens as generate)",
+    "lean_bf16": "Conch, INFERENCE_DTYPE=bf16",
+    "lean_int8": "Conch, INFERENCE_QUANT=int8",
+    "lean_int4": "Conch, INFERENCE_QUANT=int4",
+}
+
+
+def report_engine(engine: dict[str, Any]) -> None:
+    print(
+        f"== engine (in process, torch threads {engine['threads']}, medians of {engine['repeats']} interleaved "
+        "runs; decode ratios against transformers generate fp32 and against llama.cpp) =="
+    )
+    base, base_batch = engine["generate_fp32_decode"], engine["generate_fp32_batch8"]
+    llama = engine.get("llamacpp_decode", 0.0)
+    print(
+        f"{'route':55} {'decode tok/s':>12} {'vs gen':>6} {'vs llama':>8} {'TTFT s':>7} {'batch 8 tok/s':>13} "
+        f"{'vs gen':>6} {'answers changed':>15}"
+    )
+    for key, name in ROUTE_NAMES.items():
+        if f"{key}_decode" not in engine:
+            continue
+        decode = engine[f"{key}_decode"]
+        batch = engine.get(f"{key}_batch8", 0.0)
+        route = key.removeprefix("lean_")
+        changed = engine.get(f"{route}_differs")
+        print(
+            f"{name:55} {decode:12.1f} {ratio(decode, base):>6} {ratio(decode, llama):>8} "
+            f"{engine[f'{key}_ttft']:7.3f} {(f'{batch:.1f}' if batch else '-'):>13} {ratio(batch, base_batch):>6} "
+            f"{(f'{changed[0]}/{changed[1]}' if changed else '-'):>15}"
+        )
+    same, total = engine["lean_vs_generate_same"]
+    print(f"greedy answers, Conch fp32 == transformers generate fp32: {same}/{total} prompts")
+    print("answers changed: greedy answers (64 tokens) that differ from Conch fp32's on the same prompts")
+
+
+def report_service(route: str, conch: dict[str, Any]) -> None:
+    print()
+    print(f"== Conch service, INFERENCE_QUANT={route}: ready {conch['ready_after']:.1f} s after start ==")
+    print(
+        f"resident memory: {conch['rss_before_swap_mb']:.0f} MB serving one model, "
+        f"{conch['rss_after_swap_mb']:.0f} MB holding two after a swap (peak {conch['peak_rss_mb']:.0f} MB)"
+    )
+    done, total = conch["eos_terminated"]
+    print(f"GET /generate answers ending at EOS: {done}/{total}, median {conch['answer_tokens']:.0f} tokens")
+    print(f"example: {json.dumps(conch['example'])[:300]}")
+    print(
+        f"deployment publish -> first answer from the new model: {conch['swap_seen']:.2f} s "
+        f"(recorded latency_seconds {conch['swap_recorded']:.2f} s; {conch['swap_via']})"
+    )
+
+
+def report_against_seed(services: dict[str, dict[str, Any]], seed: dict[str, Any]) -> None:
+    print()
+    print(f"== seed-style vs Conch (same model, same prompts; seed figures from {seed['requests']} requests) ==")
+    clients = next(iter(services.values()))["clients"]
+    p50_seed, p99_seed, extrapolated = seed_many(seed, clients)
+    mark = " (extrapolated)" if extrapolated else ""
+    rows: list[tuple[str, float, str, bool]] = [
+        ("GET /generate end to end, s (median)", seed["latency"], "e2e_median", True),
+        ("time to first token, s", seed["latency"], "ttft", True),
+        ("decode tokens/s, 1 client", seed["decode"], "decode", False),
+        (f"aggregate tokens/s, {clients} clients", seed["aggregate"], "aggregate", False),
+        (f"p50 latency, {clients} clients, s{mark}", p50_seed, "latency_p50", True),
+        (f"p99 latency, {clients} clients, s{mark}", p99_seed, "latency_p99", True),
+    ]
+    header = "".join(f" {'conch ' + r:>12} {'ratio':>7}" for r in services)
+    print(f"{'metric':48} {'seed-style':>11}{header}")
+    for name, theirs, key, lower in rows:
+        cells = "".join(f" {c[key]:12.3f} {ratio(c[key], theirs, lower_is_better=lower):>7}" for c in services.values())
+        print(f"{name:48} {theirs:11.2f}{cells}")
+    print(
+        f"seed answers: {seed['tokens']:.0f} tokens each (max_length=512, no template); "
+        f"its request latencies when sent together: {seed['serialised']} s (serialised)"
+    )
+
+
+def goals(engine: dict[str, Any] | None, services: dict[str, dict[str, Any]], seed: dict[str, Any] | None) -> list:
+    """The performance goals, each as (goal, baseline figure, best Conch figure and route, ratio, target)."""
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def best(key: str, lower: bool) -> tuple[str, float]:
+        pick = min if lower else max
+        return pick(((r, c[key]) for r, c in services.items()), key=lambda item: item[1])
+
+    if seed and services:
+        route, e2e = best("e2e_median", True)
+        rows.append(
+            (
+                "GET /generate end to end",
+                f"seed {seed['latency']:.2f} s",
+                f"{e2e:.2f} s ({route})",
+                ratio(e2e, seed["latency"], lower_is_better=True),
+                ">= 20x",
+            )
+        )
+        route, agg = best("aggregate", False)
+        rows.append(
+            (
+                "8-client aggregate tokens/s vs seed",
+                f"seed {seed['aggregate']:.1f}",
+                f"{agg:.1f} ({route})",
+                ratio(agg, seed["aggregate"]),
+                ">= 8x",
+            )
+        )
+    if engine and engine.get("llamacpp_decode"):
+        llama = engine["llamacpp_decode"]
+        fastest = max((k for k in ROUTE_NAMES if k.startswith("lean_")), key=lambda k: engine[f"{k}_decode"])
+        rows.append(
+            (
+                "single-stream decode vs llama.cpp",
+                f"llama.cpp {llama:.1f}",
+                f"{engine[f'{fastest}_decode']:.1f} ({fastest.removeprefix('lean_')})",
+                ratio(engine[f"{fastest}_decode"], llama),
+                ">= 1.0x",
+            )
+        )
+        if services:
+            route, agg = best("aggregate", False)
+            rows.append(
+                (
+                    "8-client aggregate vs llama.cpp single stream",
+                    f"llama.cpp {llama:.1f}",
+                    f"{agg:.1f} ({route})",
+                    ratio(agg, llama),
+                    ">= 2x",
+                )
+            )
+    if engine:
+        ttft = engine["lean_fp32_ttft"]
+        rows.append(("time to first token, 35-token prompt", "-", f"{ttft:.3f} s (fp32)", "-", "<= 0.1 s"))
+    for route, c in services.items():
+        rows.append(("new model answers after publishing", "-", f"{c['swap_seen']:.2f} s ({route})", "-", "<= 2 s"))
+        two = c["rss_after_swap_mb"] / c["rss_before_swap_mb"] if c["rss_before_swap_mb"] else 0.0
+        rows.append(("memory holding two models during a swap", "-", f"{two:.2f}x one ({route})", "-", "< 2.5x"))
+    return rows
+
+
+def report(
+    engine: dict[str, Any] | None, services: dict[str, dict[str, Any]], seed: dict[str, Any] | None
+) -> list[tuple[str, str, str, str, str]]:
     print()
     if engine:
-        print(
-            f"== engine (in process, torch threads {engine['threads']}, medians of {engine['repeats']} interleaved "
-            "runs; ratios against transformers generate fp32) =="
-        )
-        rows = [
-            ("transformers generate, fp32", "generate_fp32"),
-            ("transformers generate, bf16", "generate_bf16"),
-            ("Conch lean decoder + engine, fp32 (default)", "lean_fp32"),
-            ("Conch lean decoder + engine, bf16 (INFERENCE_DTYPE=bf16)", "lean_bf16"),
-        ]
-        base, base_batch = engine["generate_fp32_decode"], engine["generate_fp32_batch8"]
-        print(f"{'route':58} {'decode tok/s':>12} {'ratio':>6} {'TTFT s':>7} {'batch of 8 tok/s':>17} {'ratio':>6}")
-        for name, key in rows:
-            decode, batch = engine[f"{key}_decode"], engine[f"{key}_batch8"]
-            print(
-                f"{name:58} {decode:12.1f} {ratio(decode, base):>6} {engine[f'{key}_ttft']:7.3f} "
-                f"{batch:17.1f} {ratio(batch, base_batch):>6}"
-            )
-        same, total = engine["lean_vs_generate_same"]
-        print(f"greedy answers, lean fp32 == transformers generate fp32: {same}/{total} prompts")
-        differ, total = engine["bf16_differs"]
-        print(f"greedy answers that bf16 changes (vs fp32, 64 tokens): {differ}/{total} prompts")
-    if conch:
+        report_engine(engine)
+    for route, conch in services.items():
+        report_service(route, conch)
+    if services and seed:
+        report_against_seed(services, seed)
+    rows = goals(engine, services, seed)
+    if rows:
         print()
-        print(f"== conch service: ready {conch['ready_after']:.1f} s after start ==")
-        print(
-            f"resident memory: {conch['rss_before_swap_mb']:.0f} MB serving one model, "
-            f"{conch['rss_after_swap_mb']:.0f} MB holding two after a swap (peak {conch['peak_rss_mb']:.0f} MB)"
-        )
-        done, total = conch["eos_terminated"]
-        print(f"GET /generate answers ending at EOS: {done}/{total}, median {conch['answer_tokens']:.0f} tokens")
-        print(f"example: {json.dumps(conch['example'])[:300]}")
-        print(
-            f"deployment publish -> first answer from the new model: {conch['swap_seen']:.2f} s "
-            f"(recorded latency_seconds {conch['swap_recorded']:.2f} s; {conch['swap_via']})"
-        )
-    if conch and seed:
-        print()
-        print(f"== seed-style vs Conch (same model, same prompts; seed figures from {seed['requests']} requests) ==")
-        p50_seed, p99_seed, extrapolated = seed_many(seed, conch["clients"])
-        mark = " (extrapolated)" if extrapolated else ""
-        e2e = statistics.median(conch["e2e"])
-        rows = [
-            ("GET /generate end to end, s (median)", seed["latency"], e2e, True),
-            ("time to first token, s", seed["latency"], conch["ttft"], True),
-            ("decode tokens/s, 1 client", seed["decode"], conch["decode"], False),
-            (f"aggregate tokens/s, {conch['clients']} clients", seed["aggregate"], conch["aggregate"], False),
-            (f"p50 latency, {conch['clients']} clients, s{mark}", p50_seed, conch["latency_p50"], True),
-            (f"p99 latency, {conch['clients']} clients, s{mark}", p99_seed, conch["latency_p99"], True),
-        ]
-        print(f"{'metric':48} {'seed-style':>11} {'conch':>10} {'ratio':>8}")
-        for name, theirs, ours, lower in rows:
-            print(f"{name:48} {theirs:11.2f} {ours:10.3f} {ratio(ours, theirs, lower_is_better=lower):>8}")
-        print(
-            f"seed answers: {seed['tokens']:.0f} tokens each (max_length=512, no template); "
-            f"its request latencies when sent together: {seed['serialised']} s (serialised)"
-        )
-        print(
-            f"conch fixed-length runs: {conch['clients']} clients x streams of ignore_eos tokens; "
-            f"time to first token p50 under load {conch['ttft_p50_many']:.3f} s"
-        )
+        print("== goals ==")
+        print(f"{'goal':46} {'baseline':>18} {'Conch':>22} {'ratio':>7} {'target':>9}")
+        for row in rows:
+            print(f"{row[0]:46} {row[1]:>18} {row[2]:>22} {row[3]:>7} {row[4]:>9}")
+    return rows
 
 
 def main() -> None:
@@ -506,31 +662,40 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96, help="tokens per fixed-length stream")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="streams per concurrent client")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each engine measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each engine measurement")
     parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
+    parser.add_argument(
+        "--quant", default="none,int4", help="comma-separated INFERENCE_QUANT routes to run the service with"
+    )
     parser.add_argument(
         "--redis", default="", help="announce the deployment over this Redis (default: the service polls only)"
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads for every app (0: Conch's default, half the cores)"
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures and the goals table here")
     args = parser.parse_args()
     from inference.engine.device import auto_threads, configure_threads
 
     threads = args.threads or auto_threads()
-    # The same thread count for the baseline and for Conch, in process and in the servers.
+    # The same thread count for the baselines and for Conch, in process and in the servers.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["INFERENCE_THREADS"] = str(threads)
     configure_threads(threads)
 
     folder = prepare_default_model()
     engine = None if args.skip_engine else engine_part(folder, args.tokens, args.repeats)
-    conch = seed = None
+    services: dict[str, dict[str, Any]] = {}
+    seed = None
     if not args.quick:
-        conch = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype, args.redis)
+        for route in [r.strip() for r in args.quant.split(",") if r.strip()]:
+            services[route] = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype, args.redis, route)
         if not args.skip_seed:
             seed = seed_part(folder, args.seed_requests)
-    report(engine, conch, seed)
+    rows = report(engine, services, seed)
+    if args.json:
+        figures = {"engine": engine, "services": services, "seed": seed, "goals": rows, "threads": threads}
+        args.json.write_text(json.dumps(figures, indent=1, default=str))
 
 
 if __name__ == "__main__":
