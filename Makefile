@@ -27,8 +27,8 @@ migration:   ## make migration m="what changed"
 up:
 	.venv/bin/conch up
 
-bench:
-	.venv/bin/conch bench
+bench:       ## inference and training benchmarks against their baselines, one goals table at the end
+	bash scripts/bench.sh
 
 clean:
 	rm -rf var

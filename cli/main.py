@@ -128,15 +128,13 @@ def demo(
 
 
 @app.command()
-def bench() -> None:
-    """Run the benchmarks in bench/ and print their tables."""
-    import subprocess
-    import sys
+def bench(
+    quick: Annotated[bool, typer.Option(help="engine figures and one training pair only")] = False,
+) -> None:
+    """Run the benchmarks in bench/ (inference and training against their baselines); print one goals table."""
+    from cli.benchmarks import run_benchmarks
 
-    for script in ("bench/inference_bench.py", "bench/train_bench.py"):
-        if Path(script).exists():
-            console.rule(script)
-            subprocess.run([sys.executable, script], check=False)
+    raise typer.Exit(run_benchmarks(console, quick=quick))
 
 
 # ------------------------------------------------------------------------------------------------- models

@@ -32,6 +32,8 @@ def check_scheme(scheme: str, device: torch.device) -> str:
         raise ValueError(f"INFERENCE_QUANT must be one of {', '.join(SCHEMES)}, not {scheme!r}")
     if scheme != "none" and device.type != "cpu":
         raise ValueError(f"INFERENCE_QUANT={scheme} is a CPU route; on {device.type} leave it at none")
+    if scheme == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise ValueError(f"INFERENCE_QUANT=int4 needs a newer torch than {torch.__version__} (2.6 or later)")
     return scheme
 
 
