@@ -70,5 +70,5 @@ def run_benchmarks(console: Console, *, quick: bool = False) -> int:
     if training_json.exists():
         for row in training_goals(json.loads(training_json.read_text())):
             table.add_row(*row)
-    console.print(table)
+    console.print(table, width=max(console.width, 120))  # logs and pipes default to 80 columns
     return 0 if ok else 1

@@ -295,6 +295,7 @@ class Registry:
                 "id": h.name,
                 "backend": h.model.backend,
                 "dtype": h.model.dtype,
+                "quant": h.model.quant,
                 "bytes": h.model.size_bytes,
                 "healthy": h.engine.healthy,
                 "in_use": h.in_use,

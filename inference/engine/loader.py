@@ -72,6 +72,10 @@ class LoadedModel:
     def dtype(self) -> str:
         return dtype_name(self.decoder.dtype)
 
+    @property
+    def quant(self) -> str:
+        return str(getattr(self.decoder, "quant", "none"))
+
     def render_chat(self, messages: list[Message]) -> str:
         # The same code the training pipeline renders examples with, so the model sees what it learned.
         return render_prompt(self.tokenizer, messages, self.template)

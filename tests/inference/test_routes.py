@@ -24,6 +24,16 @@ def _sse_payloads(lines: list[str]) -> list[object]:
     return [json.loads(d) for d in data[:-1]]
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_route_chosen_in_settings_serves_answers(scheme: str) -> None:
+    with app_client(inference_quant=scheme) as client:
+        (model,) = client.get("/readyz").json()["models"]
+        assert model["quant"] == scheme
+        answer = client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 5, "ignore_eos": True})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 5
+
+
 def test_probes_and_metrics() -> None:
     with app_client() as client:
         assert client.get("/healthz").json() == {"status": "ok"}
