@@ -1,15 +1,19 @@
 """Inference benchmark: the seed-style app against Conch, same model (SmolLM2-135M-Instruct), same prompts.
 
-Prints figures and ratios; nothing is asserted. Three parts:
+Prints figures and ratios, then a goals table; nothing is asserted. Three parts:
 
-1. engine (in process): Conch's decoder in fp32 and bf16 against transformers ``generate`` - single-stream decode
-   tokens/s, a batch of 8, and how often bf16 (or the lean decoder) changes a greedy answer;
-2. conch (a uvicorn process): ``GET /generate`` end to end, time to first token and decode rate from the SSE
-   stream, 8 concurrent clients, publish-to-serving latency of a deployment, peak resident memory;
-3. seed (a uvicorn process running bench/seed_app.py): a few requests only, as each takes about 30 s; its
-   8-client figures are extrapolated from its serialised handling unless ``--seed-requests 8``.
+1. engine (in process): Conch's decoder in fp32, bf16, int8 and int4 against transformers ``generate`` (fp32,
+   bf16) and llama.cpp on the same model's Q4_1 GGUF (when llama-cpp-python is installed: ``make bench`` does it):
+   single-stream decode tokens/s, time to first token, a batch of 8, and how many greedy answers each route
+   changes against Conch's fp32 (which itself must equal ``generate``'s);
+2. conch (a uvicorn process per ``--quant`` route): ``GET /generate`` end to end, time to first token and decode
+   rate from the SSE stream, 8 concurrent clients, publish-to-serving latency of a deployment, resident memory;
+3. seed (a uvicorn process running bench/seed_app.py): a few requests only, as each takes 15-30 s; its 8-client
+   figures are extrapolated from its serialised handling unless ``--seed-requests 8``.
 
-    python -m bench.inference_bench            # a few minutes
+Every app gets the same CPU threads (``--threads``; default Conch's own, half the cores).
+
+    python -m bench.inference_bench            # about 10 minutes
     python -m bench.inference_bench --quick    # engine part only
 """
 
