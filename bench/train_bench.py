@@ -191,6 +191,9 @@ class BenchHooks:
         elapsed = time.monotonic() - self.started - self.probe.seconds
         maybe_probe(self.probe, metrics["step"], elapsed, self.model, self.tokenizer, self.template, self.dtype)
 
+    def on_eval_start(self, step: int) -> None:
+        pass
+
     def on_eval(self, metrics: dict[str, Any]) -> None:
         pass
 

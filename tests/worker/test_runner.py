@@ -110,6 +110,10 @@ def test_no_suffix_no_auto_deploy_and_validation_every_epoch(db: Session) -> Non
     assert db.scalars(select(Deployment)).first() is None
     evals = [e.data for e in events(db, split) if e.type == "metrics" and "eval_loss" in (e.data or {})]
     assert [d["epoch"] for d in evals] == [1.0, 2.0]
+    # Each evaluation is announced as the job's stage, and training (then merging) follows it.
+    stages = [(e.data or {}).get("stage") for e in events(db, split) if (e.data or {}).get("stage")]
+    assert stages.count("evaluating") == 2
+    assert stages.index("merging") > max(i for i, stage in enumerate(stages) if stage == "evaluating")
     assert fresh(db, split).metrics["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-4)
 
     assert run_job(separate.public_id) == "succeeded"

@@ -35,6 +35,7 @@ class Recorder:
     def __init__(self, stop_after: int | None = None, reason: str = "shutdown") -> None:
         self.logs: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
+        self.eval_starts: list[int] = []
         self.checkpoints: list[int] = []
         self.stop_after = stop_after
         self.reason = reason
@@ -47,7 +48,11 @@ class Recorder:
     def on_log(self, metrics: dict[str, Any]) -> None:
         self.logs.append(metrics)
 
+    def on_eval_start(self, step: int) -> None:
+        self.eval_starts.append(step)
+
     def on_eval(self, metrics: dict[str, Any]) -> None:
+        assert self.eval_starts and self.eval_starts[-1] == metrics["step"], "an evaluation must be announced first"
         self.evals.append(metrics)
 
     def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
@@ -221,6 +226,7 @@ def test_validation_split_is_evaluated_every_epoch(
     hp = Hyperparameters(num_train_epochs=2, per_device_train_batch_size=2, val_size=0.25, save_steps=0)
     result = trainer_for(tiny_models["tiny-llama"], tokenizer, hp, tmp_path, hooks).run()
     assert [e["epoch"] for e in hooks.evals] == [1.0, 2.0]
+    assert hooks.eval_starts == [e["step"] for e in hooks.evals]
     assert all(e["eval_loss"] > 0 for e in hooks.evals)
     assert result.metrics["eval_loss"] == pytest.approx(hooks.evals[-1]["eval_loss"], rel=1e-4)
     assert result.steps == 6  # 6 training examples left after holding 2 out

@@ -132,12 +132,17 @@ class JobReporter:
             trained_tokens=metrics.get("trained_tokens"),
         )
 
+    def on_eval_start(self, step: int) -> None:
+        self.stage(JobStage.EVALUATING, f"Evaluating on the validation split at step {step}", {"step": step})
+
     def on_eval(self, metrics: dict[str, Any]) -> None:
+        # Training goes on after every epoch's evaluation but the last, which the merging stage follows.
         self.event(
             f"Epoch {metrics['epoch']:g} (step {metrics['step']}/{metrics['total_steps']}): "
             f"validation loss={metrics['eval_loss']:.4f}",
             type_="metrics",
             data=metrics,
+            stage=JobStage.TRAINING.value,
         )
 
     def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:

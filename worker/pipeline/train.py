@@ -54,6 +54,8 @@ class TrainingHooks(Protocol):
 
     def on_log(self, metrics: dict[str, Any]) -> None: ...
 
+    def on_eval_start(self, step: int) -> None: ...
+
     def on_eval(self, metrics: dict[str, Any]) -> None: ...
 
     def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None: ...
@@ -501,6 +503,8 @@ class LoraTrainer:
         if self.state.epoch_targets:
             self.state.last_epoch_loss = self.state.epoch_loss_sum / self.state.epoch_targets
         self.state.epoch_loss_sum, self.state.epoch_targets = 0.0, 0
+        if self.eval_examples:
+            self.hooks.on_eval_start(step)
         eval_loss = self.evaluate()
         if eval_loss is not None:
             self.state.eval_loss = eval_loss
