@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     max_new_tokens_default: int = 128
     max_new_tokens_limit: int = 1024
     max_batch_size: int = 8
+    prefill_chunk_tokens: int = Field(
+        default=256, ge=0, description="prompt tokens read per step while other streams run; 0 = whole prompts"
+    )
     model_memory_budget_bytes: int = 4 * 1024**3
     deployment_poll_seconds: float = 1.0
 

@@ -190,7 +190,12 @@ class Registry:
                 backend_setting=settings.inference_backend,
                 quant_setting=settings.inference_quant,
             )
-            engine = Engine(model, max_batch_size=settings.max_batch_size, observer=self.metrics).start()
+            engine = Engine(
+                model,
+                max_batch_size=settings.max_batch_size,
+                prefill_chunk=settings.prefill_chunk_tokens,
+                observer=self.metrics,
+            ).start()
             smoke_test(engine, model)
         except BaseException as exc:
             if engine is not None:

@@ -1,8 +1,10 @@
 """One generation thread per loaded model, batching every request that is waiting when a step starts.
 
 Continuous batching: between two decode steps, waiting requests are prefilled together and join the running batch;
-finished, stopped and cancelled rows leave it. The event loop never runs model code: it hands a request to the
-thread through a queue and receives text through a ``Sink`` (an asyncio queue fed with ``call_soon_threadsafe``).
+finished, stopped and cancelled rows leave it. Long prompts are read in chunks of ``prefill_chunk`` tokens with a
+decode step of the running batch after each chunk, so a long prompt arriving does not stall every other stream.
+The event loop never runs model code: it hands a request to the thread through a queue and receives text through
+a ``Sink`` (an asyncio queue fed with ``call_soon_threadsafe``).
 """
 
 from __future__ import annotations
@@ -116,6 +118,17 @@ class _Row:
     finish_reason: str | None = None
 
 
+@dataclass
+class _Prefill:
+    """Arrivals whose prompts are being read chunk by chunk; they join the batch after the last chunk."""
+
+    requests: list[GenerationRequest]
+    ids: torch.Tensor  # [rows, longest] left-padded prompts
+    mask: torch.Tensor
+    cache: KVCache
+    done: int = 0  # prompt columns read so far
+
+
 # ---------------------------------------------------------------------------------------------- engine
 
 
@@ -125,10 +138,13 @@ class Engine:
         model: LoadedModel,
         *,
         max_batch_size: int,
+        prefill_chunk: int = 256,
         observer: EngineObserver | None = None,
     ) -> None:
         self.model = model
         self.max_batch_size = max(1, max_batch_size)
+        self.prefill_chunk = prefill_chunk  # 0: a whole prompt in one forward pass
+        self._pending: _Prefill | None = None
         self.observer = observer
         self._incoming: queue.Queue[GenerationRequest] = queue.Queue()
         self._rows: list[_Row] = []
@@ -183,9 +199,12 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 self._drop_cancelled()
-                arrivals = self._take(self.max_batch_size - len(self._rows), wait=not self._rows)
-                if arrivals:
-                    self._guarded(self._prefill, arrivals)
+                if self._pending is None:
+                    arrivals = self._take(self.max_batch_size - len(self._rows), wait=not self._rows)
+                    if arrivals:
+                        self._guarded(self._start_prefill, arrivals)
+                if self._pending is not None:
+                    self._guarded(self._prefill_step)
                 if self._rows:
                     self._guarded(self._decode_step)
         except BaseException as exc:  # anything escaping the guarded steps kills the thread: say why
@@ -195,9 +214,9 @@ class Engine:
                 self.observer.failure("engine_died")
         finally:
             reason = self.death or f"{self.model.name} was unloaded"
-            for row in self._rows:
-                row.request.sink.put(Failed(reason))
-            self._rows, self._cache = [], None
+            for request in [row.request for row in self._rows] + (self._pending.requests if self._pending else []):
+                request.sink.put(Failed(reason))
+            self._rows, self._cache, self._pending = [], None, None
             while True:
                 try:
                     self._incoming.get_nowait().sink.put(Failed(reason))
@@ -229,11 +248,11 @@ class Engine:
             if self.observer:
                 self.observer.failure("generation")
             involved = {id(row.request): row.request for row in self._rows}
-            for group in arrivals:
+            for group in [*arrivals, self._pending.requests if self._pending else []]:
                 involved.update({id(request): request for request in group})
             for request in involved.values():
                 request.sink.put(Failed(f"generation failed: {self.error}"))
-            self._rows, self._cache = [], None
+            self._rows, self._cache, self._pending = [], None, None
 
     def _drop_cancelled(self) -> None:
         if any(row.request.cancelled for row in self._rows):
@@ -242,7 +261,7 @@ class Engine:
                     row.finish_reason = "cancelled"
             self._retire_finished()
 
-    def _prefill(self, requests: list[GenerationRequest]) -> None:
+    def _start_prefill(self, requests: list[GenerationRequest]) -> None:
         model = self.model
         longest = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(requests), longest), model.pad_id, dtype=torch.long)
@@ -253,7 +272,22 @@ class Engine:
         device = model.decoder.device
         # Room for a few dozen tokens now; the cache doubles when it fills.
         cache = model.decoder.new_cache(len(requests), longest + 32)
-        logits = model.decoder.forward(ids.to(device), mask.to(device), cache)
+        self._pending = _Prefill(requests, ids.to(device), mask.to(device), cache)
+
+    def _prefill_step(self) -> None:
+        """Read the next chunk of the pending prompts; after the last one they join the running batch."""
+        pending = self._pending
+        assert pending is not None
+        width = pending.ids.shape[1]
+        end = width if self.prefill_chunk <= 0 else min(width, pending.done + self.prefill_chunk)
+        logits = self.model.decoder.forward(
+            pending.ids[:, pending.done : end], pending.mask[:, pending.done : end], pending.cache
+        )
+        pending.done = end
+        if end < width:
+            return
+        self._pending = None
+        model, requests, cache = self.model, pending.requests, pending.cache
         rows = [
             _Row(
                 request=r,

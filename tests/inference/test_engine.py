@@ -76,9 +76,11 @@ def _reference_text(folder: Path, model: LoadedModel, ids: list[int], max_new_to
 def engine_for(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
     engines: list[Engine] = []
 
-    def make(name: str = "tiny-llama", *, backend: str = "auto", max_batch_size: int = 8) -> Engine:
+    def make(
+        name: str = "tiny-llama", *, backend: str = "auto", max_batch_size: int = 8, prefill_chunk: int = 256
+    ) -> Engine:
         model = load_model(name, tiny_models[name], backend_setting=backend)
-        engine = Engine(model, max_batch_size=max_batch_size).start()
+        engine = Engine(model, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk).start()
         engines.append(engine)
         return engine
 
@@ -116,6 +118,49 @@ def test_requests_arriving_while_a_batch_runs_join_it(engine_for):  # type: igno
     texts = [s.wait().text for s in [first, *others]]
     assert engine.max_batch_seen > 1
     assert texts == solo  # joining a batch changes nothing in a greedy answer
+
+
+class OrderedSink(CollectSink):
+    """Records each event in one timeline shared by several sinks."""
+
+    def __init__(self, name: str, timeline: list[str]) -> None:
+        super().__init__()
+        self.name, self.timeline = name, timeline
+
+    def put(self, event: TextChunk | Finished | Failed) -> None:
+        self.timeline.append(self.name)
+        super().put(event)
+
+
+@pytest.mark.parametrize("backend", ["lean", "reference"])
+def test_a_long_prompt_is_read_in_chunks_while_running_streams_go_on(engine_for, tiny_models, backend):  # type: ignore[no-untyped-def]
+    chunk = 8
+    answers: dict[int, str] = {}
+    streamed_meanwhile: dict[int, int] = {}
+    for prefill_chunk in (chunk, 0):
+        engine = engine_for(backend=backend, prefill_chunk=prefill_chunk)
+        model = engine.model
+        long_ids = model.encode_chat([{"role": "user", "content": " ".join(PROMPTS * 3)}])
+        timeline: list[str] = []
+        running = OrderedSink("running", timeline)
+        short_ids = model.encode_chat([{"role": "user", "content": PROMPTS[1]}])
+        engine.submit(GenerationRequest(short_ids, SamplingParams(max_new_tokens=400, ignore_eos=True), running))
+        assert running.first.wait(30)
+        long = OrderedSink("long", timeline)
+        timeline.append("submitted")
+        engine.submit(GenerationRequest(long_ids, SamplingParams(max_new_tokens=12), long))
+        long.wait()
+        running.wait()
+        after = timeline[timeline.index("submitted") :]
+        streamed_meanwhile[prefill_chunk] = after[: after.index("long")].count("running")
+        answers[prefill_chunk] = long.text
+    chunks = -(-len(long_ids) // chunk)
+    assert chunks >= 8
+    # Chunked: the running stream got a token after (nearly) every chunk; whole: the prompt stalled it.
+    assert streamed_meanwhile[chunk] >= chunks - 2, streamed_meanwhile
+    assert streamed_meanwhile[0] <= 2, streamed_meanwhile
+    # Reading a prompt in pieces changes nothing in its greedy answer.
+    assert answers[chunk] == answers[0] == _reference_text(tiny_models["tiny-llama"], model, long_ids, 12)
 
 
 def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(engine_for):  # type: ignore[no-untyped-def]
