@@ -1,13 +1,14 @@
 """The lean decoder's matrix products: dense weights, or weight-only int8 / int4 on a CPU (``INFERENCE_QUANT``).
 
-Decoding one token reads every weight once, so on a CPU its speed is the speed of reading weights: measured on the
-default model (2 cores), the products of one token took 47 ms in fp32, 21 ms in bf16, 10 ms with int8 weights and
-5.4 ms with int4 weights (groups of 32, as llama.cpp's Q4_1 keeps them). The quantised kernels are PyTorch's own
-(``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); they are fast with bf16 inputs only (fp32 inputs take
-a scalar path, 30x slower), so each product rounds its input to bf16 and returns to the model's dtype. Everything
-else (norms, rotary, attention, the residual stream) stays in the model's dtype, fp32 on a CPU: attention over a
-bf16 cache measured 7x slower than over an fp32 one, and fp32 keeps answers closer to the dense model's. Rounding
-weights still changes some greedy answers (the benchmark counts how many), so these routes are opt-in.
+Decoding one token reads every weight once, so on a CPU its speed is the speed of reading weights: measured with
+the default model's shapes (2 threads), the products of one token took 47 ms in fp32, 21 ms in bf16, 10 ms with
+int8 weights and 5.4 ms with int4 weights (groups of 32, as llama.cpp's Q4_1 keeps them). The quantised kernels
+are PyTorch's own (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); they are fast with bf16 inputs only
+(fp32 inputs took 6-30x longer), so each product rounds its input to bf16 and returns to the model's dtype.
+Everything else (norms, rotary, attention, the residual stream) stays in the model's dtype, fp32 on a CPU:
+attention over a bf16 cache measured 7x slower than over an fp32 one, and fp32 keeps answers closer to the dense
+model's. Rounding weights still changes some greedy answers (the benchmark counts how many), so these routes are
+opt-in.
 
 Quantised routes fuse the products that read the same input (q/k/v, gate/up) into one call: the weights are new
 tensors anyway, and on a CPU each call costs microseconds of dispatch. Dense weights stay the loaded tensors.
