@@ -7,7 +7,7 @@ arithmetic follows the reference modules operation for operation (norm statistic
 ``x*cos + rotate_half(x)*sin``, separate q/k/v and gate/up products), so greedy tokens match them. The weights are
 the loaded tensors themselves, not copies: a model costs its file size in memory (fusing q/k/v or gate/up into one
 product measured no faster on a CPU, where decoding is bound by reading the weights, and would double them while
-loading).
+loading). Under ``INFERENCE_QUANT`` the products are quantised copies instead, fused per input (see quant.py).
 """
 
 from __future__ import annotations
