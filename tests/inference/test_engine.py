@@ -155,10 +155,11 @@ def test_a_long_prompt_is_read_in_chunks_while_running_streams_go_on(engine_for,
         streamed_meanwhile[prefill_chunk] = after[: after.index("long")].count("running")
         answers[prefill_chunk] = long.text
     chunks = -(-len(long_ids) // chunk)
-    assert chunks >= 8
-    # Chunked: the running stream got a token after (nearly) every chunk; whole: the prompt stalled it.
-    assert streamed_meanwhile[chunk] >= chunks - 2, streamed_meanwhile
-    assert streamed_meanwhile[0] <= 2, streamed_meanwhile
+    assert chunks >= 20
+    # Chunked: the running stream got a token after (nearly) every chunk. Whole: one step read the prompt, so only
+    # the steps between the submission and the engine taking it (a handful at most, on a busy machine) streamed.
+    assert streamed_meanwhile[chunk] >= chunks - 1, streamed_meanwhile
+    assert streamed_meanwhile[0] < chunks // 2, streamed_meanwhile
     # Reading a prompt in pieces changes nothing in its greedy answer.
     assert answers[chunk] == answers[0] == _reference_text(tiny_models["tiny-llama"], model, long_ids, 12)
 
