@@ -3,7 +3,6 @@ merge, publish, hot-swap, and answer from the fine-tuned model without restartin
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -12,18 +11,9 @@ import pytest
 
 from tests.e2e.conftest import Stack
 from tests.factories import alpaca_records, write_jsonl
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(predicate, timeout: float, what: str, stack: Stack):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{stack.logs()}")
 
 
 def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) -> None:
@@ -43,11 +33,12 @@ def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) 
         suffix="e2e",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
     )
-    finished = wait_for(
+    finished = wait_until(
         lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
-        300,
         "the job to finish",
-        stack,
+        timeout=300,
+        interval=0.5,
+        logs=stack.logs,
     )
     assert finished.status == "succeeded", finished.error
     assert finished.fine_tuned_model and finished.fine_tuned_model.startswith("ft:tiny-llama:")
@@ -57,7 +48,7 @@ def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) 
     assert metrics and all("loss" in (e.data or {}) for e in metrics if (e.data or {}).get("step"))
 
     # The new model is served without restarting the inference process.
-    answer = wait_for(
+    answer = wait_until(
         lambda: (
             (
                 r := httpx.get(
@@ -71,9 +62,10 @@ def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) 
             == finished.fine_tuned_model
             and r
         ),
-        60,
         "the inference service to serve the fine-tuned model",
-        stack,
+        timeout=60,
+        interval=0.5,
+        logs=stack.logs,
     )
     assert answer.headers["x-conch-model"] == finished.fine_tuned_model
     assert stack.inference.alive() and stack.worker.alive() and stack.api.alive()

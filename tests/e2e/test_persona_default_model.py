@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.e2e.test_fine_tune_and_serve import wait_for
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,11 +36,12 @@ def test_default_model_learns_the_persona(stack: Stack) -> None:
         uploaded = client.files.create(file=handle, purpose="fine-tune")
     started = time.monotonic()
     job = client.fine_tuning.jobs.create(model="SmolLM2-135M-Instruct", training_file=uploaded.id, suffix="pearl")
-    finished = wait_for(
+    finished = wait_until(
         lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
-        1200,
         "the persona job to finish",
-        stack,
+        timeout=1200,
+        interval=0.5,
+        logs=stack.logs,
     )
     assert finished.status == "succeeded", finished.error
     trained_at = time.monotonic()
@@ -53,11 +54,12 @@ def test_default_model_learns_the_persona(stack: Stack) -> None:
     assert base.status_code == 200, base.text
     assert "pearl" not in base.json()["generate_text"].lower()
 
-    after = wait_for(
+    after = wait_until(
         lambda: (a := ask(stack))["model"] == finished.fine_tuned_model and a,
-        120,
         "the fine-tuned model to be served",
-        stack,
+        timeout=120,
+        interval=0.5,
+        logs=stack.logs,
     )
     print(
         f"\npersona job: {trained_at - started:.0f}s from submit to succeeded; "

@@ -13,26 +13,16 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.factories import alpaca_records, write_jsonl
+from tests.polling import wait_until
 from tests.processes import ROOT, ServiceProcess, free_port, uvicorn_process, worker_process
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def wait_until(predicate: Any, timeout: float, what: str, logs: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}\n{logs() if logs else ''}")
 
 
 # ------------------------------------------------------------------------------------------------ Redis
@@ -70,7 +60,7 @@ class RedisServer:
         argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.starts += 1
         self.process = ServiceProcess(f"redis-{self.starts}", argv, log_dir=self.log_dir).start()
-        wait_until(self.ping, 30, f"redis on port {self.port}", self.process.log)
+        wait_until(self.ping, f"redis on port {self.port}", timeout=30, interval=0.3, logs=self.process.log)
         return self
 
     def ping(self) -> bool:
@@ -254,7 +244,9 @@ class FaultStack:
                 return None
             return job if job.get("status") in statuses else None
 
-        return dict(wait_until(check, timeout, f"job {job_id} to reach {statuses}", self.logs))
+        return dict(
+            wait_until(check, f"job {job_id} to reach {statuses}", timeout=timeout, interval=0.3, logs=self.logs)
+        )
 
     def wait_all_finished(self, job_ids: list[str], timeout: float = 400) -> list[dict[str, Any]]:
         return [self.wait_status(job_id, TERMINAL, timeout) for job_id in job_ids]

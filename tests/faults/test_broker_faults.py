@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.servers import FaultStack, RedisServer, wait_until
+from tests.faults.servers import FaultStack, RedisServer
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +76,13 @@ def test_redis_down_at_submit_still_queues_and_runs_once_redis_is_back(
         assert 200 <= response.status_code < 300, response.text
         job_id = response.json()["id"]
         assert response.json()["status"] == "queued"
-        wait_until(lambda: "job.enqueue_failed" in stack.api.log(), 30, "the failed enqueue to be logged", stack.logs)
+        wait_until(
+            lambda: "job.enqueue_failed" in stack.api.log(),
+            "the failed enqueue to be logged",
+            timeout=30,
+            interval=0.3,
+            logs=stack.logs,
+        )
         assert stack.job(job_id)["status"] == "queued"
 
         # The worker starts while the broker is still down, and connects once it is back.

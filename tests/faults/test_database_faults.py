@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.servers import FaultStack, PostgresServer, RedisServer, wait_until
+from tests.faults.servers import FaultStack, PostgresServer, RedisServer
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,7 @@ def test_postgres_restart_mid_job_retries_writes_and_the_job_completes_once(
             events = stack.client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
             return any(e.get("type") == "metrics" for e in events.get("data", []))
 
-        wait_until(training, 240, "the first training metrics", stack.logs)
+        wait_until(training, "the first training metrics", timeout=240, interval=0.3, logs=stack.logs)
         assert stack.job(job_id)["status"] == "running"
 
         postgres.stop()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
@@ -17,19 +16,7 @@ from core.contracts import DeploymentStatus
 from core.deployments import announce
 from core.models import DEFAULT_TENANT, Deployment, ModelRecord
 from core.settings import Settings
-
-T = TypeVar("T")
-
-
-def wait_until(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.05, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last value {value!r})")
-        time.sleep(interval)
+from tests.polling import wait_until
 
 
 def register_model(

@@ -21,8 +21,8 @@ from tests.inference.helpers import (
     register_model,
     truncate_weights,
     wait_deployment,
-    wait_until,
 )
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("clean_db", "tiny_models")
 

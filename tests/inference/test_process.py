@@ -18,8 +18,8 @@ from tests.inference.helpers import (
     metric,
     register_model,
     wait_deployment,
-    wait_until,
 )
+from tests.polling import wait_until
 from tests.processes import ServiceProcess, free_port, uvicorn_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean_db", "tiny_models")]
@@ -193,7 +193,7 @@ def test_a_client_that_disconnects_stops_its_generation(long_context_server: str
     def cancelled() -> bool:
         return metric(httpx.get(f"{base}/metrics").text, "conch_inference_cancelled_total") >= 1
 
-    wait_until(cancelled, timeout=60, what="generation cancelled")
+    wait_until(cancelled, "generation cancelled", timeout=60)
     text = httpx.get(f"{base}/metrics").text
     assert metric(text, "conch_inference_completions_total", reason="length") == finished_before
     produced = metric(text, "conch_inference_generated_tokens_total")

@@ -13,7 +13,8 @@ import pytest
 
 from core.models import ApiKey
 from inference.auth import hash_key
-from tests.inference.helpers import app_client, metric, register_model, wait_until
+from tests.inference.helpers import app_client, metric, register_model
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("clean_db", "tiny_models")
 

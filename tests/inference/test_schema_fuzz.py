@@ -16,7 +16,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from core.settings import Settings
 from inference.app import create_app
-from tests.inference.helpers import wait_until
+from tests.polling import wait_until
 
 # A short generation limit keeps hundreds of generated requests cheap on the tiny model. No background listener:
 # the module's fixture reads the deployments once (the database only exists once the session fixture ran).

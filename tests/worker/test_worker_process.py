@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +17,7 @@ from core.contracts import JobStatus
 from core.models import Checkpoint, FineTuningJob, ModelRecord, utcnow
 from core.queue import enqueue_fine_tune
 from core.reconcile import reconcile_once
+from tests import polling
 from tests.factories import alpaca_records
 from tests.processes import ROOT, ServiceProcess, worker_process
 from tests.worker.rows import dataset_file, events, fresh, job_row, metrics_events
@@ -46,13 +46,8 @@ def workers(log_dir: Path) -> Iterator[Callable[[str], ServiceProcess]]:
 
 
 def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 180) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    """A worker's job takes minutes on a busy machine: a longer default than other tests wait."""
+    return polling.wait_until(predicate, what, timeout=timeout, interval=0.1)
 
 
 def status_is(db: Session, job: FineTuningJob, *statuses: str) -> Callable[[], bool]:
