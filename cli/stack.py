@@ -52,6 +52,32 @@ def python_module(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
+def worker_command(queue: str, name: str = "worker") -> list[str]:
+    """A Celery worker as Conch runs one: one task at a time, a fresh child per task (so a GPU's memory is returned),
+    task events on for Flower."""
+    return python_module(
+        "celery",
+        "-A",
+        "worker.app:celery_app",
+        "worker",
+        "-Q",
+        queue,
+        "-c",
+        "1",
+        "--pool",
+        "prefork",
+        "--max-tasks-per-child",
+        "1",
+        "-E",
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+    )
+
+
 def build_children(
     log_dir: Path,
     *,
@@ -81,27 +107,7 @@ def build_children(
         ),
         Child(
             "worker",
-            python_module(
-                "celery",
-                "-A",
-                "worker.app:celery_app",
-                "worker",
-                "-Q",
-                queue,
-                "-c",
-                "1",
-                "--pool",
-                "prefork",
-                "--max-tasks-per-child",
-                "1",
-                "-E",
-                "-n",
-                "worker@%h",
-                "--loglevel",
-                "INFO",
-                "--without-mingle",
-                "--without-gossip",
-            ),
+            worker_command(queue),
             log_dir / "worker.log",
         ),
         Child(

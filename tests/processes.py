@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from cli.stack import worker_command
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -100,29 +102,7 @@ def worker_process(
     name: str, log_dir: Path, *, queue: str | None = None, env: dict[str, str] | None = None
 ) -> ServiceProcess:
     merged = {**os.environ, **(env or {})}
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app:celery_app",
-        "worker",
-        "-Q",
-        queue or merged.get("TRAINING_QUEUE", "training"),
-        "-c",
-        "1",
-        "--pool",
-        "prefork",
-        "--max-tasks-per-child",
-        "1",
-        "-E",
-        "-n",
-        f"{name}@%h",
-        "--loglevel",
-        "INFO",
-        "--without-mingle",
-        "--without-gossip",
-    ]
+    argv = worker_command(queue or merged.get("TRAINING_QUEUE", "training"), name)
     return ServiceProcess(name, argv, env=env, log_dir=log_dir)
 
 
