@@ -108,10 +108,13 @@ class Int4(_Fused):
         return [self.packed, self.scales_and_zeros, *([self.bias] if self.bias is not None else [])]
 
 
-def _joined(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
-    weight = torch.cat([w.float() for w in weights]) if len(weights) > 1 else weights[0].float()
+def _joined(
+    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fp32 weights stacked along their outputs, and their biases likewise (zeros where one has none)."""
+    weight = torch.cat([w.float() for w in weights])
     if all(b is None for b in biases):
-        return (weight,)
+        return weight, None
     parts = [b.float() if b is not None else torch.zeros(w.shape[0]) for w, b in zip(weights, biases, strict=True)]
     return weight, torch.cat(parts)
 
@@ -140,8 +143,7 @@ def projection(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | 
     if scheme == "none":
         return Dense(list(weights), list(biases))
     widths = [int(w.shape[0]) for w in weights]
-    joined = _joined(weights, biases)
-    weight, bias = joined[0], (joined[1] if len(joined) > 1 else None)
+    weight, bias = _joined(weights, biases)
     if scheme == "int4" and weight.shape[1] % INT4_GROUP == 0:
         packed, scales_and_zeros = quantize_int4(weight)
         return Int4(widths, bias, packed, scales_and_zeros)
