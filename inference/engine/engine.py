@@ -125,8 +125,7 @@ class _Prefill:
     requests: list[GenerationRequest]
     ids: torch.Tensor  # [rows, longest] left-padded prompts
     mask: torch.Tensor
-    cache: KVCache
-    done: int = 0  # prompt columns read so far
+    cache: KVCache  # its length is how many prompt columns have been read
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -278,12 +277,9 @@ class Engine:
         """Read the next chunk of the pending prompts; after the last one they join the running batch."""
         pending = self._pending
         assert pending is not None
-        width = pending.ids.shape[1]
-        end = width if self.prefill_chunk <= 0 else min(width, pending.done + self.prefill_chunk)
-        logits = self.model.decoder.forward(
-            pending.ids[:, pending.done : end], pending.mask[:, pending.done : end], pending.cache
-        )
-        pending.done = end
+        width, done = pending.ids.shape[1], pending.cache.length
+        end = width if self.prefill_chunk <= 0 else min(width, done + self.prefill_chunk)
+        logits = self.model.decoder.forward(pending.ids[:, done:end], pending.mask[:, done:end], pending.cache)
         if end < width:
             return
         self._pending = None
