@@ -140,6 +140,8 @@ def load_model(
     try:
         quant = check_scheme(quant_setting, device)
         dtype = choose_dtype(dtype_setting, device)
+        if quant != "none" and backend_setting == "reference":
+            raise ValueError(f"INFERENCE_QUANT={quant} needs the lean decoder, not INFERENCE_BACKEND=reference")
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     try:
@@ -157,7 +159,7 @@ def load_model(
     reason = unsupported_reason(config)
     if backend_setting == "lean" and reason:
         raise ModelLoadError(f"INFERENCE_BACKEND=lean cannot run this model: {reason}")
-    if quant != "none" and (reason or backend_setting == "reference"):
+    if quant != "none" and reason:
         raise ModelLoadError(f"INFERENCE_QUANT={quant} needs the lean decoder, which cannot run this model: {reason}")
     decoder: Decoder
     if backend_setting != "reference" and reason is None:
