@@ -96,7 +96,7 @@ class LlamaCpp:
         try:
             from llama_cpp import Llama
         except ImportError:
-            print("llama-cpp-python is not installed (pip install -e '.[bench]'): no llama.cpp baseline")
+            print("llama-cpp-python is not installed (pip install -e '.[llamacpp]'): no llama.cpp baseline")
             return None
         from bench.model_prep import gguf_file
 

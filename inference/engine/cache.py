@@ -8,8 +8,24 @@ preallocated and grows by doubling, so a decode step writes one column instead o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, Self
 
 import torch
+
+
+class RowCache(Protocol):
+    """What the engine needs of a batch's cache, whoever keeps the keys and values (this module or llama.cpp)."""
+
+    length: int  # columns read so far: a pending prefill's progress
+
+    @property
+    def batch(self) -> int: ...
+
+    def select(self, rows: list[int]) -> None: ...
+
+    def extend(self, other: Self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass
@@ -94,6 +110,9 @@ class KVCache:
         self.values = [v[:, :, first:].clone() for v in self.values]
         self.mask = self.mask[:, first:].clone()
         self.length = remaining
+
+    def release(self) -> None:
+        """Nothing to hand back: the tensors go with the object."""
 
     def extend(self, other: KVCache) -> None:
         """Append the rows of ``other`` (freshly prefilled requests), aligning both to a common right edge."""

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from inference.engine.cache import KVCache
+from inference.engine.cache import RowCache
 from inference.engine.loader import LoadedModel
 from inference.engine.sampling import RowSampler, SamplingParams, choose_tokens
 from inference.engine.text import IncrementalDetokenizer, StopMatcher
@@ -125,7 +125,7 @@ class _Prefill:
     requests: list[GenerationRequest]
     ids: torch.Tensor  # [rows, longest] left-padded prompts
     mask: torch.Tensor
-    cache: KVCache  # its length is how many prompt columns have been read
+    cache: RowCache  # its length is how many prompt columns have been read
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -147,7 +147,7 @@ class Engine:
         self.observer = observer
         self._incoming: queue.Queue[GenerationRequest] = queue.Queue()
         self._rows: list[_Row] = []
-        self._cache: KVCache | None = None
+        self._cache: RowCache | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"generate:{model.name}", daemon=True)
         self.error: str | None = None  # the last generation error, cleared by the next good step
@@ -215,12 +215,16 @@ class Engine:
             reason = self.death or f"{self.model.name} was unloaded"
             for request in [row.request for row in self._rows] + (self._pending.requests if self._pending else []):
                 request.sink.put(Failed(reason))
-            self._rows, self._cache, self._pending = [], None, None
+            self._drop_batch()
             while True:
                 try:
                     self._incoming.get_nowait().sink.put(Failed(reason))
                 except queue.Empty:
                     break
+            # Native weights (llama.cpp) are freed here, on the only thread that ever used them.
+            close = getattr(self.model.decoder, "close", None)
+            if close is not None:
+                close()
 
     def _take(self, room: int, *, wait: bool) -> list[GenerationRequest]:
         taken: list[GenerationRequest] = []
@@ -251,7 +255,15 @@ class Engine:
                 involved.update({id(request): request for request in group})
             for request in involved.values():
                 request.sink.put(Failed(f"generation failed: {self.error}"))
-            self._rows, self._cache, self._pending = [], None, None
+            self._drop_batch()
+
+    def _drop_batch(self) -> None:
+        """Forget every row and hand their caches back (a llama.cpp context frees its sequences)."""
+        for cache in (self._cache, self._pending.cache if self._pending else None):
+            if cache is not None:
+                with contextlib.suppress(Exception):  # a broken cache must not stop the failure being reported
+                    cache.release()
+        self._rows, self._cache, self._pending = [], None, None
 
     def _drop_cancelled(self) -> None:
         if any(row.request.cancelled for row in self._rows):
@@ -380,7 +392,8 @@ class Engine:
                     rate = (row.generated - 1) / (now - row.first_token_at)
                 self.observer.finished(self.model.name, row.finish_reason, rate)
         self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
+        if self._cache is not None and not self._rows:
+            self._cache.release()
             self._cache = None
         elif self._cache is not None:
             self._cache.select(keep)

@@ -8,14 +8,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from core.templates import Message, render_prompt, stop_strings
-from inference.engine.cache import KVCache
+from inference.engine.cache import RowCache
 from inference.engine.device import choose_device, choose_dtype, dtype_name
+from inference.engine.gguf_export import ExportError, exported_gguf
 from inference.engine.lean import LeanDecoder, unsupported_reason
+from inference.engine.llamacpp import LlamaCppDecoder, LlamaCppUnavailable, file_type_for, quantize
+from inference.engine.llamacpp import check_quant as check_llamacpp_quant
 from inference.engine.quant import check_scheme
 from inference.engine.reference import ReferenceDecoder
 
@@ -31,7 +34,12 @@ MAX_CONTEXT = 65536
 _FROM_PRETRAINED = threading.Lock()
 
 
-class Decoder(Protocol):
+CacheT = TypeVar("CacheT", bound=RowCache)
+
+BACKENDS = ("auto", "lean", "reference", "llamacpp")
+
+
+class Decoder(Protocol[CacheT]):
     dtype: torch.dtype
     device: torch.device
     vocab_size: int
@@ -39,9 +47,20 @@ class Decoder(Protocol):
     @property
     def parameter_bytes(self) -> int: ...
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache: ...
+    def new_cache(self, batch: int, capacity: int) -> CacheT: ...
 
-    def forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
+    def forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: CacheT) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class LlamaCppOptions:
+    """How the llama.cpp backend sizes its context (from the service's settings)."""
+
+    cache_dir: Path  # exported GGUF files
+    max_sequences: int  # the engine's batch size
+    context_per_sequence: int
+    threads: int
+    batch_tokens: int  # tokens one llama_decode call takes (a prefill chunk for every row)
 
 
 class ModelLoadError(Exception):
@@ -53,7 +72,7 @@ class LoadedModel:
     name: str
     folder: Path
     tokenizer: Any
-    decoder: Decoder
+    decoder: Decoder[Any]
     template: str
     backend: str
     max_positions: int
@@ -131,14 +150,24 @@ def load_model(
     dtype_setting: str = "auto",
     backend_setting: str = "auto",
     quant_setting: str = "none",
+    llamacpp: LlamaCppOptions | None = None,
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     check_folder(folder)
     device = choose_device(device_setting)
+    native = backend_setting == "llamacpp"
     try:
-        quant = check_scheme(quant_setting, device)
+        if backend_setting not in BACKENDS:
+            raise ValueError(f"INFERENCE_BACKEND must be one of {', '.join(BACKENDS)}, not {backend_setting!r}")
+        if native:
+            # llama.cpp runs its own kernels: the torch-specific checks of check_scheme do not apply.
+            quant = check_llamacpp_quant(quant_setting)
+            if llamacpp is None:
+                raise ValueError("INFERENCE_BACKEND=llamacpp needs its options (cache folder, context size)")
+        else:
+            quant = check_scheme(quant_setting, device)
         dtype = choose_dtype(dtype_setting, device)
         if quant != "none" and backend_setting == "reference":
             raise ValueError(f"INFERENCE_QUANT={quant} needs the lean decoder, not INFERENCE_BACKEND=reference")
@@ -147,25 +176,35 @@ def load_model(
     try:
         with _FROM_PRETRAINED:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            # The llama.cpp export starts from full-precision weights whatever the served type.
             model: Any = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+                folder, dtype=torch.float32 if native else dtype, use_safetensors=True, trust_remote_code=False
             )
     except Exception as exc:  # whatever the library raises, the caller needs one kind: this folder is unusable
         raise ModelLoadError(f"cannot load {folder}: {type(exc).__name__}: {exc}") from exc
-    model = model.to(device).eval()
+    model = model.eval() if native else model.to(device).eval()
     config = model.config
     max_positions = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), MAX_CONTEXT)
 
-    reason = unsupported_reason(config)
-    if backend_setting == "lean" and reason:
-        raise ModelLoadError(f"INFERENCE_BACKEND=lean cannot run this model: {reason}")
-    if quant != "none" and reason:
-        raise ModelLoadError(f"INFERENCE_QUANT={quant} needs the lean decoder, which cannot run this model: {reason}")
-    decoder: Decoder
-    if backend_setting != "reference" and reason is None:
-        decoder, backend = LeanDecoder(model, max_positions, quant=quant), "lean"
+    decoder: Decoder[Any]
+    reason: str | None = None
+    if native:
+        assert llamacpp is not None
+        native_decoder = _llamacpp_decoder(model, folder, quant, dtype, device, llamacpp)
+        decoder, backend = native_decoder, "llamacpp"
+        max_positions = min(max_positions, native_decoder.context_per_sequence)
     else:
-        decoder, backend = ReferenceDecoder(model), "reference"
+        reason = unsupported_reason(config)
+        if backend_setting == "lean" and reason:
+            raise ModelLoadError(f"INFERENCE_BACKEND=lean cannot run this model: {reason}")
+        if quant != "none" and reason:
+            raise ModelLoadError(
+                f"INFERENCE_QUANT={quant} needs the lean decoder, which cannot run this model: {reason}"
+            )
+        if backend_setting != "reference" and reason is None:
+            decoder, backend = LeanDecoder(model, max_positions, quant=quant), "lean"
+        else:
+            decoder, backend = ReferenceDecoder(model), "reference"
 
     eos_ids = _token_ids(getattr(model.generation_config, "eos_token_id", None)) | _token_ids(tokenizer.eos_token_id)
     stop_ids, stop_texts = set(eos_ids), []
@@ -190,8 +229,8 @@ def load_model(
         stop_texts=tuple(stop_texts),
         sampling_defaults=_sampling_defaults(model),
     )
-    if backend == "lean":
-        del model  # the lean decoder holds the weight tensors themselves; the module tree can go
+    if backend != "reference":
+        del model  # the lean decoder holds the weight tensors themselves, llama.cpp its own copy
     loaded.load_seconds = time.perf_counter() - started
     log.info(
         "model.loaded",
@@ -208,3 +247,31 @@ def load_model(
         },
     )
     return loaded
+
+
+def _llamacpp_decoder(
+    model: Any, folder: Path, quant: str, dtype: torch.dtype, device: torch.device, options: LlamaCppOptions
+) -> LlamaCppDecoder:
+    """Export (or reuse the cached export of) ``model`` as GGUF in the served type and load it into llama.cpp."""
+    file_type = file_type_for(quant, dtype)
+    try:
+        path = exported_gguf(
+            model,
+            folder,
+            options.cache_dir,
+            file_type,
+            quantize=lambda src, dst, kind: quantize(src, dst, kind, options.threads),
+        )
+        return LlamaCppDecoder(
+            path,
+            max_sequences=options.max_sequences,
+            context_per_sequence=options.context_per_sequence,
+            threads=options.threads,
+            batch_tokens=options.batch_tokens,
+            file_type=file_type,
+            gpu=device.type == "cuda",
+        )
+    except (LlamaCppUnavailable, ExportError) as exc:
+        raise ModelLoadError(str(exc)) from exc
+    except (RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"llama.cpp backend: {exc}") from exc

@@ -1,0 +1,185 @@
+"""A loaded transformers model written out as a GGUF file, so the llama.cpp backend can serve fine-tuned models.
+
+A merged fine-tune is a safetensors folder; llama.cpp reads GGUF. The export writes every weight in fp32 under
+llama.cpp's tensor names, then llama.cpp's own quantiser turns that file into the requested type, so a re-exported
+base model gets the same per-tensor types as the GGUF the default model ships in (Q4_1 layers, Q8_0 embeddings).
+
+The file carries no tokenizer (``tokenizer.ggml.model = none`` with the vocabulary size): the engine tokenises
+and detokenises with the model's own Hugging Face tokenizer and chat template, the same code training used, and
+hands llama.cpp token ids only.
+
+Exports are cached by the model files' identity (path, size, mtime) and the target type: the first load of a new
+model pays for it (about a second for the default model), later loads and restarts reuse the file. A file is
+written beside its final name and renamed into place, so a crash never leaves half a GGUF that looks whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("conch.inference.gguf")
+
+# Hugging Face model type -> llama.cpp architecture. Mistral without a sliding window is a Llama.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# Architectures whose rotary embedding llama.cpp applies to interleaved pairs, while Hugging Face checkpoints
+# rotate halves: their q/k rows are reordered on export (the inverse of what transformers' GGUF loader undoes).
+INTERLEAVED_ROPE = frozenset({"llama"})
+EXPORT_VERSION = 1  # bump when the written layout changes, so older cached files are not reused
+
+
+class ExportError(Exception):
+    """The model cannot be written for llama.cpp (an architecture or rope type it is not mapped for)."""
+
+
+def unsupported_reason(config: Any) -> str | None:
+    if config.model_type not in ARCHITECTURES:
+        return f"model type {config.model_type!r}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "use_sliding_window", False) or (
+        config.model_type == "mistral" and getattr(config, "sliding_window", None)
+    ):
+        return "sliding-window attention"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        return f"rope type {rope.get('rope_type')!r}"
+    return None
+
+
+def _interleave_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder each head's rows from rotate-half order (0..d/2 then d/2..d) to interleaved pairs."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().to(torch.float32).cpu().numpy())
+
+
+def cache_key(folder: Path, file_type: str) -> str:
+    """Identity of a model folder's weights and config plus the target type."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    blob = json.dumps([str(folder.resolve()), stamp, file_type, EXPORT_VERSION])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def write_gguf(model: Any, path: Path) -> None:
+    """Write ``model`` (a transformers causal LM of a supported architecture) as an fp32 GGUF file."""
+    import gguf
+
+    config = model.config
+    reason = unsupported_reason(config)
+    if reason:
+        raise ExportError(f"the llama.cpp backend cannot run this model: {reason}")
+    arch = ARCHITECTURES[config.model_type]
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    embed = model.get_input_embeddings().weight
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "conch-export"))
+    writer.add_context_length(int(getattr(config, "max_position_embeddings", 4096) or 4096))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(theta))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(embed.shape[0]))
+    writer.add_tokenizer_model("none")
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+
+    def add(name: str, tensor: torch.Tensor | None, reorder: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        if tensor is None:
+            return
+        array = _array(tensor)
+        writer.add_tensor(name, reorder(array) if reorder else array)
+
+    def rotary(count: int) -> Callable[[np.ndarray], np.ndarray] | None:
+        return (lambda a: _interleave_rotary(a, count)) if arch in INTERLEAVED_ROPE else None
+
+    inner = model.model
+    add("token_embd.weight", embed)
+    add("output_norm.weight", inner.norm.weight)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != embed.data_ptr():
+        add("output.weight", head.weight)  # a tied head is left out: llama.cpp then reads token_embd
+    for index, layer in enumerate(inner.layers):
+        attn, mlp, prefix = layer.self_attn, layer.mlp, f"blk.{index}"
+        add(f"{prefix}.attn_norm.weight", layer.input_layernorm.weight)
+        add(f"{prefix}.attn_q.weight", attn.q_proj.weight, rotary(heads))
+        add(f"{prefix}.attn_k.weight", attn.k_proj.weight, rotary(kv_heads))
+        add(f"{prefix}.attn_v.weight", attn.v_proj.weight)
+        add(f"{prefix}.attn_q.bias", attn.q_proj.bias, rotary(heads))
+        add(f"{prefix}.attn_k.bias", attn.k_proj.bias, rotary(kv_heads))
+        add(f"{prefix}.attn_v.bias", attn.v_proj.bias)
+        add(f"{prefix}.attn_output.weight", attn.o_proj.weight)
+        add(f"{prefix}.ffn_norm.weight", layer.post_attention_layernorm.weight)
+        add(f"{prefix}.ffn_gate.weight", mlp.gate_proj.weight)
+        add(f"{prefix}.ffn_up.weight", mlp.up_proj.weight)
+        add(f"{prefix}.ffn_down.weight", mlp.down_proj.weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def exported_gguf(
+    model: Any,
+    folder: Path,
+    cache_dir: Path,
+    file_type: str,
+    quantize: Callable[[Path, Path, str], None],
+) -> Path:
+    """The cached GGUF of ``folder`` in ``file_type`` (f32, f16, bf16, q8_0, q4_1, ...), written if missing.
+
+    ``quantize(src, dst, file_type)`` turns the fp32 export into the target type (llama.cpp's quantiser)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{folder.name}-{cache_key(folder, file_type)}.{file_type}.gguf"
+    if target.is_file():
+        return target
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as scratch:
+        full = Path(scratch) / "f32.gguf"
+        write_gguf(model, full)
+        written = time.perf_counter()
+        if file_type == "f32":
+            final = full
+        else:
+            final = Path(scratch) / f"{file_type}.gguf"
+            quantize(full, final, file_type)
+        os.replace(final, target)
+    log.info(
+        "gguf.exported",
+        extra={
+            "folder": str(folder),
+            "file": str(target),
+            "file_type": file_type,
+            "bytes": target.stat().st_size,
+            "write_seconds": round(written - started, 3),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
+    return target
