@@ -79,6 +79,8 @@ def write_gguf(model: Any, path: Path) -> None:
     """Write ``model`` (a transformers causal LM of a supported architecture) as an fp32 GGUF file."""
     import gguf
 
+    # gguf's writer logs its file list and byte order at INFO for every export; our own line says what matters.
+    logging.getLogger("gguf").setLevel(logging.WARNING)
     config = model.config
     reason = unsupported_reason(config)
     if reason:

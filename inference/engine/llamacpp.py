@@ -194,6 +194,10 @@ class LlamaCppDecoder:
         seqs, self._free_seqs = self._free_seqs[:batch], self._free_seqs[batch:]
         return SequenceCache(self, seqs)
 
+    @property
+    def free_sequences(self) -> int:
+        return len(self._free_seqs)
+
     def free(self, seqs: list[int]) -> None:
         if self._closed:
             return

@@ -13,7 +13,7 @@ import torch
 from inference.engine.cache import KVCache
 from inference.engine.engine import Engine, Failed, Finished, GenerationRequest, TextChunk
 from inference.engine.lean import LeanDecoder
-from inference.engine.loader import LoadedModel, load_model
+from inference.engine.loader import LlamaCppOptions, LoadedModel, load_model
 from inference.engine.quant import Dense
 from inference.engine.sampling import SamplingParams
 from inference.engine.text import IncrementalDetokenizer, StopMatcher
@@ -72,14 +72,21 @@ def _reference_text(folder: Path, model: LoadedModel, ids: list[int], max_new_to
     return str(model.tokenizer.decode(kept, skip_special_tokens=True))
 
 
+def llamacpp_options(cache_dir: Path, *, max_sequences: int = 8, context: int = 1024) -> LlamaCppOptions:
+    return LlamaCppOptions(
+        cache_dir=cache_dir, max_sequences=max_sequences, context_per_sequence=context, threads=1, batch_tokens=512
+    )
+
+
 @pytest.fixture
-def engine_for(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
+def engine_for(tiny_models: dict[str, Path], tmp_path: Path):  # type: ignore[no-untyped-def]
     engines: list[Engine] = []
 
     def make(
         name: str = "tiny-llama", *, backend: str = "auto", max_batch_size: int = 8, prefill_chunk: int = 256
     ) -> Engine:
-        model = load_model(name, tiny_models[name], backend_setting=backend)
+        native = llamacpp_options(tmp_path / "gguf", max_sequences=max_batch_size) if backend == "llamacpp" else None
+        model = load_model(name, tiny_models[name], backend_setting=backend, llamacpp=native)
         engine = Engine(model, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk).start()
         engines.append(engine)
         return engine
@@ -90,7 +97,14 @@ def engine_for(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(
-    ("name", "backend"), [("tiny-llama", "lean"), ("tiny-qwen2", "lean"), ("tiny-qwen2", "reference")]
+    ("name", "backend"),
+    [
+        ("tiny-llama", "lean"),
+        ("tiny-qwen2", "lean"),
+        ("tiny-qwen2", "reference"),
+        ("tiny-llama", "llamacpp"),
+        ("tiny-qwen2", "llamacpp"),
+    ],
 )
 def test_greedy_answers_match_the_library_generate_even_when_batched(engine_for, tiny_models, name, backend):  # type: ignore[no-untyped-def]
     engine = engine_for(name, backend=backend)
@@ -105,8 +119,9 @@ def test_greedy_answers_match_the_library_generate_even_when_batched(engine_for,
         assert sink.text == _reference_text(tiny_models[name], model, ids, 24)
 
 
-def test_requests_arriving_while_a_batch_runs_join_it(engine_for):  # type: ignore[no-untyped-def]
-    engine = engine_for()
+@pytest.mark.parametrize("backend", ["lean", "llamacpp"])
+def test_requests_arriving_while_a_batch_runs_join_it(engine_for, backend):  # type: ignore[no-untyped-def]
+    engine = engine_for(backend=backend)
     model = engine.model
     ids = [model.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=200, ignore_eos=True)
@@ -132,7 +147,7 @@ class OrderedSink(CollectSink):
         super().put(event)
 
 
-@pytest.mark.parametrize("backend", ["lean", "reference"])
+@pytest.mark.parametrize("backend", ["lean", "reference", "llamacpp"])
 def test_a_long_prompt_is_read_in_chunks_while_running_streams_go_on(engine_for, tiny_models, backend):  # type: ignore[no-untyped-def]
     chunk = 8
     answers: dict[int, str] = {}
