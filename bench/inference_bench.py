@@ -2,12 +2,15 @@
 
 Prints figures and ratios, then a goals table; nothing is asserted. Three parts:
 
-1. engine (in process): Conch's decoder in fp32, bf16, int8 and int4 against transformers ``generate`` (fp32,
-   bf16) and llama.cpp on the same model's Q4_1 GGUF (when llama-cpp-python is installed: ``make bench`` does it):
-   single-stream decode tokens/s, time to first token, a batch of 8, and how many greedy answers each route
-   changes against Conch's fp32 (which itself must equal ``generate``'s);
-2. conch (a uvicorn process per ``--quant`` route): ``GET /generate`` end to end, time to first token and decode
-   rate from the SSE stream, 8 concurrent clients, publish-to-serving latency of a deployment, resident memory;
+1. engine (in process): Conch's torch decoder in fp32, bf16, int8 and int4 (``lean_*``) and, when
+   llama-cpp-python is installed (``make bench`` does it), Conch's llama.cpp backend exporting the model as f32,
+   Q8_0, Q4_1 and Q4_0 GGUF (``cpp_*``), against transformers ``generate`` (fp32, bf16) and llama.cpp itself on
+   the same model's shipped Q4_1 GGUF: single-stream decode tokens/s, time to first token, a batch of 8, and how
+   many greedy answers each route changes against Conch's fp32 (which itself must equal ``generate``'s);
+2. conch (a uvicorn process per ``--quant`` route: ``<quant>`` on the torch backend, ``llamacpp:<quant>`` on
+   llama.cpp's; default none, int4 and llamacpp:q4_0): ``GET /generate`` end to end, time to first token and
+   decode rate from the SSE stream, 8 concurrent clients, resident memory, and publish-to-serving latency of a
+   deployment whose model is a new folder (as every published fine-tune is: nothing exported for it yet);
 3. seed (a uvicorn process running bench/seed_app.py): a few requests only, as each takes 15-30 s; its 8-client
    figures are extrapolated from its serialised handling unless ``--seed-requests 8``.
 
@@ -20,9 +23,11 @@ Every app gets the same CPU threads (``--threads``; default Conch's own, half th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -34,7 +39,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -42,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.model_prep import MODEL_NAME, prepare_default_model  # noqa: E402
+
+if TYPE_CHECKING:
+    from inference.engine.engine import Engine
 
 # Short prompts as the seed's callers sent them (no chat template on the seed side: some of these make the model
 # run on to max_length, e.g. "What is deep learning" gives 508 tokens); Conch renders each as a user message.
@@ -157,27 +165,71 @@ class TimedSink:
         return int(getattr(self.events[-1], "completion_tokens", 0))
 
 
+# Conch's in-process routes, each a ``load_model`` call: the torch decoder (``lean_*``) in each precision, and
+# llama.cpp's kernels behind the same engine (``cpp_*``) in each GGUF type, named by that type.
+LEAN_ROUTES: dict[str, dict[str, Any]] = {
+    "lean_fp32": {},
+    "lean_bf16": {"dtype_setting": "bf16"},
+    "lean_int8": {"quant_setting": "int8"},
+    "lean_int4": {"quant_setting": "int4"},
+}
+CPP_ROUTES: dict[str, str] = {"cpp_f32": "none", "cpp_q8_0": "int8", "cpp_q4_1": "int4", "cpp_q4_0": "q4_0"}
+CONCH_PREFIXES = ("lean_", "cpp_")
+
+
+def is_conch(key: str) -> bool:
+    return key.startswith(CONCH_PREFIXES)
+
+
+def short_name(key: str) -> str:
+    """A route's name in the tables and in the ``*_differs`` figures: the lean routes by precision alone ("fp32",
+    "int4"), as they are the default backend; llama.cpp routes keep their prefix ("cpp_q4_0"); baselines as keyed."""
+    return key.removeprefix("lean_")
+
+
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def conch_engines(folder: Path) -> dict[str, Engine]:
+    """A started Engine per Conch route; the llama.cpp routes only where llama-cpp-python is installed."""
+    import torch
+
+    from inference.engine.engine import Engine
+    from inference.engine.loader import LlamaCppOptions, load_model
+
+    models = {key: load_model(MODEL_NAME, folder, **options) for key, options in LEAN_ROUTES.items()}
+    if llamacpp_installed():
+        # Exports are cached by folder and type, so only the first run pays for writing and quantising them.
+        options = LlamaCppOptions(
+            cache_dir=ROOT / "var" / "bench" / "gguf",
+            max_sequences=8,
+            context_per_sequence=2048,
+            threads=torch.get_num_threads(),
+            batch_tokens=2048,
+        )
+        for key, quant in CPP_ROUTES.items():
+            models[key] = load_model(
+                MODEL_NAME, folder, backend_setting="llamacpp", quant_setting=quant, llamacpp=options
+            )
+    return {key: Engine(model, max_batch_size=8).start() for key, model in models.items()}
+
+
 def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
     """Every route measured ``repeats`` times, interleaved (a busy machine slows all of them alike), medians kept."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from inference.engine.engine import Engine, GenerationRequest
-    from inference.engine.loader import load_model
+    from inference.engine.engine import GenerationRequest
     from inference.engine.sampling import SamplingParams
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    routes = {"fp32": {}, "bf16": {"dtype_setting": "bf16"}, "int8": {"quant_setting": "int8"}}
-    routes["int4"] = {"quant_setting": "int4"}
-    engines = {
-        name: Engine(load_model(MODEL_NAME, folder, **options), max_batch_size=8).start()
-        for name, options in routes.items()
-    }
+    engines = conch_engines(folder)
     libraries = {
         name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval() for name, dtype in dtypes.items()
     }
     llama = LlamaCpp.open(torch.get_num_threads())
-    model = engines["fp32"].model
+    model = engines["lean_fp32"].model
     encoded = [model.encode_chat([{"role": "user", "content": p}]) for p in PARITY_PROMPTS]
 
     def run(engine: Engine, ids: list[list[int]], params: SamplingParams) -> tuple[list[TimedSink], float]:
@@ -191,13 +243,13 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
 
     fixed = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
 
-    def lean_single(name: str) -> tuple[float, float]:
-        (sink,), started = run(engines[name], [encoded[0]], fixed)
+    def conch_single(key: str) -> tuple[float, float]:
+        (sink,), started = run(engines[key], [encoded[0]], fixed)
         assert sink.first_at is not None
         return (sink.tokens - 1) / (sink.last_at - sink.first_at), sink.first_at - started
 
-    def lean_batch(name: str) -> float:
-        sinks, started = run(engines[name], encoded[:8], fixed)
+    def conch_batch(key: str) -> float:
+        sinks, started = run(engines[key], encoded[:8], fixed)
         return sum(s.tokens for s in sinks) / (max(s.last_at for s in sinks) - started)
 
     def library_single(name: str) -> tuple[float, float]:
@@ -222,9 +274,9 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
         for name in dtypes:
             samples.setdefault(f"generate_{name}", []).append(library_single(name))
             samples.setdefault(f"generate_{name}_batch8", []).append(library_batch(name))
-        for name in routes:
-            samples.setdefault(f"lean_{name}", []).append(lean_single(name))
-            samples.setdefault(f"lean_{name}_batch8", []).append(lean_batch(name))
+        for key in engines:
+            samples.setdefault(key, []).append(conch_single(key))
+            samples.setdefault(f"{key}_batch8", []).append(conch_batch(key))
         if llama:
             samples.setdefault("llamacpp", []).append(llama.single(encoded[0], tokens))
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "llamacpp": bool(llama)}
@@ -235,19 +287,21 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
             out[f"{key}_decode"] = statistics.median(v[0] for v in values)
             out[f"{key}_ttft"] = statistics.median(v[1] for v in values)
 
-    # Greedy answers: the lean decoder against the library's generate (fp32), and bf16 against fp32.
+    # Greedy answers: Conch fp32 against the library's generate (fp32), every other route against Conch fp32.
     greedy = SamplingParams(max_new_tokens=64)
-    answers = {name: [s.text for s in run(engine, encoded, greedy)[0]] for name, engine in engines.items()}
+    answers = {key: [s.text for s in run(engine, encoded, greedy)[0]] for key, engine in engines.items()}
     same = 0
     for index, prompt_ids in enumerate(encoded[:4]):
         generated = libraries["fp32"].generate(torch.tensor([prompt_ids]), max_new_tokens=64, do_sample=False)
         new = [t for t in generated[0, len(prompt_ids) :].tolist() if t not in model.stop_token_ids]
-        same += model.tokenizer.decode(new, skip_special_tokens=True) == answers["fp32"][index]
+        same += model.tokenizer.decode(new, skip_special_tokens=True) == answers["lean_fp32"][index]
     out["lean_vs_generate_same"] = (same, 4)
-    for name in [*(r for r in routes if r != "fp32"), *(["llamacpp"] if llama else [])]:
-        theirs = answers[name] if name in answers else [llama.greedy(ids, 64, model.tokenizer) for ids in encoded]
-        differ = sum(a != b for a, b in zip(answers["fp32"], theirs, strict=True))
-        out[f"{name}_differs"] = (differ, len(PARITY_PROMPTS))
+    if llama:
+        answers["llamacpp"] = [llama.greedy(ids, 64, model.tokenizer) for ids in encoded]
+    for key, theirs in answers.items():
+        if key != "lean_fp32":
+            differ = sum(a != b for a, b in zip(answers["lean_fp32"], theirs, strict=True))
+            out[f"{short_name(key)}_differs"] = (differ, len(PARITY_PROMPTS))
     for engine in engines.values():
         engine.stop()
     return out
@@ -351,8 +405,38 @@ def stream_generate(base: str, prompt: str, max_new_tokens: int) -> dict[str, fl
     }
 
 
+@dataclass(frozen=True)
+class ServiceRoute:
+    """One ``--quant`` entry: ``<quant>`` on the default (torch) backend, or ``<backend>:<quant>`` such as
+    ``llamacpp:q4_0``."""
+
+    backend: str  # INFERENCE_BACKEND
+    quant: str  # INFERENCE_QUANT
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceRoute:
+        from inference.engine.loader import BACKENDS
+
+        backend, _, quant = text.strip().rpartition(":")
+        if backend and backend not in BACKENDS:
+            raise ValueError(f"--quant route {text!r}: the backend must be one of {', '.join(BACKENDS)}")
+        # Set explicitly, so an INFERENCE_BACKEND in the caller's environment cannot change a plain route.
+        return cls(backend or "auto", quant or "none")
+
+
+def fresh_copy(folder: Path, target: Path) -> Path:
+    """A new folder with ``folder``'s files, as a published fine-tune always is: hard links where the filesystem
+    allows (instant, no disk), else a copy. Nothing cached for ``folder`` (a GGUF export) applies to it."""
+    try:
+        shutil.copytree(folder, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(folder, target)
+    return target
+
+
 def conch_part(
-    folder: Path, tokens: int, clients: int, rounds: int, dtype: str, redis_url: str, quant: str = "none"
+    folder: Path, tokens: int, clients: int, rounds: int, dtype: str, redis_url: str, route: ServiceRoute
 ) -> dict[str, Any]:
     from sqlalchemy.orm import Session
 
@@ -373,13 +457,17 @@ def conch_part(
         "DEFAULT_BASE_MODEL": MODEL_NAME,
         "DEPLOYMENT_POLL_SECONDS": "0.2",
         "INFERENCE_DTYPE": dtype,
-        "INFERENCE_QUANT": quant,
+        "INFERENCE_BACKEND": route.backend,
+        "INFERENCE_QUANT": route.quant,
         "LOG_LEVEL": "WARNING",
     }
     server = Server("inference.app:create_app", env, data_dir / "conch.log", factory=True)
     out: dict[str, Any] = {}
     try:
         out["ready_after"] = server.wait("/readyz")
+        # What the service says it loaded (auto resolves to a backend; quant names the served type).
+        served = httpx.get(f"{server.base}/readyz", timeout=10).json()["models"][0]
+        out["served"] = {key: served[key] for key in ("backend", "dtype", "quant")}
         httpx.get(f"{server.base}/generate", params={"prompt": "Hi", "max_new_tokens": 4}, timeout=120)
         e2e, finished, answer_tokens = [], 0, []
         for prompt in PROMPTS:
@@ -407,11 +495,13 @@ def conch_part(
         out["latency_p99"] = percentile([r["latency"] for r in many], 0.99)
         out["ttft_p50_many"] = percentile([r["ttft"] for r in many], 0.5)
 
-        # A deployment of a "fine-tuned" model (the same weights under a new id): publish-to-serving latency.
+        # A deployment of a "fine-tuned" model (the same weights under a new id, in a new folder as every published
+        # fine-tune is): publish-to-serving latency, including whatever the backend does per new folder.
         out["rss_before_swap_mb"] = server.rss_mb()
         new_id = f"ft:{MODEL_NAME}:bench:ftjob-{uuid.uuid4().hex[:8]}"
+        tuned = fresh_copy(folder, data_dir / "ft-copy")
         with Session(db_engine) as session:
-            session.add(ModelRecord(id=new_id, base_model=MODEL_NAME, storage_path=str(folder)))
+            session.add(ModelRecord(id=new_id, base_model=MODEL_NAME, storage_path=str(tuned)))
             session.commit()
             row = Deployment(model_id=new_id, status="pending", requested_by="bench")
             session.add(row)
@@ -503,6 +593,10 @@ ROUTE_NAMES = {
     "lean_bf16": "Conch, INFERENCE_DTYPE=bf16",
     "lean_int8": "Conch, INFERENCE_QUANT=int8",
     "lean_int4": "Conch, INFERENCE_QUANT=int4",
+    "cpp_f32": "Conch, INFERENCE_BACKEND=llamacpp, f32",
+    "cpp_q8_0": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=int8 (Q8_0)",
+    "cpp_q4_1": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=int4 (Q4_1)",
+    "cpp_q4_0": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=q4_0",
 }
 
 
@@ -514,7 +608,7 @@ def report_engine(engine: dict[str, Any]) -> None:
     base, base_batch = engine["generate_fp32_decode"], engine["generate_fp32_batch8"]
     llama = engine.get("llamacpp_decode", 0.0)
     print(
-        f"{'route':55} {'decode tok/s':>12} {'vs gen':>6} {'vs llama':>8} {'TTFT s':>7} {'batch 8 tok/s':>13} "
+        f"{'route':64} {'decode tok/s':>12} {'vs gen':>6} {'vs llama':>8} {'TTFT s':>7} {'batch 8 tok/s':>13} "
         f"{'vs gen':>6} {'answers changed':>15}"
     )
     for key, name in ROUTE_NAMES.items():
@@ -522,10 +616,9 @@ def report_engine(engine: dict[str, Any]) -> None:
             continue
         decode = engine[f"{key}_decode"]
         batch = engine.get(f"{key}_batch8", 0.0)
-        route = key.removeprefix("lean_")
-        changed = engine.get(f"{route}_differs")
+        changed = engine.get(f"{short_name(key)}_differs")
         print(
-            f"{name:55} {decode:12.1f} {ratio(decode, base):>6} {ratio(decode, llama):>8} "
+            f"{name:64} {decode:12.1f} {ratio(decode, base):>6} {ratio(decode, llama):>8} "
             f"{engine[f'{key}_ttft']:7.3f} {(f'{batch:.1f}' if batch else '-'):>13} {ratio(batch, base_batch):>6} "
             f"{(f'{changed[0]}/{changed[1]}' if changed else '-'):>15}"
         )
@@ -535,8 +628,14 @@ def report_engine(engine: dict[str, Any]) -> None:
 
 
 def report_service(route: str, conch: dict[str, Any]) -> None:
+    parsed = ServiceRoute.parse(route)
+    served = conch["served"]
     print()
-    print(f"== Conch service, INFERENCE_QUANT={route}: ready {conch['ready_after']:.1f} s after start ==")
+    print(
+        f"== Conch service, INFERENCE_BACKEND={parsed.backend} INFERENCE_QUANT={parsed.quant} (serving: "
+        f"{served['backend']} backend, {served['dtype']}, quant {served['quant']}): "
+        f"ready {conch['ready_after']:.1f} s after start =="
+    )
     print(
         f"resident memory: {conch['rss_before_swap_mb']:.0f} MB serving one model, "
         f"{conch['rss_after_swap_mb']:.0f} MB holding two after a swap (peak {conch['peak_rss_mb']:.0f} MB)"
@@ -544,6 +643,11 @@ def report_service(route: str, conch: dict[str, Any]) -> None:
     done, total = conch["eos_terminated"]
     print(f"GET /generate answers ending at EOS: {done}/{total}, median {conch['answer_tokens']:.0f} tokens")
     print(f"example: {json.dumps(conch['example'])[:300]}")
+    print(
+        f"GET /generate median {conch['e2e_median']:.2f} s; streamed: time to first token {conch['ttft']:.3f} s, "
+        f"decode {conch['decode']:.1f} tokens/s; {conch['clients']} clients: {conch['aggregate']:.1f} tokens/s "
+        f"aggregate, p50/p99 latency {conch['latency_p50']:.2f}/{conch['latency_p99']:.2f} s"
+    )
     print(
         f"deployment publish -> first answer from the new model: {conch['swap_seen']:.2f} s "
         f"(recorded latency_seconds {conch['swap_recorded']:.2f} s; {conch['swap_via']})"
@@ -564,15 +668,25 @@ def report_against_seed(services: dict[str, dict[str, Any]], seed: dict[str, Any
         (f"p50 latency, {clients} clients, s{mark}", p50_seed, "latency_p50", True),
         (f"p99 latency, {clients} clients, s{mark}", p99_seed, "latency_p99", True),
     ]
-    header = "".join(f" {'conch ' + r:>12} {'ratio':>7}" for r in services)
+    # A column per route, as wide as its name ("conch llamacpp:q4_0").
+    widths = {r: max(12, len(f"conch {r}")) for r in services}
+    header = "".join(f" {'conch ' + r:>{widths[r]}} {'ratio':>7}" for r in services)
     print(f"{'metric':48} {'seed-style':>11}{header}")
     for name, theirs, key, lower in rows:
-        cells = "".join(f" {c[key]:12.3f} {ratio(c[key], theirs, lower_is_better=lower):>7}" for c in services.values())
+        cells = "".join(
+            f" {c[key]:{widths[r]}.3f} {ratio(c[key], theirs, lower_is_better=lower):>7}" for r, c in services.items()
+        )
         print(f"{name:48} {theirs:11.2f}{cells}")
     print(
         f"seed answers: {seed['tokens']:.0f} tokens each (max_length=512, no template); "
         f"its request latencies when sent together: {seed['serialised']} s (serialised)"
     )
+
+
+def best_conch(engine: dict[str, Any], figure: str, *, lower: bool) -> tuple[str, float]:
+    """The Conch route (any backend) with the best ``figure`` ("decode", "ttft") and that figure."""
+    keys = [key for key in ROUTE_NAMES if is_conch(key) and f"{key}_{figure}" in engine]
+    return (min if lower else max)(((key, engine[f"{key}_{figure}"]) for key in keys), key=lambda item: item[1])
 
 
 def goals(engine: dict[str, Any] | None, services: dict[str, dict[str, Any]], seed: dict[str, Any] | None) -> list:
@@ -606,16 +720,28 @@ def goals(engine: dict[str, Any] | None, services: dict[str, dict[str, Any]], se
         )
     if engine and engine.get("llamacpp_decode"):
         llama = engine["llamacpp_decode"]
-        fastest = max((k for k in ROUTE_NAMES if k.startswith("lean_")), key=lambda k: engine[f"{k}_decode"])
+        fastest, decode = best_conch(engine, "decode", lower=False)
         rows.append(
             (
                 "single-stream decode vs llama.cpp",
                 f"llama.cpp {llama:.1f}",
-                f"{engine[f'{fastest}_decode']:.1f} ({fastest.removeprefix('lean_')})",
-                ratio(engine[f"{fastest}_decode"], llama),
+                f"{decode:.1f} ({short_name(fastest)})",
+                ratio(decode, llama),
                 ">= 1.0x",
             )
         )
+        # The baseline runs the shipped Q4_1 file: Conch's export in that type isolates the serving overhead.
+        if engine.get("cpp_q4_1_decode"):
+            same_type = engine["cpp_q4_1_decode"]
+            rows.append(
+                (
+                    "single-stream decode vs llama.cpp, same Q4_1 type",
+                    f"llama.cpp {llama:.1f}",
+                    f"{same_type:.1f} (cpp_q4_1)",
+                    ratio(same_type, llama),
+                    ">= 1.0x",
+                )
+            )
         if services:
             route, agg = best("aggregate", False)
             rows.append(
@@ -629,7 +755,9 @@ def goals(engine: dict[str, Any] | None, services: dict[str, dict[str, Any]], se
             )
     if engine:
         ttft = engine["lean_fp32_ttft"]
-        rows.append(("time to first token, 35-token prompt", "-", f"{ttft:.3f} s (fp32)", "-", "<= 0.1 s"))
+        fastest, quickest = best_conch(engine, "ttft", lower=True)
+        figure = f"{ttft:.3f} s fp32" + ("" if fastest == "lean_fp32" else f"; {quickest:.3f} s {short_name(fastest)}")
+        rows.append(("time to first token, 35-token prompt", "-", figure, "-", "<= 0.1 s"))
     for route, c in services.items():
         rows.append(("new model answers after publishing", "-", f"{c['swap_seen']:.2f} s ({route})", "-", "<= 2 s"))
         two = c["rss_after_swap_mb"] / c["rss_before_swap_mb"] if c["rss_before_swap_mb"] else 0.0
@@ -651,9 +779,9 @@ def report(
     if rows:
         print()
         print("== goals ==")
-        print(f"{'goal':46} {'baseline':>18} {'Conch':>22} {'ratio':>7} {'target':>9}")
+        print(f"{'goal':50} {'baseline':>18} {'Conch':>34} {'ratio':>7} {'target':>9}")
         for row in rows:
-            print(f"{row[0]:46} {row[1]:>18} {row[2]:>22} {row[3]:>7} {row[4]:>9}")
+            print(f"{row[0]:50} {row[1]:>18} {row[2]:>34} {row[3]:>7} {row[4]:>9}")
     return rows
 
 
@@ -669,7 +797,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each engine measurement")
     parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
     parser.add_argument(
-        "--quant", default="none,int4", help="comma-separated INFERENCE_QUANT routes to run the service with"
+        "--quant",
+        default="none,int4,llamacpp:q4_0",
+        help="comma-separated service routes: <quant> (INFERENCE_QUANT, default backend) or llamacpp:<quant>",
     )
     parser.add_argument(
         "--redis", default="", help="announce the deployment over this Redis (default: the service polls only)"
@@ -687,13 +817,15 @@ def main() -> None:
     os.environ["INFERENCE_THREADS"] = str(threads)
     configure_threads(threads)
 
+    # Parsed first: a mistyped route should fail before the engine part's minutes, not after.
+    routes = {r.strip(): ServiceRoute.parse(r) for r in args.quant.split(",") if r.strip()}
     folder = prepare_default_model()
     engine = None if args.skip_engine else engine_part(folder, args.tokens, args.repeats)
     services: dict[str, dict[str, Any]] = {}
     seed = None
     if not args.quick:
-        for route in [r.strip() for r in args.quant.split(",") if r.strip()]:
-            services[route] = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype, args.redis, route)
+        for name, route in routes.items():
+            services[name] = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype, args.redis, route)
         if not args.skip_seed:
             seed = seed_part(folder, args.seed_requests)
     rows = report(engine, services, seed)
