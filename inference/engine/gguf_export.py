@@ -1,4 +1,4 @@
-"""A loaded transformers model written out as a GGUF file, so the llama.cpp backend can serve fine-tuned models.
+"""A model folder written out as a GGUF file, so the llama.cpp backend can serve fine-tuned models.
 
 A merged fine-tune is a safetensors folder; llama.cpp reads GGUF. The export writes every weight under llama.cpp's
 tensor names (in fp32, or fp16 when it is only the input of a quantisation), then llama.cpp's own quantiser turns
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -78,15 +79,51 @@ def cache_key(folder: Path, file_type: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def write_gguf(model: Any, path: Path, *, half: bool = False) -> None:
-    """Write ``model`` (a transformers causal LM of a supported architecture) as a GGUF file: fp32, or with its
+# Hugging Face checkpoint names -> llama.cpp's, for the Llama family (Llama, Mistral, Qwen2).
+GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some older checkpoints saved; recomputed by llama.cpp
+
+
+def gguf_name(name: str) -> str:
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    match = LAYER_NAME.fullmatch(name)
+    if match and match.group(2) in LAYER_NAMES:
+        return f"blk.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
+    raise ExportError(f"the llama.cpp backend has no place for the weight {name!r}")
+
+
+def write_gguf(folder: Path, config: Any, path: Path, *, half: bool = False) -> None:
+    """Write the model in ``folder`` (safetensors of a supported architecture) as a GGUF file: fp32, or with its
     matrices in fp16 when ``half`` (the input of a quantisation, where fp16's rounding is far below the 4- or
-    8-bit step and half the bytes to write: fresh memory costs about 3 ms per MB on this kind of machine)."""
+    8-bit step and half the bytes to write: fresh memory costs about 3 ms per MB on this kind of machine).
+
+    The tensors are read from the files one at a time (memory-mapped), not through a built model: building the
+    module tree first would cost a second and the model's size in memory for nothing."""
     import gguf
+    from safetensors import safe_open
 
     # gguf's writer logs its file list and byte order at INFO for every export; our own line says what matters.
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    config = model.config
     reason = unsupported_reason(config)
     if reason:
         raise ExportError(f"the llama.cpp backend cannot run this model: {reason}")
@@ -94,12 +131,12 @@ def write_gguf(model: Any, path: Path, *, half: bool = False) -> None:
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    embed = model.get_input_embeddings().weight
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
 
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(str(getattr(config, "_name_or_path", "") or "conch-export"))
+    writer.add_name(folder.name)
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 4096) or 4096))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
@@ -114,40 +151,32 @@ def write_gguf(model: Any, path: Path, *, half: bool = False) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(int(embed.shape[0]))
     writer.add_tokenizer_model("none")
     writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32))
     matrix_dtype: type[np.floating[Any]] = np.float16 if half else np.float32
 
-    def add(name: str, tensor: torch.Tensor | None, reorder: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        if tensor is None:
-            return
-        array = _array(tensor, matrix_dtype)
-        writer.add_tensor(name, reorder(array) if reorder else array)
-
-    def rotary(count: int) -> Callable[[np.ndarray], np.ndarray] | None:
-        return (lambda a: _interleave_rotary(a, count)) if arch in INTERLEAVED_ROPE else None
-
-    inner = model.model
-    add("token_embd.weight", embed)
-    add("output_norm.weight", inner.norm.weight)
-    head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != embed.data_ptr():
-        add("output.weight", head.weight)  # a tied head is left out: llama.cpp then reads token_embd
-    for index, layer in enumerate(inner.layers):
-        attn, mlp, prefix = layer.self_attn, layer.mlp, f"blk.{index}"
-        add(f"{prefix}.attn_norm.weight", layer.input_layernorm.weight)
-        add(f"{prefix}.attn_q.weight", attn.q_proj.weight, rotary(heads))
-        add(f"{prefix}.attn_k.weight", attn.k_proj.weight, rotary(kv_heads))
-        add(f"{prefix}.attn_v.weight", attn.v_proj.weight)
-        add(f"{prefix}.attn_q.bias", attn.q_proj.bias, rotary(heads))
-        add(f"{prefix}.attn_k.bias", attn.k_proj.bias, rotary(kv_heads))
-        add(f"{prefix}.attn_v.bias", attn.v_proj.bias)
-        add(f"{prefix}.attn_output.weight", attn.o_proj.weight)
-        add(f"{prefix}.ffn_norm.weight", layer.post_attention_layernorm.weight)
-        add(f"{prefix}.ffn_gate.weight", mlp.gate_proj.weight)
-        add(f"{prefix}.ffn_up.weight", mlp.up_proj.weight)
-        add(f"{prefix}.ffn_down.weight", mlp.down_proj.weight)
+    written: set[str] = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as checkpoint:
+            for name in checkpoint.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
+                if IGNORED.fullmatch(name) or (tied and name == "lm_head.weight"):
+                    continue  # a tied head is left out: llama.cpp then reads token_embd
+                target = gguf_name(name)
+                array = _array(checkpoint.get_tensor(name), matrix_dtype)
+                if arch in INTERLEAVED_ROPE and target.endswith(("attn_q.weight", "attn_q.bias")):
+                    array = _interleave_rotary(array, heads)
+                elif arch in INTERLEAVED_ROPE and target.endswith(("attn_k.weight", "attn_k.bias")):
+                    array = _interleave_rotary(array, kv_heads)
+                if target == "token_embd.weight":
+                    writer.add_vocab_size(int(array.shape[0]))
+                writer.add_tensor(target, array)
+                written.add(target)
+    expected = {"token_embd.weight", "output_norm.weight", *([] if tied else ["output.weight"])}
+    expected |= {f"blk.{i}.{n}" for i in range(int(config.num_hidden_layers)) for n in LAYER_NAMES.values()}
+    expected -= {name for name in expected if name.endswith(".bias")}  # biases are the architecture's choice
+    missing = sorted(expected - written)
+    if missing:
+        raise ExportError(f"{folder} lacks weights the model needs: {', '.join(missing[:5])}")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -155,8 +184,8 @@ def write_gguf(model: Any, path: Path, *, half: bool = False) -> None:
 
 
 def exported_gguf(
-    model: Any,
     folder: Path,
+    config: Any,
     cache_dir: Path,
     file_type: str,
     quantize: Callable[[Path, Path, str], None],
@@ -172,7 +201,7 @@ def exported_gguf(
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as scratch:
         exact = file_type in ("f32", "bf16")  # bf16 keeps fp32's range, which fp16 would clip
         full = Path(scratch) / ("f32.gguf" if exact else "f16.gguf")
-        write_gguf(model, full, half=not exact)
+        write_gguf(folder, config, full, half=not exact)
         written = time.perf_counter()
         if file_type == "f32":
             final = full

@@ -32,7 +32,7 @@ log = logging.getLogger("conch.inference.llamacpp")
 # int4 is Q4_1, the form the default model ships in. llama.cpp's own type names are accepted too: Q4_0 decodes
 # fastest on an AVX-512 CPU (its weights are repacked for batched products) but keeps no per-group minimum.
 FILE_TYPES = {"none": "f32", "int8": "q8_0", "int4": "q4_1"}
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_1", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_1", "q4_0", "iq4_nl")
 DENSE_FILE_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 GGML_TYPE_F32 = 0
 
@@ -97,6 +97,7 @@ def quantize(src: Path, dst: Path, file_type: str, threads: int = 0) -> None:
         "q8_0": lib.LLAMA_FTYPE_MOSTLY_Q8_0,
         "q4_1": lib.LLAMA_FTYPE_MOSTLY_Q4_1,
         "q4_0": lib.LLAMA_FTYPE_MOSTLY_Q4_0,
+        "iq4_nl": lib.LLAMA_FTYPE_MOSTLY_IQ4_NL,
     }
     params = lib.llama_model_quantize_default_params()
     params.ftype = codes[file_type]

@@ -128,9 +128,8 @@ def _token_ids(value: Any) -> set[int]:
     return {int(v) for v in value}
 
 
-def _sampling_defaults(model: Any) -> dict[str, float | int]:
+def _sampling_defaults(config: Any) -> dict[str, float | int]:
     """The model's own generation defaults, used when a request leaves a knob unset (greedy unless it samples)."""
-    config = getattr(model, "generation_config", None)
     if config is None or not getattr(config, "do_sample", False):
         return {}
     defaults: dict[str, float | int] = {}
@@ -152,7 +151,7 @@ def load_model(
     quant_setting: str = "none",
     llamacpp: LlamaCppOptions | None = None,
 ) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     check_folder(folder)
@@ -173,24 +172,29 @@ def load_model(
             raise ValueError(f"INFERENCE_QUANT={quant} needs the lean decoder, not INFERENCE_BACKEND=reference")
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
+    model: Any = None
     try:
         with _FROM_PRETRAINED:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-            # The llama.cpp export starts from full-precision weights whatever the served type.
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32 if native else dtype, use_safetensors=True, trust_remote_code=False
-            )
+            if native:
+                # llama.cpp gets its weights from the export, which reads the files itself: no torch model.
+                config: Any = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+                generation: Any = _generation_config(folder, config)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
+                )
+                model = model.to(device).eval()
+                config, generation = model.config, model.generation_config
     except Exception as exc:  # whatever the library raises, the caller needs one kind: this folder is unusable
         raise ModelLoadError(f"cannot load {folder}: {type(exc).__name__}: {exc}") from exc
-    model = model.eval() if native else model.to(device).eval()
-    config = model.config
     max_positions = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), MAX_CONTEXT)
 
     decoder: Decoder[Any]
     reason: str | None = None
     if native:
         assert llamacpp is not None
-        native_decoder = _llamacpp_decoder(model, folder, quant, dtype, device, llamacpp)
+        native_decoder = _llamacpp_decoder(folder, config, quant, dtype, device, llamacpp)
         decoder, backend = native_decoder, "llamacpp"
         max_positions = min(max_positions, native_decoder.context_per_sequence)
     else:
@@ -206,7 +210,7 @@ def load_model(
         else:
             decoder, backend = ReferenceDecoder(model), "reference"
 
-    eos_ids = _token_ids(getattr(model.generation_config, "eos_token_id", None)) | _token_ids(tokenizer.eos_token_id)
+    eos_ids = _token_ids(getattr(generation, "eos_token_id", None)) | _token_ids(tokenizer.eos_token_id)
     stop_ids, stop_texts = set(eos_ids), []
     for text in stop_strings(template, tokenizer):
         token = tokenizer.convert_tokens_to_ids(text)
@@ -227,10 +231,10 @@ def load_model(
         eos_ids=frozenset(eos_ids),
         stop_token_ids=frozenset(stop_ids),
         stop_texts=tuple(stop_texts),
-        sampling_defaults=_sampling_defaults(model),
+        sampling_defaults=_sampling_defaults(generation),
     )
-    if backend != "reference":
-        del model  # the lean decoder holds the weight tensors themselves, llama.cpp its own copy
+    if backend == "lean":
+        del model  # the lean decoder holds the weight tensors themselves; the module tree can go
     loaded.load_seconds = time.perf_counter() - started
     log.info(
         "model.loaded",
@@ -249,15 +253,25 @@ def load_model(
     return loaded
 
 
+def _generation_config(folder: Path, config: Any) -> Any:
+    """The folder's generation_config.json, or the defaults derived from its config (as from_pretrained does)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
 def _llamacpp_decoder(
-    model: Any, folder: Path, quant: str, dtype: torch.dtype, device: torch.device, options: LlamaCppOptions
+    folder: Path, config: Any, quant: str, dtype: torch.dtype, device: torch.device, options: LlamaCppOptions
 ) -> LlamaCppDecoder:
-    """Export (or reuse the cached export of) ``model`` as GGUF in the served type and load it into llama.cpp."""
+    """Export (or reuse the cached export of) ``folder`` as GGUF in the served type and load it into llama.cpp."""
     file_type = file_type_for(quant, dtype)
     try:
         path = exported_gguf(
-            model,
             folder,
+            config,
             options.cache_dir,
             file_type,
             quantize=lambda src, dst, kind: quantize(src, dst, kind, options.threads),

@@ -179,3 +179,39 @@ def test_the_service_serves_with_the_llamacpp_backend(tiny_models: dict[str, Pat
         assert streamed.status_code == 200, streamed.text
         assert streamed.json()["usage"]["completion_tokens"] >= 1
     assert list((tmp_path / "gguf").glob("*.q4_1.gguf"))
+
+
+@pytest.mark.parametrize("variant", ["untied", "bf16"])
+def test_checkpoints_with_their_own_head_or_in_bf16_export_as_well(
+    tiny_models: dict[str, Path], tmp_path: Path, variant: str
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / variant
+    shutil.copytree(tiny_models["tiny-qwen2"], folder)  # Qwen2: q/k/v biases too
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    if variant == "untied":
+        model.config.tie_word_embeddings = False
+        torch.manual_seed(3)
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
+    else:
+        model = model.to(torch.bfloat16)  # what a GPU merge publishes
+    model.save_pretrained(folder)
+    reference = load_model("ref", folder, backend_setting="reference")
+    exported = _load(folder, tmp_path / "gguf")
+    for ours, theirs in zip(_logits_of(exported, PROMPTS), _logits_of(reference, PROMPTS), strict=True):
+        assert torch.allclose(ours, theirs, atol=2e-3), (ours - theirs).abs().max()
+    _close(exported)
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_by_name(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_models["tiny-llama"], folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"lacks weights the model needs: blk\.1\.ffn_down\.weight"):
+        _load(folder, tmp_path / "gguf")
+    assert not list((tmp_path / "gguf").glob("*.gguf"))
