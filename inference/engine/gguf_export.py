@@ -65,10 +65,11 @@ def _interleave_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _array(tensor: torch.Tensor, matrix_dtype: type[np.floating[Any]]) -> np.ndarray:
-    array = tensor.detach().to(torch.float32).cpu().numpy()
-    # Norm weights and biases stay fp32, as llama.cpp expects of one-dimensional tensors.
-    return np.ascontiguousarray(array if array.ndim == 1 else array.astype(matrix_dtype, copy=False))
+def _array(tensor: torch.Tensor, half: bool) -> np.ndarray:
+    # Norm weights and biases stay fp32, as llama.cpp expects of one-dimensional tensors. The conversion runs in
+    # torch: numpy's float16 cast measured 5x slower (0.7 s for the default model).
+    dtype = torch.float16 if half and tensor.dim() > 1 else torch.float32
+    return np.ascontiguousarray(tensor.detach().cpu().to(dtype).numpy())
 
 
 def cache_key(folder: Path, file_type: str) -> str:
@@ -153,7 +154,6 @@ def write_gguf(folder: Path, config: Any, path: Path, *, half: bool = False) -> 
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_tokenizer_model("none")
     writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32))
-    matrix_dtype: type[np.floating[Any]] = np.float16 if half else np.float32
 
     written: set[str] = set()
     for file in sorted(folder.glob("*.safetensors")):
@@ -162,7 +162,7 @@ def write_gguf(folder: Path, config: Any, path: Path, *, half: bool = False) -> 
                 if IGNORED.fullmatch(name) or (tied and name == "lm_head.weight"):
                     continue  # a tied head is left out: llama.cpp then reads token_embd
                 target = gguf_name(name)
-                array = _array(checkpoint.get_tensor(name), matrix_dtype)
+                array = _array(checkpoint.get_tensor(name), half)
                 if arch in INTERLEAVED_ROPE and target.endswith(("attn_q.weight", "attn_q.bias")):
                     array = _interleave_rotary(array, heads)
                 elif arch in INTERLEAVED_ROPE and target.endswith(("attn_k.weight", "attn_k.bias")):
