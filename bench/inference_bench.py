@@ -798,7 +798,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
     parser.add_argument(
         "--quant",
-        default="none,int4,llamacpp:q4_0",
+        default="none,int4,llamacpp:int4,llamacpp:q4_0",
         help="comma-separated service routes: <quant> (INFERENCE_QUANT, default backend) or llamacpp:<quant>",
     )
     parser.add_argument(
