@@ -168,7 +168,7 @@ class TimedSink:
 # Conch's in-process routes, each a ``load_model`` call: the torch decoder (``lean_*``) in each precision, and
 # llama.cpp's kernels behind the same engine (``cpp_*``) in each GGUF type, named by that type.
 LEAN_ROUTES: dict[str, dict[str, Any]] = {
-    "lean_fp32": {},
+    "lean_fp32": {"dtype_setting": "fp32"},  # named, not "auto": auto means bf16 on CUDA
     "lean_bf16": {"dtype_setting": "bf16"},
     "lean_int8": {"quant_setting": "int8"},
     "lean_int4": {"quant_setting": "int4"},
@@ -198,7 +198,12 @@ def conch_engines(folder: Path) -> dict[str, Engine]:
     from inference.engine.engine import Engine
     from inference.engine.loader import LlamaCppOptions, load_model
 
-    models = {key: load_model(MODEL_NAME, folder, **options) for key, options in LEAN_ROUTES.items()}
+    routes = dict(LEAN_ROUTES)
+    if torch.cuda.is_available():
+        # The weight-only int8/int4 kernels are CPU routes; on CUDA the engine refuses them.
+        print("CUDA: the lean decoder runs fp32 and bf16 on the GPU; int8/int4 are CPU routes and are skipped")
+        routes = {key: options for key, options in routes.items() if "quant_setting" not in options}
+    models = {key: load_model(MODEL_NAME, folder, **options) for key, options in routes.items()}
     if llamacpp_installed():
         # Exports are cached by folder and type, so only the first run pays for writing and quantising them.
         options = LlamaCppOptions(
@@ -224,9 +229,11 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
     from inference.engine.sampling import SamplingParams
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the baseline runs where Conch runs
     engines = conch_engines(folder)
     libraries = {
-        name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval() for name, dtype in dtypes.items()
+        name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        for name, dtype in dtypes.items()
     }
     llama = LlamaCpp.open(torch.get_num_threads())
     model = engines["lean_fp32"].model
@@ -253,7 +260,7 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
         return sum(s.tokens for s in sinks) / (max(s.last_at for s in sinks) - started)
 
     def library_single(name: str) -> tuple[float, float]:
-        ids = torch.tensor([encoded[0]])
+        ids = torch.tensor([encoded[0]], device=device)
         started = time.perf_counter()
         libraries[name].generate(ids, max_new_tokens=1, do_sample=False)
         first = time.perf_counter() - started
@@ -263,6 +270,7 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
 
     def library_batch(name: str) -> float:
         batch = model.tokenizer.pad({"input_ids": encoded[:8]}, padding=True, padding_side="left", return_tensors="pt")
+        batch = {key: value.to(device) for key, value in batch.items()}
         started = time.perf_counter()
         libraries[name].generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         return 8 * tokens / (time.perf_counter() - started)
@@ -292,7 +300,9 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
     answers = {key: [s.text for s in run(engine, encoded, greedy)[0]] for key, engine in engines.items()}
     same = 0
     for index, prompt_ids in enumerate(encoded[:4]):
-        generated = libraries["fp32"].generate(torch.tensor([prompt_ids]), max_new_tokens=64, do_sample=False)
+        generated = libraries["fp32"].generate(
+            torch.tensor([prompt_ids], device=device), max_new_tokens=64, do_sample=False
+        )
         new = [t for t in generated[0, len(prompt_ids) :].tolist() if t not in model.stop_token_ids]
         same += model.tokenizer.decode(new, skip_special_tokens=True) == answers["lean_fp32"][index]
     out["lean_vs_generate_same"] = (same, 4)
