@@ -274,7 +274,9 @@ def _llamacpp_decoder(
             config,
             options.cache_dir,
             file_type,
-            quantize=lambda src, dst, kind: quantize(src, dst, kind, options.threads),
+            # Every core for the quantiser (0: llama.cpp's own count): a one-off burst that decides how soon a
+            # newly published model answers, while the model it replaces keeps serving.
+            quantize=lambda src, dst, kind: quantize(src, dst, kind, threads=0),
         )
         return LlamaCppDecoder(
             path,
