@@ -4,11 +4,11 @@ Prints figures and ratios, then a goals table; nothing is asserted. Three parts:
 
 1. engine (in process): Conch's torch decoder in fp32, bf16, int8 and int4 (``lean_*``) and, when
    llama-cpp-python is installed (``make bench`` does it), Conch's llama.cpp backend exporting the model as f32,
-   Q8_0, Q4_1 and Q4_0 GGUF (``cpp_*``), against transformers ``generate`` (fp32, bf16) and llama.cpp itself on
+   bf16, Q8_0, Q4_1 and Q4_0 GGUF (``cpp_*``), against transformers ``generate`` (fp32, bf16) and llama.cpp itself on
    the same model's shipped Q4_1 GGUF: single-stream decode tokens/s, time to first token, a batch of 8, and how
    many greedy answers each route changes against Conch's fp32 (which itself must equal ``generate``'s);
 2. conch (a uvicorn process per ``--quant`` route: ``<quant>`` on the torch backend, ``llamacpp:<quant>`` on
-   llama.cpp's; default none, int4 and llamacpp:q4_0): ``GET /generate`` end to end, time to first token and
+   llama.cpp's; default none, int4, llamacpp:bf16 and llamacpp:q4_0): ``GET /generate`` end to end, time to first token and
    decode rate from the SSE stream, 8 concurrent clients, resident memory, and publish-to-serving latency of a
    deployment whose model is a new folder (as every published fine-tune is: nothing exported for it yet);
 3. seed (a uvicorn process running bench/seed_app.py): a few requests only, as each takes 15-30 s; its 8-client
@@ -173,7 +173,13 @@ LEAN_ROUTES: dict[str, dict[str, Any]] = {
     "lean_int8": {"quant_setting": "int8"},
     "lean_int4": {"quant_setting": "int4"},
 }
-CPP_ROUTES: dict[str, str] = {"cpp_f32": "none", "cpp_q8_0": "int8", "cpp_q4_1": "int4", "cpp_q4_0": "q4_0"}
+CPP_ROUTES: dict[str, str] = {
+    "cpp_f32": "none",
+    "cpp_bf16": "bf16",
+    "cpp_q8_0": "int8",
+    "cpp_q4_1": "int4",
+    "cpp_q4_0": "q4_0",
+}
 CONCH_PREFIXES = ("lean_", "cpp_")
 
 
@@ -604,6 +610,7 @@ ROUTE_NAMES = {
     "lean_int8": "Conch, INFERENCE_QUANT=int8",
     "lean_int4": "Conch, INFERENCE_QUANT=int4",
     "cpp_f32": "Conch, INFERENCE_BACKEND=llamacpp, f32",
+    "cpp_bf16": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=bf16",
     "cpp_q8_0": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=int8 (Q8_0)",
     "cpp_q4_1": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=int4 (Q4_1)",
     "cpp_q4_0": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=q4_0",
@@ -808,7 +815,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
     parser.add_argument(
         "--quant",
-        default="none,int4,llamacpp:int4,llamacpp:q4_0",
+        default="none,int4,llamacpp:bf16,llamacpp:q4_0",
         help="comma-separated service routes: <quant> (INFERENCE_QUANT, default backend) or llamacpp:<quant>",
     )
     parser.add_argument(
