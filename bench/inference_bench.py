@@ -8,9 +8,10 @@ Prints figures and ratios, then a goals table; nothing is asserted. Three parts:
    the same model's shipped Q4_1 GGUF: single-stream decode tokens/s, time to first token, a batch of 8, and how
    many greedy answers each route changes against Conch's fp32 (which itself must equal ``generate``'s);
 2. conch (a uvicorn process per ``--quant`` route: ``<quant>`` on the torch backend, ``llamacpp:<quant>`` on
-   llama.cpp's; default none, int4, llamacpp:bf16 and llamacpp:q4_0): ``GET /generate`` end to end, time to first token and
-   decode rate from the SSE stream, 8 concurrent clients, resident memory, and publish-to-serving latency of a
-   deployment whose model is a new folder (as every published fine-tune is: nothing exported for it yet);
+   llama.cpp's; default none, int4, llamacpp:bf16 and llamacpp:q4_0): ``GET /generate`` end to end, time to
+   first token and decode rate from the SSE stream, 8 concurrent clients, resident memory, and
+   publish-to-serving latency of a deployment whose model is a new folder (as every published fine-tune is:
+   nothing exported for it yet);
 3. seed (a uvicorn process running bench/seed_app.py): a few requests only, as each takes 15-30 s; its 8-client
    figures are extrapolated from its serialised handling unless ``--seed-requests 8``.
 
