@@ -212,13 +212,13 @@ class LlamaCppDecoder:
         """Feed the real tokens of ``input_ids`` [rows, steps] (``new_mask`` marks them); fp32 logits of each row's
         last real token [rows, vocab] (zeros for a row with no token in this block)."""
         ids, mask = input_ids.tolist(), new_mask.tolist()
-        tokens: list[tuple[int, int, int, int]] = []  # (row, token, position, sequence)
+        tokens: list[tuple[int, int, int]] = []  # (token, position, sequence)
         last_of_row: dict[int, int] = {}
         for row, (row_ids, row_mask) in enumerate(zip(ids, mask, strict=True)):
             for token, real in zip(row_ids, row_mask, strict=True):
                 if real:
                     last_of_row[row] = len(tokens)
-                    tokens.append((row, token, cache.positions[row], cache.seqs[row]))
+                    tokens.append((token, cache.positions[row], cache.seqs[row]))
                     cache.positions[row] += 1
         cache.length += input_ids.shape[1]
         logits = np.zeros((len(ids), self.vocab_size), dtype=np.float32)
@@ -228,11 +228,11 @@ class LlamaCppDecoder:
         return torch.from_numpy(logits)
 
     def _decode(
-        self, piece: list[tuple[int, int, int, int]], offset: int, wanted: dict[int, int], logits: np.ndarray
+        self, piece: list[tuple[int, int, int]], offset: int, wanted: dict[int, int], logits: np.ndarray
     ) -> None:
         lib, batch = self._lib, self._batch
         outputs: list[tuple[int, int]] = []  # (index in this piece, row)
-        for index, (_row, token, position, seq) in enumerate(piece):
+        for index, (token, position, seq) in enumerate(piece):
             batch.token[index] = token
             batch.pos[index] = position
             batch.n_seq_id[index] = 1
