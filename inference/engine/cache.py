@@ -18,9 +18,6 @@ class RowCache(Protocol):
 
     length: int  # columns read so far: a pending prefill's progress
 
-    @property
-    def batch(self) -> int: ...
-
     def select(self, rows: list[int]) -> None: ...
 
     def extend(self, other: Self) -> None: ...

@@ -392,11 +392,12 @@ class Engine:
                     rate = (row.generated - 1) / (now - row.first_token_at)
                 self.observer.finished(self.model.name, row.finish_reason, rate)
         self._rows = [self._rows[i] for i in keep]
-        if self._cache is not None and not self._rows:
-            self._cache.release()
-            self._cache = None
-        elif self._cache is not None:
-            self._cache.select(keep)
+        if self._cache is not None:
+            if self._rows:
+                self._cache.select(keep)
+            else:
+                self._cache.release()
+                self._cache = None
 
     def _report_queue(self) -> None:
         if self.observer:

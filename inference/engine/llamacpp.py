@@ -116,10 +116,6 @@ class SequenceCache:
         self.positions = [0] * len(seqs)
         self.length = 0  # prompt columns read so far (the engine's prefill progress)
 
-    @property
-    def batch(self) -> int:
-        return len(self.seqs)
-
     def select(self, rows: list[int]) -> None:
         kept = set(rows)
         self.decoder.free([seq for index, seq in enumerate(self.seqs) if index not in kept])
