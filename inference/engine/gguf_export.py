@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.engine.lean import uses_sliding_window
+
 log = logging.getLogger("conch.inference.gguf")
 
 # Hugging Face model type -> llama.cpp architecture. Mistral without a sliding window is a Llama.
@@ -49,9 +51,7 @@ def unsupported_reason(config: Any) -> str | None:
         return f"model type {config.model_type!r}"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}"
-    if getattr(config, "use_sliding_window", False) or (
-        config.model_type == "mistral" and getattr(config, "sliding_window", None)
-    ):
+    if uses_sliding_window(config):
         return "sliding-window attention"
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in ("default", "linear"):

@@ -27,15 +27,22 @@ STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu}
 
 
+def uses_sliding_window(config: Any) -> bool:
+    """Sliding-window attention (Qwen2's flag, or a Mistral window), which neither this decoder nor the GGUF
+    export reproduces."""
+    return bool(
+        getattr(config, "use_sliding_window", False)
+        or (config.model_type == "mistral" and getattr(config, "sliding_window", None))
+    )
+
+
 def unsupported_reason(config: Any) -> str | None:
     """Why this config needs the reference forward instead, or None when the lean one reproduces it."""
     if config.model_type not in SUPPORTED_TYPES:
         return f"model type {config.model_type!r}"
     if getattr(config, "hidden_act", "silu") not in ACTIVATIONS:
         return f"activation {config.hidden_act!r}"
-    if getattr(config, "use_sliding_window", False) or (
-        config.model_type == "mistral" and getattr(config, "sliding_window", None)
-    ):
+    if uses_sliding_window(config):
         return "sliding-window attention"
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in STATIC_ROPE:
