@@ -2,8 +2,8 @@
 
 A merged fine-tune is a safetensors folder; llama.cpp reads GGUF. The export writes every weight under llama.cpp's
 tensor names (in fp32, or fp16 when it is only the input of a quantisation), then llama.cpp's own quantiser turns
-that file into the requested type, so a re-exported
-base model gets the same per-tensor types as the GGUF the default model ships in (Q4_1 layers, Q8_0 embeddings).
+that file into the requested type, so a re-exported base model gets the same per-tensor types as the GGUF the
+default model ships in (Q4_1 layers, Q8_0 embeddings).
 
 The file carries no tokenizer (``tokenizer.ggml.model = none`` with the vocabulary size): the engine tokenises
 and detokenises with the model's own Hugging Face tokenizer and chat template, the same code training used, and
@@ -192,7 +192,8 @@ def exported_gguf(
 ) -> Path:
     """The cached GGUF of ``folder`` in ``file_type`` (f32, f16, bf16, q8_0, q4_1, ...), written if missing.
 
-    ``quantize(src, dst, file_type)`` turns the fp32 export into the target type (llama.cpp's quantiser)."""
+    ``quantize(src, dst, file_type)`` turns the written file (fp32 for f32/bf16 targets, else fp16) into the
+    target type (llama.cpp's quantiser)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{folder.name}-{cache_key(folder, file_type)}.{file_type}.gguf"
     if target.is_file():
