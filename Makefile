@@ -16,7 +16,7 @@ format:
 	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
 
 typecheck:
-	.venv/bin/mypy core api worker inference cli
+	.venv/bin/mypy core artifacts api worker inference cli
 
 migrate:
 	.venv/bin/alembic upgrade head

@@ -280,6 +280,12 @@ class DeploymentOut(BaseModel):
     updated_at: int
     activated_at: int | None
     latency_seconds: float | None
+    route: str | None = Field(default=None, description="the serving route, e.g. llamacpp:bf16")
+    fidelity: dict[str, Any] | None = Field(
+        default=None,
+        description="next-token agreement and largest per-token KL of the route against the fp32 reference on "
+        "the golden prompts, the threshold, and the routes it fell back from",
+    )
 
 
 class DeploymentList(BaseModel):

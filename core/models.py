@@ -206,6 +206,12 @@ class Deployment(TimestampMixin, Base):
     activated_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     latency_seconds: Mapped[float | None] = mapped_column(Float)
+    # The route that serves it (e.g. llamacpp:bf16) and that route's fidelity against the fp32 reference on the
+    # golden prompts, with the routes it fell back from; written when it becomes active.
+    route: Mapped[str | None] = mapped_column(String(64))
+    fidelity: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Loads started: one that is still "loading" after several starts crashed its inference process each time.
+    load_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     @property
     def public_id(self) -> str:

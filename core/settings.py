@@ -83,6 +83,18 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(
         default=256, ge=0, description="prompt tokens read per step while other streams run; 0 = whole prompts"
     )
+    fidelity_min_agreement: float = Field(
+        default=0.99,
+        ge=0.0,
+        le=1.0,
+        description="fidelity gate: a route whose next-token agreement with the fp32 reference on the golden "
+        "prompts is lower is not used for that model (the next route, ending with the faithful one, is)",
+    )
+    serving_exports: str = Field(
+        default="auto",
+        description="GGUF types the worker writes next to a published model: auto (the default CPU route's on "
+        "this host), none, or a comma-separated list such as bf16,q8_0",
+    )
     model_memory_budget_bytes: int = 4 * 1024**3
     deployment_poll_seconds: float = 1.0
 

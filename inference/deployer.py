@@ -20,12 +20,16 @@ from core.models import DEFAULT_TENANT, Deployment, utcnow
 from core.settings import Settings
 from inference.catalog import ModelNotReady, ModelSource, base_source, resolve
 from inference.engine.loader import ModelLoadError
+from inference.gate import GateResult
 from inference.metrics import Metrics
 from inference.registry import Registry
 
 log = logging.getLogger("conch.inference.deployer")
 
 REASON_LIMIT = 2000
+# A deployment found still "loading" this many times when a load starts took its inference process down with it
+# each time (a native crash while loading or gating): it is failed instead of crashing every restart.
+MAX_LOAD_ATTEMPTS = 3
 
 
 def _elapsed_since(moment: datetime, now: datetime) -> float:
@@ -93,13 +97,20 @@ class Deployer:
         claimed = self._claim(deployment_id)
         if claimed is None:
             return
-        tenant, model_id = claimed
+        tenant, model_id, attempts = claimed
+        if attempts > MAX_LOAD_ATTEMPTS:
+            self._fail(
+                deployment_id,
+                f"loading {model_id} stopped the inference service {attempts - 1} times (a crash in native code); "
+                "it is not tried again",
+            )
+            return
         log.info("deployment.loading", extra={"deployment_id": str(deployment_id), "model": model_id})
         try:
             source = self._source(model_id, tenant)
         except ModelNotReady as exc:
             if model_id in self.settings.base_models and not is_prepared(model_id, self.settings):
-                self._set_status(deployment_id, DeploymentStatus.PENDING, exc.message)  # wait for preparation
+                self._set_status(deployment_id, DeploymentStatus.PENDING, exc.message, uncount=True)  # wait
                 return
             self._fail(deployment_id, exc.message)
             return
@@ -108,21 +119,24 @@ class Deployer:
             return
         try:
             # A model already in memory is smoke-tested again: it must answer now, not when it was loaded.
-            self.registry.ensure(source, deploying=True)
+            handle = self.registry.ensure(source, deploying=True)
         except Exception as exc:
             self._fail(deployment_id, f"{type(exc).__name__}: {exc}")
             return
-        self._activate(deployment_id, tenant, model_id)
+        self._activate(deployment_id, tenant, model_id, handle.gate)
 
-    def _claim(self, deployment_id: uuid.UUID) -> tuple[str, str] | None:
+    def _claim(self, deployment_id: uuid.UUID) -> tuple[str, str, int] | None:
+        """Mark the deployment loading and count the attempt (committed before the load starts, so a load that
+        kills the process is still counted)."""
         with session_scope() as session:
             row = session.get(Deployment, deployment_id, with_for_update=True)
             if row is None or row.status not in (DeploymentStatus.PENDING, DeploymentStatus.LOADING):
                 return None
+            row.load_attempts = (row.load_attempts or 0) + 1
             row.status = DeploymentStatus.LOADING
-            return row.tenant_id, row.model_id
+            return row.tenant_id, row.model_id, row.load_attempts
 
-    def _activate(self, deployment_id: uuid.UUID, tenant: str, model_id: str) -> None:
+    def _activate(self, deployment_id: uuid.UUID, tenant: str, model_id: str, gate: GateResult | None) -> None:
         # The in-memory switch comes first, inside the transaction that marks the row active, and is undone if
         # that transaction does not commit: whoever reads "active" from the database is already served the new
         # model. Requests already running keep their lease on the old one.
@@ -146,6 +160,9 @@ class Deployer:
                 row.activated_at = now
                 row.reason = None
                 row.latency_seconds = latency = _elapsed_since(row.created_at, now)
+                if gate is not None:
+                    row.route = gate.route
+                    row.fidelity = gate.to_json()
                 self.registry.set_default(tenant, model_id)
         except BaseException:
             self.registry.replace_defaults(before)
@@ -165,9 +182,14 @@ class Deployer:
         self.metrics.swaps.labels("failed").inc()
         log.error("deployment.failed", extra={"deployment_id": str(deployment_id), "reason": reason})
 
-    def _set_status(self, deployment_id: uuid.UUID, status: DeploymentStatus, reason: str | None) -> None:
+    def _set_status(
+        self, deployment_id: uuid.UUID, status: DeploymentStatus, reason: str | None, *, uncount: bool = False
+    ) -> None:
+        """``uncount``: the load never started (the base model is still being prepared), so it is no attempt."""
         with session_scope() as session:
             row = session.get(Deployment, deployment_id, with_for_update=True)
             if row is not None:
                 row.status = status
                 row.reason = reason[:REASON_LIMIT] if reason else None
+                if uncount:
+                    row.load_attempts = max(0, (row.load_attempts or 0) - 1)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from inference.gate import GateResult
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 400, 800)
@@ -64,6 +68,18 @@ class Metrics:
         self.loaded_models = Gauge("conch_inference_loaded_models", "Models in memory", registry=r)
         self.loaded_bytes = Gauge("conch_inference_loaded_bytes", "Weight bytes of the models in memory", registry=r)
         self.ready = Gauge("conch_inference_ready", "1 when /readyz answers 200", registry=r)
+        self.agreement = Gauge(
+            "conch_inference_fidelity_agreement",
+            "Next-token agreement of the serving route with the fp32 reference on the golden prompts",
+            ["model", "route"],
+            registry=r,
+        )
+        self.max_kl = Gauge(
+            "conch_inference_fidelity_max_kl",
+            "Largest per-token KL divergence (nats) of the serving route from the fp32 reference",
+            ["model", "route"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -92,6 +108,19 @@ class Metrics:
     def failure(self, kind: str) -> None:
         self.failures.labels(kind).inc()
 
+    def fidelity(self, model: str, gate: GateResult) -> None:
+        self._forget_fidelity(model)
+        self.agreement.labels(model, gate.route).set(gate.fidelity.agreement)
+        self.max_kl.labels(model, gate.route).set(gate.fidelity.max_kl)
+
+    def _forget_fidelity(self, model: str) -> None:
+        for gauge in (self.agreement, self.max_kl):
+            for labels in [s.labels for metric in gauge.collect() for s in metric.samples]:
+                if labels.get("model") == model:
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(model, labels["route"])
+
     def forget_model(self, model: str) -> None:
         with contextlib.suppress(KeyError):
             self.queue.remove(model)
+        self._forget_fidelity(model)

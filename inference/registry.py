@@ -15,13 +15,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from artifacts import llamacpp as native
+from artifacts.cpu import cpu_flags
+from artifacts.golden import Reference, ReferenceError
 from core.models import DEFAULT_TENANT
 from core.settings import Settings
 from inference.catalog import ModelSource
-from inference.engine.device import configure_threads
+from inference.engine.device import choose_device, configure_threads
 from inference.engine.engine import Engine, EngineUnavailable, Failed, Finished, GenerationRequest, TextChunk
 from inference.engine.loader import LlamaCppOptions, LoadedModel, ModelLoadError, load_model
+from inference.engine.routes import Route, plan_routes
 from inference.engine.sampling import SamplingParams
+from inference.gate import GateResult, reference_for, run_gate
 from inference.metrics import Metrics
 
 log = logging.getLogger("conch.inference.registry")
@@ -38,6 +43,7 @@ class ModelHandle:
     source: ModelSource
     model: LoadedModel
     engine: Engine
+    gate: GateResult | None = None
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     in_use: int = 0
@@ -86,6 +92,13 @@ def smoke_test(handle_engine: Engine, model: LoadedModel, timeout: float = SMOKE
         raise ModelLoadError("smoke generation produced no token")
 
 
+def _close(model: LoadedModel) -> None:
+    """Free a model that will not be served (llama.cpp's native memory is not the garbage collector's)."""
+    close = getattr(model.decoder, "close", None)
+    if close is not None:
+        close()
+
+
 class Registry:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
@@ -98,6 +111,14 @@ class Registry:
         self._failed_at: dict[str, float] = {}
         self.synced = False  # set once the deployments table has been read
         self.threads = configure_threads(settings.inference_threads)
+        self.routes = plan_routes(
+            backend=settings.inference_backend,
+            quant=settings.inference_quant,
+            dtype=settings.inference_dtype,
+            device=choose_device(settings.inference_device),
+            cpu_flags=cpu_flags(),
+            llamacpp_available=native.available(),
+        )
 
     # ------------------------------------------------------------------------------- defaults
 
@@ -181,16 +202,7 @@ class Registry:
         settings = self.settings
         engine: Engine | None = None
         try:
-            model = load_model(
-                source.name,
-                source.folder,
-                template=source.template,
-                device_setting=settings.inference_device,
-                dtype_setting=settings.inference_dtype,
-                backend_setting=settings.inference_backend,
-                quant_setting=settings.inference_quant,
-                llamacpp=self._llamacpp_options(),
-            )
+            model, gate = self._load_gated(source)
             engine = Engine(
                 model,
                 max_batch_size=settings.max_batch_size,
@@ -205,7 +217,8 @@ class Registry:
             self.problems[source.name] = str(exc)
             self._failed_at[source.name] = time.monotonic()
             raise
-        handle = ModelHandle(source=source, model=model, engine=engine)
+        handle = ModelHandle(source=source, model=model, engine=engine, gate=gate)
+        self.metrics.fidelity(source.name, gate)
         with self._lock:
             replaced = self._handles.get(source.name)
             self._handles[source.name] = handle
@@ -218,10 +231,71 @@ class Registry:
         self._report()
         return handle
 
-    def _llamacpp_options(self) -> LlamaCppOptions | None:
+    def _load_gated(self, source: ModelSource) -> tuple[LoadedModel, GateResult]:
+        """Load ``source`` on the first route (``self.routes``) that can run it and passes the fidelity gate.
+
+        A route that cannot load the model, or whose answers drift from the reference below the threshold, is
+        skipped for the next (the last is the faithful one), and the result says which were skipped and why. A
+        model whose reference itself is broken is refused whatever the route."""
+        threshold = self.settings.fidelity_min_agreement
+        rejected: list[dict[str, Any]] = []
+        reference: Reference | None = None
+        for index, route in enumerate(self.routes):
+            last = index == len(self.routes) - 1
+            try:
+                model = self._load_route(source, route)
+            except ModelLoadError as exc:
+                if last:
+                    raise
+                rejected.append({"route": route.name, "reason": str(exc)})
+                log.warning("route.unavailable", extra={"model": source.name, "route": route.name, "error": str(exc)})
+                continue
+            try:
+                if reference is None:
+                    reference = reference_for(
+                        source.folder, source.template, self.settings.gguf_cache_dir, sorted(model.stop_token_ids)
+                    )
+                gate = run_gate(model, reference, route.name, threshold)
+            except ReferenceError as exc:
+                _close(model)
+                raise ModelLoadError(f"the model's reference answers are unusable: {exc}") from exc
+            except BaseException:
+                _close(model)
+                raise
+            if gate.passed:
+                gate.rejected = rejected
+                return model, gate
+            _close(model)
+            rejected.append(
+                {
+                    "route": route.name,
+                    "agreement": round(gate.fidelity.agreement, 5),
+                    "max_kl": round(gate.fidelity.max_kl, 5),
+                    "reason": f"next-token agreement {gate.fidelity.agreement:.4f} < {threshold}",
+                }
+            )
+            log.warning("route.below_fidelity", extra={"model": source.name, **rejected[-1]})
+        raise ModelLoadError(
+            "no route keeps the model's answers: " + "; ".join(f"{r['route']}: {r['reason']}" for r in rejected)
+        )
+
+    def _load_route(self, source: ModelSource, route: Route) -> LoadedModel:
         settings = self.settings
-        if settings.inference_backend != "llamacpp":
-            return None
+        model = load_model(
+            source.name,
+            source.folder,
+            template=source.template,
+            device_setting=settings.inference_device,
+            dtype_setting=route.dtype,
+            backend_setting=route.backend,
+            quant_setting=route.quant,
+            llamacpp=self._llamacpp_options() if route.backend == "llamacpp" else None,
+        )
+        model.route = route.name
+        return model
+
+    def _llamacpp_options(self) -> LlamaCppOptions:
+        settings = self.settings
         chunk = settings.prefill_chunk_tokens or 512
         return LlamaCppOptions(
             cache_dir=settings.gguf_cache_dir,
@@ -312,6 +386,8 @@ class Registry:
         detail["models"] = [
             {
                 "id": h.name,
+                "route": h.model.route,
+                "fidelity": h.gate.to_json() if h.gate else None,
                 "backend": h.model.backend,
                 "dtype": h.model.dtype,
                 "quant": h.model.quant,

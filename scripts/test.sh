@@ -8,6 +8,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
-.venv/bin/mypy core api worker inference cli
+.venv/bin/mypy core artifacts api worker inference cli
 echo "==> pytest"
 exec .venv/bin/python -m pytest "$@"

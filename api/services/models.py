@@ -33,7 +33,19 @@ def _created(path: Path) -> int:
         return 0
 
 
-def base_model_out(name: str, settings: Settings, active_model: str | None) -> ModelOut:
+def _serving(session: Session, tenant_id: str) -> dict[str, dict[str, Any]]:
+    """Per model: the route and fidelity of its latest activation for this tenant (what the gate measured)."""
+    rows = session.execute(
+        select(Deployment.model_id, Deployment.route, Deployment.fidelity)
+        .where(Deployment.tenant_id == tenant_id, Deployment.fidelity.is_not(None))
+        .order_by(Deployment.activated_at.asc())
+    ).all()
+    return {model_id: {"route": route, "fidelity": fidelity} for model_id, route, fidelity in rows}
+
+
+def base_model_out(
+    name: str, settings: Settings, active_model: str | None, serving: dict[str, Any] | None = None
+) -> ModelOut:
     return ModelOut(
         id=name,
         created=_created(base_model_path(name, settings)),
@@ -43,11 +55,12 @@ def base_model_out(name: str, settings: Settings, active_model: str | None) -> M
             "prepared": is_prepared(name, settings),
             "default": name == settings.default_base_model,
             "deployed": name == active_model,
+            "serving": serving,
         },
     )
 
 
-def fine_tuned_out(row: ModelRecord, active_model: str | None) -> ModelOut:
+def fine_tuned_out(row: ModelRecord, active_model: str | None, serving: dict[str, Any] | None = None) -> ModelOut:
     return ModelOut(
         id=row.id,
         created=unix_required(row.created_at),
@@ -61,6 +74,7 @@ def fine_tuned_out(row: ModelRecord, active_model: str | None) -> ModelOut:
             "status": row.status,
             "size_bytes": row.size_bytes,
             "deployed": row.id == active_model,
+            "serving": serving,
         },
     )
 
@@ -72,11 +86,12 @@ def _active_model(session: Session, tenant_id: str) -> str | None:
 
 def list_models(session: Session, tenant_id: str, settings: Settings) -> ModelList:
     active = _active_model(session, tenant_id)
-    base = [base_model_out(name, settings, active) for name in sorted(settings.base_models)]
+    serving = _serving(session, tenant_id)
+    base = [base_model_out(name, settings, active, serving.get(name)) for name in sorted(settings.base_models)]
     tuned = session.scalars(
         select(ModelRecord).where(ModelRecord.tenant_id == tenant_id).order_by(ModelRecord.created_at.desc())
     ).all()
-    return ModelList(data=base + [fine_tuned_out(r, active) for r in tuned])
+    return ModelList(data=base + [fine_tuned_out(r, active, serving.get(r.id)) for r in tuned])
 
 
 def _fine_tuned(session: Session, tenant_id: str, model_id: str) -> ModelRecord | None:
@@ -87,12 +102,13 @@ def _fine_tuned(session: Session, tenant_id: str, model_id: str) -> ModelRecord 
 
 def get_model(session: Session, tenant_id: str, model_id: str, settings: Settings) -> ModelOut:
     active = _active_model(session, tenant_id)
+    serving = _serving(session, tenant_id).get(model_id)
     if model_id in settings.base_models:
-        return base_model_out(model_id, settings, active)
+        return base_model_out(model_id, settings, active, serving)
     row = _fine_tuned(session, tenant_id, model_id)
     if row is None:
         raise NotFound(f"No such model: {model_id}", param="model")
-    return fine_tuned_out(row, active)
+    return fine_tuned_out(row, active, serving)
 
 
 def _remove_artifacts(paths: list[Path], root: Path) -> None:
@@ -144,6 +160,8 @@ def deployment_out(row: Deployment) -> DeploymentOut:
         updated_at=unix_required(row.updated_at),
         activated_at=unix(row.activated_at),
         latency_seconds=row.latency_seconds,
+        route=row.route,
+        fidelity=row.fidelity,
     )
 
 

@@ -19,21 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from artifacts.architecture import uses_sliding_window
 from inference.engine.cache import KVCache
 from inference.engine.quant import Projection, projection
 
 SUPPORTED_TYPES = frozenset({"llama", "qwen2", "mistral"})
 STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu}
-
-
-def uses_sliding_window(config: Any) -> bool:
-    """Sliding-window attention (Qwen2's flag, or a Mistral window), which neither this decoder nor the GGUF
-    export reproduces."""
-    return bool(
-        getattr(config, "use_sliding_window", False)
-        or (config.model_type == "mistral" and getattr(config, "sliding_window", None))
-    )
 
 
 def unsupported_reason(config: Any) -> str | None:

@@ -18,14 +18,13 @@ Everything here runs on the engine's generation thread, the only user of the con
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+
+from artifacts.llamacpp import GGUF_TYPES, buffer_types, capture_native_log, library, model_params
 
 log = logging.getLogger("conch.inference.llamacpp")
 
@@ -33,44 +32,7 @@ log = logging.getLogger("conch.inference.llamacpp")
 # int4 is Q4_1, the form the default model ships in. llama.cpp's own type names are accepted too: Q4_0 decodes
 # fastest on an AVX-512 CPU (its weights are repacked for batched products) but keeps no per-group minimum.
 FILE_TYPES = {"none": "f32", "int8": "q8_0", "int4": "q4_1"}
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_1", "q4_0", "iq4_nl")
 DENSE_FILE_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-
-_backend_ready = threading.Lock()
-_backend_initialised = False
-_ERROR_LEVEL = 4  # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
-_log_callback: Any = None  # kept alive for as long as the library may call it
-
-
-def _route_native_log(level: int, text: bytes, _user_data: Any) -> None:
-    """llama.cpp's own lines go to our logger: errors as warnings, the rest (every load prints dozens, and a
-    GGUF without a tokenizer always warns about its placeholder vocabulary) at debug."""
-    message = text.decode("utf-8", "replace").rstrip()
-    if message:
-        log.log(logging.WARNING if level == _ERROR_LEVEL else logging.DEBUG, "llamacpp.native: %s", message)
-
-
-class LlamaCppUnavailable(Exception):
-    """llama-cpp-python is not installed (it is the ``llamacpp`` extra)."""
-
-
-def library() -> Any:
-    """The llama_cpp module, initialised once per process with its chatter limited to errors."""
-    global _backend_initialised, _log_callback
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise LlamaCppUnavailable(
-            "INFERENCE_BACKEND=llamacpp needs llama-cpp-python: pip install 'conch[llamacpp]'"
-        ) from exc
-    with _backend_ready:
-        if not _backend_initialised:
-            # Its default callback prints every loader line to stderr (and reads warnings as errors).
-            _log_callback = llama_cpp.llama_log_callback(_route_native_log)
-            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _backend_initialised = True
-    return llama_cpp
 
 
 def check_quant(quant: str) -> str:
@@ -85,26 +47,6 @@ def file_type_for(quant: str, dtype: torch.dtype) -> str:
     if quant == "none":
         return DENSE_FILE_TYPES.get(dtype, "f32")
     return FILE_TYPES.get(quant, quant)
-
-
-def quantize(src: Path, dst: Path, file_type: str, threads: int = 0) -> None:
-    """llama.cpp's own quantiser: the same per-tensor choices as the GGUF files it publishes."""
-    lib = library()
-    codes = {
-        "f32": lib.LLAMA_FTYPE_ALL_F32,
-        "f16": lib.LLAMA_FTYPE_MOSTLY_F16,
-        "bf16": lib.LLAMA_FTYPE_MOSTLY_BF16,
-        "q8_0": lib.LLAMA_FTYPE_MOSTLY_Q8_0,
-        "q4_1": lib.LLAMA_FTYPE_MOSTLY_Q4_1,
-        "q4_0": lib.LLAMA_FTYPE_MOSTLY_Q4_0,
-        "iq4_nl": lib.LLAMA_FTYPE_MOSTLY_IQ4_NL,
-    }
-    params = lib.llama_model_quantize_default_params()
-    params.ftype = codes[file_type]
-    params.nthread = threads
-    status = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if status != 0:
-        raise RuntimeError(f"llama.cpp could not quantise {src.name} to {file_type} (status {status})")
 
 
 class SequenceCache:
@@ -148,9 +90,11 @@ class LlamaCppDecoder:
         self.path = gguf_path
         self.dtype = torch.float32  # the logits it returns
         self.device = torch.device("cpu")
-        model_params = lib.llama_model_default_params()
-        model_params.n_gpu_layers = 999 if gpu else 0
-        self._model = lib.llama_model_load_from_file(str(gguf_path).encode(), model_params)
+        with capture_native_log() as native_lines:
+            self._model = lib.llama_model_load_from_file(str(gguf_path).encode(), model_params(gpu=gpu))
+        # Where the weights went (CPU_Mapped, CPU_REPACK, ...): /readyz shows it, and a test holds that no
+        # weight ever lands in the AMX buffer.
+        self.buffer_types = buffer_types(native_lines)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
         self.max_sequences = max(1, max_sequences)
@@ -226,6 +170,8 @@ class LlamaCppDecoder:
     def _decode(
         self, piece: list[tuple[int, int, int]], offset: int, wanted: dict[int, int], logits: np.ndarray
     ) -> None:
+        """Decode ``piece`` (token, position, sequence); copy the logits of the tokens whose index (``offset`` +
+        index in the piece) ``wanted`` maps to a row of ``logits``."""
         lib, batch = self._lib, self._batch
         outputs: list[tuple[int, int]] = []  # (index in this piece, row)
         for index, (token, position, seq) in enumerate(piece):
@@ -244,6 +190,20 @@ class LlamaCppDecoder:
         for index, row in outputs:
             pointer = lib.llama_get_logits_ith(self._ctx, index)
             logits[row] = np.ctypeslib.as_array(pointer, shape=(self.vocab_size,))
+
+    def score(self, tokens: list[int], first: int) -> np.ndarray:
+        """Teacher-forced logits of one sequence: after each of ``tokens[first:]`` [positions, vocab], in one
+        pass (the fidelity gate's fast path; the engine's rows are untouched)."""
+        (seq,) = self.new_cache(1, len(tokens)).seqs
+        try:
+            logits = np.zeros((len(tokens) - first, self.vocab_size), dtype=np.float32)
+            wanted = {index: index - first for index in range(first, len(tokens))}
+            piece = [(token, position, seq) for position, token in enumerate(tokens)]
+            for start in range(0, len(piece), self.batch_tokens):
+                self._decode(piece[start : start + self.batch_tokens], start, wanted, logits)
+            return logits
+        finally:
+            self.free([seq])
 
     # ------------------------------------------------------------------------------- lifetime
 

@@ -12,12 +12,14 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from artifacts.gguf import ExportError, exported_gguf
+from artifacts.llamacpp import LlamaCppUnavailable, quantize
+from artifacts.serving import read_serving_files
 from core.templates import Message, render_prompt, stop_strings
 from inference.engine.cache import RowCache
 from inference.engine.device import choose_device, choose_dtype, dtype_name
-from inference.engine.gguf_export import ExportError, exported_gguf
 from inference.engine.lean import LeanDecoder, unsupported_reason
-from inference.engine.llamacpp import LlamaCppDecoder, LlamaCppUnavailable, file_type_for, quantize
+from inference.engine.llamacpp import LlamaCppDecoder, file_type_for
 from inference.engine.llamacpp import check_quant as check_llamacpp_quant
 from inference.engine.quant import check_scheme
 from inference.engine.reference import ReferenceDecoder
@@ -32,6 +34,11 @@ MAX_CONTEXT = 65536
 # meta device, so two loads at once (a deployment loading in the background while a request loads another model
 # on demand) can leave one model with tensors that were never materialised. Loads take turns.
 _FROM_PRETRAINED = threading.Lock()
+
+
+def from_pretrained_lock() -> threading.Lock:
+    """Held around every transformers load in this process (see above)."""
+    return _FROM_PRETRAINED
 
 
 CacheT = TypeVar("CacheT", bound=RowCache)
@@ -82,6 +89,7 @@ class LoadedModel:
     stop_texts: tuple[str, ...]
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     load_seconds: float = 0.0
+    route: str = ""  # the registry's name for the route serving it, e.g. llamacpp:bf16
 
     @property
     def size_bytes(self) -> int:
@@ -269,15 +277,19 @@ def _llamacpp_decoder(
     """Export (or reuse the cached export of) ``folder`` as GGUF in the served type and load it into llama.cpp."""
     file_type = file_type_for(quant, dtype)
     try:
-        path = exported_gguf(
-            folder,
-            config,
-            options.cache_dir,
-            file_type,
-            # Every core for the quantiser (0: llama.cpp's own count): a one-off burst that decides how soon a
-            # newly published model answers, while the model it replaces keeps serving.
-            quantize=lambda src, dst, kind: quantize(src, dst, kind, threads=0),
-        )
+        # The export the worker wrote at publish (or preparation), else one made now and cached.
+        published = read_serving_files(folder)
+        path = published.gguf.get(file_type) if published is not None else None
+        if path is None:
+            path = exported_gguf(
+                folder,
+                config,
+                options.cache_dir,
+                file_type,
+                # Every core for the quantiser (0: llama.cpp's own count): a one-off burst that decides how soon
+                # a newly published model answers, while the model it replaces keeps serving.
+                quantize=lambda src, dst, kind: quantize(src, dst, kind, threads=0),
+            )
         return LlamaCppDecoder(
             path,
             max_sequences=options.max_sequences,

@@ -73,6 +73,7 @@ class PreparedData:
     train_stats: SplitStats
     eval_stats: SplitStats
     sample_segments: list[Segment] = field(default_factory=list)
+    eval_conversations: list[Conversation] = field(default_factory=list)  # the golden prompts come from these
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
@@ -171,7 +172,7 @@ def prepare_data(
             "cutoff_len",
         )
     sample = conversation_segments(tokenizer, conversations[0], template) if conversations else []
-    return PreparedData(template, train, evaluation, train_stats, eval_stats, sample)
+    return PreparedData(template, train, evaluation, train_stats, eval_stats, sample, list(eval_conversations))
 
 
 def render_with_mask(segments: Sequence[Segment], train_on_prompt: bool) -> str:

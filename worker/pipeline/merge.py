@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,15 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
     return ids
 
 
+@dataclass
+class Merged:
+    """The merged model as written, still in memory (its serving files are made from it)."""
+
+    model: Any
+    tokenizer: Any
+    stop_ids: list[int]
+
+
 def merge_adapter(
     base_path: Path,
     adapter_dir: Path,
@@ -40,7 +50,7 @@ def merge_adapter(
     *,
     template: str,
     manifest: dict[str, Any],
-) -> None:
+) -> Merged:
     """Write the merged model into ``out`` (an empty folder; the caller publishes it atomically)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -75,3 +85,4 @@ def merge_adapter(
     (out / MANIFEST).write_text(
         json.dumps({**manifest, "template": template, "stop": stop_strings(template, tokenizer)}, indent=1)
     )
+    return Merged(model=merged, tokenizer=tokenizer, stop_ids=stops)

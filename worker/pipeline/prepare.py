@@ -17,9 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from artifacts.serving import read_serving_files
 from core.base_models import base_model_path, base_model_spec, is_prepared
 from core.settings import BUILTIN_SMOLLM2, Settings, get_settings
 from core.storage import atomic_directory, base_models_dir
+from worker.pipeline.merge import Merged, stop_token_ids
+from worker.pipeline.serving import write_model_serving_files
 
 log = logging.getLogger("conch.worker.prepare")
 
@@ -70,21 +73,36 @@ def prepare_base_model(name: str, settings: Settings | None = None, *, progress:
         if not is_prepared(name, settings):
             raise BaseModelError(f"base model {name!r}: {folder} holds no config.json and safetensors weights")
         return folder
-    if is_prepared(name, settings):
+    if is_prepared(name, settings) and read_serving_files(folder) is not None:
         return folder
     with _store_lock(base_models_dir(settings), name):
         if not is_prepared(name, settings):  # another process may have finished while we waited
-            convert_gguf(builtin_gguf(), folder, progress=progress)
+            convert_gguf(builtin_gguf(), folder, settings, progress=progress)
+        elif read_serving_files(folder) is None:  # prepared before serving files existed
+            add_serving_files(folder, settings)
     return folder
 
 
-def convert_gguf(gguf_path: Path, folder: Path, *, progress: bool = True) -> None:
-    """Dequantize a GGUF checkpoint into a safetensors folder with its tokenizer and generation config."""
+def add_serving_files(folder: Path, settings: Settings) -> None:
+    """Write the serving files of an already prepared folder (the model is loaded for it, in fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+    write_model_serving_files(
+        folder, Merged(model, tokenizer, stop_token_ids(tokenizer, "auto")), "auto", None, settings
+    )
+
+
+def convert_gguf(gguf_path: Path, folder: Path, settings: Settings, *, progress: bool = True) -> None:
+    """Dequantize a GGUF checkpoint into a safetensors folder with its tokenizer, generation config and serving
+    files (reference answers, the llama.cpp export of the default CPU route)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    steps = tqdm(total=3, desc=f"Preparing {folder.name}", unit="step", disable=not progress)
+    steps = tqdm(total=4, desc=f"Preparing {folder.name}", unit="step", disable=not progress)
     log.info("base_model.prepare_started", extra={"gguf": str(gguf_path), "folder": str(folder)})
     with atomic_directory(folder) as tmp:
         steps.set_postfix_str("tokenizer")
@@ -109,6 +127,10 @@ def convert_gguf(gguf_path: Path, folder: Path, *, progress: bool = True) -> Non
         )
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        steps.update()
+        steps.set_postfix_str("serving files")
+        stops = stop_token_ids(tokenizer, "auto")
+        write_model_serving_files(tmp, Merged(model, tokenizer, stops), "auto", None, settings)
         steps.update()
     steps.close()
     log.info("base_model.prepared", extra={"folder": str(folder)})

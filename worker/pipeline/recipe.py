@@ -23,6 +23,7 @@ from worker.pipeline.merge import merge_adapter
 from worker.pipeline.prepare import BaseModelError, prepare_base_model
 from worker.pipeline.progress import JobReporter
 from worker.pipeline.publish import register_model
+from worker.pipeline.serving import write_model_serving_files
 from worker.pipeline.train import LoraTrainer, attach_lora, load_base_model, trainable_parameters
 from worker.spec import FileSpec, JobSpec
 
@@ -158,7 +159,14 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
     folder = fine_tuned_dir(spec.job_id, settings)
     manifest = {"model_id": model_id, "base_model": spec.model, "job_id": spec.public_id}
     with atomic_directory(folder) as tmp:
-        merge_adapter(base_path, result.adapter_dir, tmp, template=data.template, manifest=manifest)
+        merged = merge_adapter(base_path, result.adapter_dir, tmp, template=data.template, manifest=manifest)
+        reporter.event("Writing the serving files: reference answers to the golden prompts and the llama.cpp export")
+        files = write_model_serving_files(tmp, merged, data.template, data.eval_conversations, settings)
+        del merged
+        reporter.event(
+            "Serving files written: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in files.seconds.items()),
+            data={"stage": JobStage.MERGING.value, "serving_files": files.seconds},
+        )
     reporter.stage(JobStage.PUBLISHING, f"Publishing {model_id}")
     reporter.control.finishing.set()
     register_model(

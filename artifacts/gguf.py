@@ -9,9 +9,11 @@ The file carries no tokenizer (``tokenizer.ggml.model = none`` with the vocabula
 and detokenises with the model's own Hugging Face tokenizer and chat template, the same code training used, and
 hands llama.cpp token ids only.
 
-Exports are cached by the model files' identity (path, size, mtime) and the target type: the first load of a new
-model pays for it (about a second for the default model), later loads and restarts reuse the file. A file is
-written beside its final name and renamed into place, so a crash never leaves half a GGUF that looks whole.
+The worker writes the export of a published model next to it (``artifacts.serving``), so the model answers as
+soon as it is announced; a folder without one (a base model configured by path, a type it was not published in)
+is exported on first load into a cache keyed by the model files' identity (path, size, mtime) and the type.
+A file is written beside its final name and renamed into place, so a crash never leaves half a GGUF that looks
+whole.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.engine.lean import uses_sliding_window
+from artifacts.architecture import uses_sliding_window
 
-log = logging.getLogger("conch.inference.gguf")
+log = logging.getLogger("conch.artifacts.gguf")
 
 # Hugging Face model type -> llama.cpp architecture. Mistral without a sliding window is a Llama.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -183,29 +185,26 @@ def write_gguf(folder: Path, config: Any, path: Path, *, half: bool = False) -> 
     writer.close()
 
 
-def exported_gguf(
+def export_gguf(
     folder: Path,
     config: Any,
-    cache_dir: Path,
+    target: Path,
     file_type: str,
     quantize: Callable[[Path, Path, str], None],
 ) -> Path:
-    """The cached GGUF of ``folder`` in ``file_type`` (f32, f16, bf16, q8_0, q4_1, ...), written if missing.
+    """Write ``folder`` as ``target`` in ``file_type`` (f32, f16, bf16, q8_0, q4_1, ...), atomically.
 
     ``quantize(src, dst, file_type)`` turns the written file (fp32 for f32/bf16 targets, else fp16) into the
     target type (llama.cpp's quantiser)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{folder.name}-{cache_key(folder, file_type)}.{file_type}.gguf"
-    if target.is_file():
-        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as scratch:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as scratch:
         exact = file_type in ("f32", "bf16")  # bf16 keeps fp32's range, which fp16 would clip
         full = Path(scratch) / ("f32.gguf" if exact else "f16.gguf")
         write_gguf(folder, config, full, half=not exact)
         written = time.perf_counter()
-        if file_type == "f32":
-            final = full
+        if file_type == ("f32" if exact else "f16"):
+            final = full  # already the target type (quantising a file onto itself would truncate it mid-read)
         else:
             final = Path(scratch) / f"{file_type}.gguf"
             quantize(full, final, file_type)
@@ -222,3 +221,18 @@ def exported_gguf(
         },
     )
     return target
+
+
+def exported_gguf(
+    folder: Path,
+    config: Any,
+    cache_dir: Path,
+    file_type: str,
+    quantize: Callable[[Path, Path, str], None],
+) -> Path:
+    """The cached GGUF of ``folder`` in ``file_type``, written into ``cache_dir`` if missing (a model published
+    without its serving files, or served in a type it was not published in)."""
+    target = cache_dir / f"{folder.name}-{cache_key(folder, file_type)}.{file_type}.gguf"
+    if target.is_file():
+        return target
+    return export_gguf(folder, config, target, file_type, quantize)
