@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# Tests marked `native` run in a child process, so a crash in native code fails only that test.
+pytest_plugins = ["tests.isolation"]
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = uuid.uuid4().hex[:10]
 RUN_DIR = Path(tempfile.mkdtemp(prefix=f"conch-test-{RUN_ID}-"))

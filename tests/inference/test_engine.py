@@ -102,8 +102,8 @@ def engine_for(tiny_models: dict[str, Path], tmp_path: Path):  # type: ignore[no
         ("tiny-llama", "lean"),
         ("tiny-qwen2", "lean"),
         ("tiny-qwen2", "reference"),
-        ("tiny-llama", "llamacpp"),
-        ("tiny-qwen2", "llamacpp"),
+        pytest.param("tiny-llama", "llamacpp", marks=pytest.mark.native),
+        pytest.param("tiny-qwen2", "llamacpp", marks=pytest.mark.native),
     ],
 )
 def test_greedy_answers_match_the_library_generate_even_when_batched(engine_for, tiny_models, name, backend):  # type: ignore[no-untyped-def]
@@ -119,7 +119,7 @@ def test_greedy_answers_match_the_library_generate_even_when_batched(engine_for,
         assert sink.text == _reference_text(tiny_models[name], model, ids, 24)
 
 
-@pytest.mark.parametrize("backend", ["lean", "llamacpp"])
+@pytest.mark.parametrize("backend", ["lean", pytest.param("llamacpp", marks=pytest.mark.native)])
 def test_requests_arriving_while_a_batch_runs_join_it(engine_for, backend):  # type: ignore[no-untyped-def]
     engine = engine_for(backend=backend)
     model = engine.model
@@ -147,7 +147,7 @@ class OrderedSink(CollectSink):
         super().put(event)
 
 
-@pytest.mark.parametrize("backend", ["lean", "reference", "llamacpp"])
+@pytest.mark.parametrize("backend", ["lean", "reference", pytest.param("llamacpp", marks=pytest.mark.native)])
 def test_a_long_prompt_is_read_in_chunks_while_running_streams_go_on(engine_for, tiny_models, backend):  # type: ignore[no-untyped-def]
     chunk = 8
     answers: dict[int, str] = {}

@@ -22,6 +22,8 @@ from tests.inference.helpers import app_client
 from tests.inference.test_engine import CollectSink, _submit, llamacpp_options
 from tests.polling import wait_until
 
+pytestmark = pytest.mark.native
+
 PROMPTS = ("Tell me about tides.", "What is the weather like today, and should I take an umbrella?")
 
 
