@@ -101,7 +101,7 @@ class Fidelity:
             "agreement": round(self.agreement, 5),
             "max_kl": round(self.max_kl, 5),
             "mean_kl": round(self.mean_kl, 6),
-            "tokens": self.tokens,
+            "positions": self.tokens,
             "prompts": self.prompts,
         }
 

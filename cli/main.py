@@ -103,9 +103,13 @@ def up(
         )
         console.print(f"logs in {log_dir}; Ctrl-C to stop")
         while not stopping.wait(1.0):
-            dead = stack.dead()
-            if dead:
-                console.print(f"[red]{', '.join(dead)} exited; stopping[/red]")
+            # A supervisor: a service that dies (a crash in native code, the OOM killer) is started again; the
+            # database and the broker hold every job and deployment, so nothing is lost but the restart time.
+            restarted, given_up = stack.restart_dead()
+            for description in restarted:
+                console.print(f"[yellow]{description} exited; restarted[/yellow]")
+            if given_up:
+                console.print(f"[red]{'; '.join(given_up)} keeps exiting; stopping[/red]")
                 break
     except KeyboardInterrupt:
         pass

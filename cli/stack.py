@@ -25,6 +25,7 @@ class Child:
     log_path: Path
     health_url: str | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    restarts: list[float] = field(default_factory=list, repr=False)  # monotonic times of recent restarts
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,14 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def exit_description(self) -> str:
+        code = self.proc.returncode if self.proc is not None else None
+        if code is None:
+            return "running"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit status {code}"
 
     def stop(self, timeout: float = 20.0) -> None:
         if not self.alive():
@@ -173,6 +182,26 @@ class Stack:
 
     def dead(self) -> list[str]:
         return [c.name for c in self.children if not c.alive()]
+
+    def restart_dead(self, *, window: float = 300.0, limit: int = 5) -> tuple[list[str], list[str]]:
+        """Start again every child that exited (a crash in native code takes its whole process down); a child
+        that needed more than ``limit`` restarts within ``window`` seconds is left down. Returns the restarted
+        children's descriptions and those given up on."""
+        restarted: list[str] = []
+        given_up: list[str] = []
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive():
+                continue
+            child.restarts = [t for t in child.restarts if now - t < window]
+            description = f"{child.name} ({child.exit_description()}, log {child.log_path})"
+            if len(child.restarts) >= limit:
+                given_up.append(description)
+                continue
+            child.restarts.append(now)
+            child.start(self.env)
+            restarted.append(description)
+        return restarted, given_up
 
     def stop(self) -> None:
         for child in reversed(self.children):

@@ -7,6 +7,7 @@ and answered its smoke generation.
 
 from __future__ import annotations
 
+import faulthandler
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,6 +66,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     ``app.state.deployer`` and closes ``app.state.registry`` (tests that run the lifespan many times)."""
     settings = settings or get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
+    # A crash in native code (llama.cpp, a torch kernel) ends the process; this leaves the Python stacks of every
+    # thread on stderr first, so the log says where. The supervisor (``conch up``, compose) starts it again.
+    faulthandler.enable()
     metrics = Metrics()
     registry = Registry(settings, metrics)
     deployer = Deployer(registry, settings, metrics)

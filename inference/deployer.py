@@ -47,6 +47,7 @@ class Deployer:
     def reconcile(self) -> None:
         """One pass: learn what is active, deploy what is pending, load what must be served, drop dead engines."""
         self.registry.maintain()
+        self.registry.retune_threads()
         self._refresh_defaults()
         with session_scope() as session:
             pending = [d.id for d in pending_deployments(session)]

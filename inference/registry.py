@@ -18,10 +18,11 @@ from typing import Any
 from artifacts import llamacpp as native
 from artifacts.cpu import cpu_flags
 from artifacts.golden import Reference, ReferenceError
+from core.hostload import training_on_this_host
 from core.models import DEFAULT_TENANT
 from core.settings import Settings
 from inference.catalog import ModelSource
-from inference.engine.device import choose_device, configure_threads
+from inference.engine.device import choose_device, configure_threads, generation_threads
 from inference.engine.engine import Engine, EngineUnavailable, Failed, Finished, GenerationRequest, TextChunk
 from inference.engine.loader import LlamaCppOptions, LoadedModel, ModelLoadError, load_model
 from inference.engine.routes import Route, plan_routes
@@ -110,7 +111,9 @@ class Registry:
         self.problems: dict[str, str] = {}  # model -> why it is not loaded (shown by /readyz)
         self._failed_at: dict[str, float] = {}
         self.synced = False  # set once the deployments table has been read
-        self.threads = configure_threads(settings.inference_threads)
+        self.threads = configure_threads(
+            generation_threads(settings.inference_threads, training_on_this_host(settings))
+        )
         self.routes = plan_routes(
             backend=settings.inference_backend,
             quant=settings.inference_quant,
@@ -306,6 +309,16 @@ class Registry:
         )
 
     # ------------------------------------------------------------------------------- memory
+
+    def retune_threads(self) -> None:
+        """Follow training starting or ending on this host (every core for generation only while none runs)."""
+        wanted = generation_threads(self.settings.inference_threads, training_on_this_host(self.settings))
+        if wanted == self.threads:
+            return
+        log.info("threads.retuned", extra={"from": self.threads, "to": wanted})
+        self.threads = configure_threads(wanted)
+        for handle in self.handles():
+            handle.engine.set_threads(self.threads)
 
     def enforce_budget(self) -> None:
         with self._lock:

@@ -72,6 +72,8 @@ class Generation:
         while True:
             event = await self.sink.queue.get()
             if isinstance(event, Failed):
+                if event.unavailable:
+                    raise EngineBusy(f"model {self.model_name!r} stopped while answering ({event.message}); retry")
                 raise GenerationFailed(event.message)
             if isinstance(event, Disconnected):
                 raise ClientGone()

@@ -51,8 +51,11 @@ def build_tokenizer(folder: Path, vocab_size: int = 512) -> Any:
     return fast
 
 
-def build_tiny_model(folder: Path, arch: str = "llama", *, seed: int = 0) -> Path:
-    """A random two-layer Llama or Qwen2 causal LM with the offline tokenizer, saved as safetensors."""
+def build_tiny_model(folder: Path, arch: str = "llama", *, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """A random two-layer Llama or Qwen2 causal LM with the offline tokenizer, saved as safetensors.
+
+    At the library's default ``initializer_range`` (0.02) such a model answers the same token whatever it reads;
+    a wider one (0.3) makes its answers depend on the context, so rounding its weights changes some of them."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
@@ -70,6 +73,7 @@ def build_tiny_model(folder: Path, arch: str = "llama", *, seed: int = 0) -> Pat
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": True,
+        "initializer_range": initializer_range,
     }
     config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
     torch.manual_seed(seed)

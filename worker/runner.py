@@ -18,6 +18,7 @@ from sqlalchemy import delete
 
 from core.contracts import JobStatus, fine_tuned_model_id
 from core.db import get_sessionmaker
+from core.hostload import training_here
 from core.jobs import LeaseLost, add_event, claim, finish, release_to_queue
 from core.models import Checkpoint
 from core.queue import enqueue_fine_tune
@@ -89,7 +90,9 @@ def run_job(public_id: str, settings: Settings | None = None) -> str:
     restore_signal = install_sigterm_handler(control)
     started = time.monotonic()
     try:
-        outcome = _run_claimed(spec, control, sessions, settings)
+        # While it trains, inference on this host leaves it half the cores (core.hostload).
+        with training_here(settings):
+            outcome = _run_claimed(spec, control, sessions, settings)
     finally:
         restore_signal()
         control.close()

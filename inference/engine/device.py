@@ -42,16 +42,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def auto_threads() -> int:
-    return max(1, (os.cpu_count() or 2) // 2)
+def auto_threads(training_here: bool = True) -> int:
+    """Generation threads when ``INFERENCE_THREADS`` is 0: every core while no training runs on this host, half
+    of them while one does (see ``generation_threads``)."""
+    cores = os.cpu_count() or 2
+    return max(1, cores // 2) if training_here else cores
+
+
+def generation_threads(setting: int, training_here: bool) -> int:
+    """Decoding reads every weight once per step, so it is bound by memory bandwidth, which one thread does not
+    use up: on 2 cores, llama.cpp decoded the default model about 1.5x faster on 2 threads than on 1 (README,
+    benchmarks). But an operation split across all cores waits for the slowest one, so when another process
+    computes on them a busy core stalls every product: measured on 2 cores while another process trained, a
+    batch-of-8 decode step took 3.6 s on 2 threads and 0.09 s on 1. Hence every core while no training runs on
+    this host, half while one does; ``INFERENCE_THREADS`` > 0 fixes the count."""
+    return setting if setting > 0 else auto_threads(training_here)
 
 
 def configure_threads(threads: int) -> int:
-    """Intra-op CPU threads for every generation thread; 0 = half the cores.
-
-    An operation split across all cores waits for the slowest one, so when anything else runs (the event loop,
-    the api, a training job) a busy core stalls every matrix product: measured on 2 cores while another process
-    trained, a batch-of-8 decode step took 3.6 s on 2 threads and 0.09 s on 1. A machine dedicated to inference
-    sets ``INFERENCE_THREADS`` to its core count."""
-    torch.set_num_threads(threads if threads > 0 else auto_threads())
+    """Intra-op CPU threads of torch's products (the lean and reference decoders); process-wide."""
+    torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()

@@ -47,6 +47,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    unavailable: bool = False  # the engine stopped (died or unloaded): the request may be retried (a 503)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class Engine:
         self.death: str | None = None  # why the thread ended, if it did not end by stop()
         self.steps = 0
         self.max_batch_seen = 0
+        self._threads_wanted: int | None = None  # applied by the generation thread between steps
 
     # ----------------------------------------------------------------------------------- control
 
@@ -186,6 +188,17 @@ class Engine:
     def running(self) -> int:
         return len(self._rows)
 
+    def set_threads(self, threads: int) -> None:
+        """Ask the generation thread to compute on ``threads`` CPU threads from its next step on (a native
+        backend's context may only be touched by that thread)."""
+        self._threads_wanted = threads
+
+    def _apply_threads(self) -> None:
+        wanted, self._threads_wanted = self._threads_wanted, None
+        set_threads = getattr(self.model.decoder, "set_threads", None)
+        if wanted is not None and set_threads is not None:
+            set_threads(wanted)
+
     def submit(self, request: GenerationRequest) -> None:
         if not self.alive:
             raise EngineUnavailable(self.death or f"the engine of {self.model.name} is stopped")
@@ -197,6 +210,8 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
+                if self._threads_wanted is not None:
+                    self._apply_threads()
                 self._drop_cancelled()
                 if self._pending is None:
                     arrivals = self._take(self.max_batch_size - len(self._rows), wait=not self._rows)
@@ -214,11 +229,11 @@ class Engine:
         finally:
             reason = self.death or f"{self.model.name} was unloaded"
             for request in [row.request for row in self._rows] + (self._pending.requests if self._pending else []):
-                request.sink.put(Failed(reason))
+                request.sink.put(Failed(reason, unavailable=True))
             self._drop_batch()
             while True:
                 try:
-                    self._incoming.get_nowait().sink.put(Failed(reason))
+                    self._incoming.get_nowait().sink.put(Failed(reason, unavailable=True))
                 except queue.Empty:
                     break
             # Native weights (llama.cpp) are freed here, on the only thread that ever used them.

@@ -123,6 +123,9 @@ class LlamaCppDecoder:
         self.quant = file_type  # what /readyz shows as the route
         self._closed = False
 
+    def set_threads(self, threads: int) -> None:
+        self._lib.llama_set_n_threads(self._ctx, threads, threads)
+
     @property
     def parameter_bytes(self) -> int:
         return int(self._lib.llama_model_size(self._model))

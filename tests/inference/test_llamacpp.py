@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from artifacts.gguf import _interleave_rotary
 from inference.engine.engine import Engine, Finished, GenerationRequest
-from inference.engine.gguf_export import _interleave_rotary
 from inference.engine.llamacpp import LlamaCppDecoder
 from inference.engine.loader import LoadedModel, ModelLoadError, load_model
 from inference.engine.sampling import SamplingParams

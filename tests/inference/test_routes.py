@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from artifacts.cpu import cpu_flags, half_type
 from core.models import ApiKey
 from inference.auth import hash_key
 from tests.inference.helpers import app_client, metric, register_model
@@ -41,7 +42,10 @@ def test_probes_and_metrics() -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 200
         assert ready.json()["model"] == "tiny-llama"
-        assert ready.json()["models"][0]["backend"] == "lean"
+        (served,) = ready.json()["models"]
+        # The default route on a CPU with llama.cpp installed (this suite's install has it), and its fidelity.
+        assert served["backend"] == "llamacpp" and served["route"] == f"llamacpp:{half_type(cpu_flags())}"
+        assert served["fidelity"]["passed"] and served["fidelity"]["golden_prompts"] == "builtin"
         client.get("/generate", params={"prompt": "Hello", "max_new_tokens": 3})
         text = client.get("/metrics").text
         for name in (
@@ -226,7 +230,8 @@ def test_a_named_fine_tuned_model_loads_on_demand(db, finetuned) -> None:  # typ
 def test_models_beyond_the_memory_budget_are_unloaded_least_recently_used(db, finetuned, finetuned_two) -> None:  # type: ignore[no-untyped-def]
     register_model(db, "ft:tiny-llama:a:ftjob-1", finetuned)
     register_model(db, "ft:tiny-llama:b:ftjob-2", finetuned_two)
-    with app_client(model_memory_budget_bytes=1_000_000) as client:  # room for two tiny models, not three
+    # Room for two tiny models on the default 16-bit route (212 kB each), not three.
+    with app_client(model_memory_budget_bytes=500_000) as client:
         registry = client.app.state.registry  # type: ignore[attr-defined]
         for model_id in ("ft:tiny-llama:a:ftjob-1", "ft:tiny-llama:b:ftjob-2"):
             assert (
