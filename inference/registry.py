@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from artifacts import llamacpp as native
-from artifacts.cpu import cpu_flags
 from artifacts.golden import Reference, ReferenceError
 from core.hostload import training_on_this_host
 from core.models import DEFAULT_TENANT
@@ -119,7 +118,6 @@ class Registry:
             quant=settings.inference_quant,
             dtype=settings.inference_dtype,
             device=choose_device(settings.inference_device),
-            cpu_flags=cpu_flags(),
             llamacpp_available=native.available(),
         )
 

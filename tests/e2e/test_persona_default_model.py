@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from artifacts.serving import DEFAULT_CPU_TYPE
+from core.settings import Settings
 from tests.e2e.conftest import Stack
 from tests.polling import wait_until
 
@@ -66,3 +68,14 @@ def test_default_model_learns_the_persona(stack: Stack) -> None:
         f"served {time.monotonic() - trained_at:.1f}s later; answer: {after['generate_text']!r}"
     )
     assert "pearl" in after["generate_text"].lower()
+
+    # The default route served it, held to the fp32 reference on the golden prompts...
+    deployments = httpx.get(f"{stack.api_url}/v1/deployments", timeout=30).json()["data"]
+    (deployment,) = [d for d in deployments if d["model"] == finished.fine_tuned_model]
+    assert deployment["route"] == f"llamacpp:{DEFAULT_CPU_TYPE}", deployment
+    assert deployment["fidelity"]["passed"] and deployment["fidelity"]["agreement"] >= 0.99, deployment
+    # ... from the export the worker wrote at publish: serving it exported nothing.
+    settings = Settings()
+    job_folder = settings.artifacts / "models" / finished.id.removeprefix("ftjob-")
+    assert (job_folder / "serving" / "manifest.json").is_file()
+    assert not [p for p in settings.gguf_cache_dir.glob("*.gguf") if job_folder.name in p.name]

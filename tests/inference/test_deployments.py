@@ -171,3 +171,23 @@ def test_a_request_running_during_a_swap_stays_on_the_old_model(db, tmp_path, ti
             assert {e["model"] for e in later} == {"tiny-long"}
             assert all("finish_reason" not in e for e in later)
             assert client.app.state.registry.loaded("tiny-long").engine.running == 1  # type: ignore[attr-defined]
+
+
+def test_a_deployment_whose_load_keeps_killing_the_process_is_failed_not_retried(db, finetuned) -> None:  # type: ignore[no-untyped-def]
+    # What three crashed loads leave behind: the row still "loading", three attempts counted. (Each attempt is
+    # committed before the load starts, so a load that takes the process down is counted too.)
+    register_model(db, FT_ONE, finetuned)
+    row = deploy(db, FT_ONE, status="loading", publish=False)
+    row.load_attempts = 3
+    db.commit()
+    with app_client() as client:
+        failed = wait_deployment(db, row, FAILED, ACTIVE)
+        assert failed.status == FAILED and "not tried again" in (failed.reason or "")
+        assert _served(client) == "tiny-llama"
+
+
+def test_each_load_is_counted_before_it_starts(db, finetuned) -> None:  # type: ignore[no-untyped-def]
+    register_model(db, FT_ONE, finetuned)
+    with app_client():
+        row = wait_deployment(db, deploy(db, FT_ONE), ACTIVE, FAILED)
+        assert row.status == ACTIVE and row.load_attempts == 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import artifacts.gguf
-from artifacts.cpu import cpu_flags, half_type
+from artifacts.serving import DEFAULT_CPU_TYPE
 from core.models import Deployment, ModelRecord
 from inference.engine.routes import FAITHFUL, Route, plan_routes
 from tests.factories import build_tiny_model
@@ -20,39 +20,21 @@ from tests.inference.helpers import ACTIVE, FAILED, app_client, deploy, metric, 
 pytestmark = pytest.mark.usefixtures("clean_db", "tiny_models")
 
 FT = "ft:tiny-llama:gate:ftjob-0001"
-DEFAULT_ROUTE = f"llamacpp:{half_type(cpu_flags())}"
+DEFAULT_ROUTE = f"llamacpp:{DEFAULT_CPU_TYPE}"
+
+
+def _plan(backend: str = "auto", quant: str = "none", device: str = "cpu", llamacpp: bool = True) -> list[Route]:
+    return plan_routes(
+        backend=backend, quant=quant, dtype="auto", device=torch.device(device), llamacpp_available=llamacpp
+    )
 
 
 def test_routes_are_planned_per_device() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    plan = plan_routes(
-        backend="auto",
-        quant="none",
-        dtype="auto",
-        device=cpu,
-        cpu_flags=frozenset({"avx512_bf16"}),
-        llamacpp_available=True,
-    )
-    assert [r.name for r in plan] == ["llamacpp:bf16", "llamacpp:f32", FAITHFUL.name]
-    plan = plan_routes(
-        backend="auto",
-        quant="none",
-        dtype="auto",
-        device=cpu,
-        cpu_flags=frozenset({"avx2", "f16c"}),
-        llamacpp_available=True,
-    )
-    assert plan[0] == Route("llamacpp", "f16")
-    assert plan_routes(
-        backend="auto", quant="none", dtype="auto", device=cpu, cpu_flags=frozenset(), llamacpp_available=False
-    ) == [FAITHFUL]
-    assert plan_routes(
-        backend="auto", quant="none", dtype="auto", device=cuda, cpu_flags=frozenset(), llamacpp_available=True
-    )[0] == Route("lean")
+    assert [r.name for r in _plan()] == ["llamacpp:f16", "llamacpp:f32", FAITHFUL.name]
+    assert _plan(llamacpp=False) == [FAITHFUL]  # a CPU without llama.cpp installed
+    assert _plan(device="cuda")[0] == Route("lean")
     # An explicit choice goes first, the faithful route still behind it.
-    assert plan_routes(
-        backend="llamacpp", quant="q4_0", dtype="auto", device=cpu, cpu_flags=frozenset(), llamacpp_available=True
-    ) == [Route("llamacpp", "q4_0"), FAITHFUL]
+    assert _plan("llamacpp", "q4_0") == [Route("llamacpp", "q4_0"), FAITHFUL]
 
 
 def test_the_default_route_passes_the_gate_and_the_figures_land_everywhere(db, finetuned) -> None:  # type: ignore[no-untyped-def]

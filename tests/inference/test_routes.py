@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from artifacts.cpu import cpu_flags, half_type
+from artifacts.serving import DEFAULT_CPU_TYPE
 from core.models import ApiKey
 from inference.auth import hash_key
 from tests.inference.helpers import app_client, metric, register_model
@@ -44,7 +44,7 @@ def test_probes_and_metrics() -> None:
         assert ready.json()["model"] == "tiny-llama"
         (served,) = ready.json()["models"]
         # The default route on a CPU with llama.cpp installed (this suite's install has it), and its fidelity.
-        assert served["backend"] == "llamacpp" and served["route"] == f"llamacpp:{half_type(cpu_flags())}"
+        assert served["backend"] == "llamacpp" and served["route"] == f"llamacpp:{DEFAULT_CPU_TYPE}"
         assert served["fidelity"]["passed"] and served["fidelity"]["golden_prompts"] == "builtin"
         client.get("/generate", params={"prompt": "Hello", "max_new_tokens": 3})
         text = client.get("/metrics").text
@@ -322,3 +322,25 @@ def test_concurrent_requests_share_decode_steps() -> None:
         steps = metric(text, "conch_inference_batch_size_count")
         single = metric(text, "conch_inference_batch_size_bucket", le="1.0")
         assert steps - single > 0  # some decode steps ran more than one sequence
+
+
+def test_a_request_whose_engine_dies_while_it_answers_gets_a_503() -> None:
+    from tests.inference.test_engine import kill_thread
+
+    with app_client(deployment_poll_seconds=3600) as client:
+        engine = client.app.state.registry.loaded("tiny-llama").engine  # type: ignore[attr-defined]
+        outcome: list[object] = []
+
+        def call() -> None:
+            body = {"prompt": "Hello", "max_new_tokens": 1000, "ignore_eos": True}
+            outcome.append(client.post("/generate", json=body))
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_until(lambda: engine.running == 1, what="the request decoding")
+        assert engine.thread_ident is not None
+        kill_thread(engine.thread_ident)
+        caller.join(60)
+        (response,) = outcome
+        assert response.status_code == 503, response.text  # type: ignore[attr-defined]
+        assert "stopped while answering" in response.json()["error"]["message"]  # type: ignore[attr-defined]

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from artifacts import llamacpp
-from artifacts.cpu import cpu_flags
 from artifacts.golden import ReferenceError
 from artifacts.serving import ServingFiles, export_types, write_serving_files
 from core.settings import Settings
@@ -28,7 +27,7 @@ def write_model_serving_files(
     ``SERVING_EXPORTS`` is invalid."""
     available = llamacpp.available()
     try:
-        types = export_types(settings.serving_exports, available, cpu_flags())
+        types = export_types(settings.serving_exports, available)
     except ValueError as exc:
         raise PipelineError("invalid_configuration", str(exc), None) from exc
     try:
