@@ -3,22 +3,32 @@
 Prints figures and ratios, then a goals table; nothing is asserted. Three parts:
 
 1. engine (in process): Conch's torch decoder in fp32, bf16, int8 and int4 (``lean_*``) and, when
-   llama-cpp-python is installed (``make bench`` does it), Conch's llama.cpp backend exporting the model as f32,
-   bf16, Q8_0, Q4_1 and Q4_0 GGUF (``cpp_*``), against transformers ``generate`` (fp32, bf16) and llama.cpp itself on
-   the same model's shipped Q4_1 GGUF: single-stream decode tokens/s, time to first token, a batch of 8, and how
-   many greedy answers each route changes against Conch's fp32 (which itself must equal ``generate``'s);
-2. conch (a uvicorn process per ``--quant`` route: ``<quant>`` on the torch backend, ``llamacpp:<quant>`` on
-   llama.cpp's; default none, int4, llamacpp:bf16 and llamacpp:q4_0): ``GET /generate`` end to end, time to
-   first token and decode rate from the SSE stream, 8 concurrent clients, resident memory, and
-   publish-to-serving latency of a deployment whose model is a new folder (as every published fine-tune is:
-   nothing exported for it yet);
-3. seed (a uvicorn process running bench/seed_app.py): a few requests only, as each takes 15-30 s; its 8-client
-   figures are extrapolated from its serialised handling unless ``--seed-requests 8``.
+   llama-cpp-python is installed (``make bench`` does it), Conch's llama.cpp backend exporting the model as f16
+   (``cpp_f16``, the default route on a CPU), f32, bf16, Q8_0, Q4_1 and Q4_0 GGUF (``cpp_*``), against
+   transformers ``generate`` (fp32, bf16) and llama-cpp-python itself on the same model's shipped Q4_1 GGUF
+   (skipped, with a line saying so, where its build has AMX compiled in: that build segfaults on quantised types
+   on Intel AMX machines): single-stream decode tokens/s, time to first token, a batch of 8, and how many greedy
+   answers each route changes against Conch's fp32 (which itself must equal ``generate``'s);
+2. conch (a uvicorn process per ``--quant`` route; default ``auto,none``): ``auto`` sets no INFERENCE_BACKEND,
+   INFERENCE_QUANT or INFERENCE_DTYPE (what a user meets: llama.cpp on the f16 export, gated against the fp32
+   reference), ``none`` the lean fp32 decoder, ``<quant>`` a quantised lean route, ``llamacpp:<type>`` a named
+   llama.cpp route. Per route: the served route and its fidelity from ``/readyz``; ``GET /generate`` end to end
+   on the seed's three prompts (and on 8 more), with finish reasons and token counts; time to first token and
+   decode rate from the SSE stream; ``--clients`` concurrent streaming clients (p50/p99 time to first token,
+   per-client decode tokens/s, aggregate tokens/s, p50/p99 latency); 8 clients sending one ``GET /generate``
+   each at once; resident memory; and a published model answering after "model ready": a new folder gets its
+   serving files as the worker writes them at publish (timed apart, as worker-side seconds), then the deployment
+   is written and announced, and the time until the new model answers is the figure;
+3. seed (a uvicorn process running bench/seed_app.py): the three seed prompts one at a time (15-60 s each), then
+   ``--seed-requests`` sent together; its "8 clients at once" wall time is measured with ``--seed-requests 8``,
+   else extrapolated from its single-request times (it serialises requests).
 
-Every app gets the same CPU threads (``--threads``; default Conch's own, half the cores).
+Every app gets the same CPU threads (``--threads``; default Conch's own with no training running: every core).
 
-    python -m bench.inference_bench            # about 10 minutes
-    python -m bench.inference_bench --quick    # engine part only
+    python -m bench.inference_bench            # about 15-20 minutes on 2 idle cores, a third of it the seed app
+    python -m bench.inference_bench --quick    # engine part only, about 4 minutes
+    python -m bench.inference_bench --repeats 1 --tokens 16 --clients 2,3 --rounds 1 --seed-requests 1 --prompts 1
+                                               # a quick check of every part
 """
 
 from __future__ import annotations
@@ -52,7 +62,13 @@ from bench.model_prep import MODEL_NAME, prepare_default_model  # noqa: E402
 if TYPE_CHECKING:
     from inference.engine.engine import Engine
 
-# Short prompts as the seed's callers sent them (no chat template on the seed side: some of these make the model
+# The prompts the seed's own callers sent: the end-to-end goals are measured on these, the same three for the
+# seed-style app and for Conch, each at the app's default length (the seed's max_length=512, Conch's
+# MAX_NEW_TOKENS_DEFAULT).
+SEED_PROMPTS = ["你好", "请问你是谁", "What is LoRA?"]
+SEED_MAX_LENGTH = 512  # bench/seed_app.py: generate(max_length=512), prompt included
+BURST_CLIENTS = 8  # "8 concurrent clients end to end": one GET /generate each, all sent at once
+# More short prompts as the seed's callers sent them (no chat template on the seed side: some of these make the model
 # run on to max_length, e.g. "What is deep learning" gives 508 tokens); Conch renders each as a user message.
 PROMPTS = [
     "What is deep learning",
@@ -102,12 +118,26 @@ class LlamaCpp:
 
     @classmethod
     def open(cls, threads: int) -> LlamaCpp | None:
+        """The baseline, or None (and a line saying why) where it is not installed or must not run."""
         try:
             from llama_cpp import Llama
         except ImportError:
             print("llama-cpp-python is not installed (pip install -e '.[llamacpp]'): no llama.cpp baseline")
             return None
+        from artifacts.llamacpp import amx_compiled_in, system_info
         from bench.model_prep import gguf_file
+
+        info = system_info()
+        print(f"llama.cpp system info: {info.strip()}")
+        if amx_compiled_in(info):
+            # Plain llama_cpp.Llama has no guard: on Intel AMX machines that build segfaults at the first decode
+            # of a quantised type such as the shipped Q4_1 (ggml-org/llama.cpp#20824), ending this process.
+            print(
+                "llama.cpp baseline skipped: this llama-cpp-python build has AMX compiled in, which segfaults on "
+                "quantised types (the shipped Q4_1 file) on Intel AMX machines; Conch's own llamacpp routes keep "
+                "weights out of the AMX path"
+            )
+            return None
 
         llm = Llama(model_path=str(gguf_file()), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
         return cls(llm)
@@ -175,6 +205,7 @@ LEAN_ROUTES: dict[str, dict[str, Any]] = {
     "lean_int4": {"quant_setting": "int4"},
 }
 CPP_ROUTES: dict[str, str] = {
+    "cpp_f16": "f16",  # the default route on a CPU (inference.engine.routes)
     "cpp_f32": "none",
     "cpp_bf16": "bf16",
     "cpp_q8_0": "int8",
@@ -196,6 +227,17 @@ def short_name(key: str) -> str:
 
 def llamacpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def default_engine_route() -> str:
+    """The engine-part key of the route a service with no INFERENCE_* settings serves first on this machine
+    (``inference.engine.routes.plan_routes``): llama.cpp f16 on a CPU, the lean decoder in bf16 on CUDA, the lean
+    fp32 decoder where llama-cpp-python is missing."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "lean_bf16"
+    return "cpp_f16" if llamacpp_installed() else "lean_fp32"
 
 
 def conch_engines(folder: Path) -> dict[str, Engine]:
@@ -238,10 +280,10 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the baseline runs where Conch runs
     engines = conch_engines(folder)
-    libraries = {
-        name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-        for name, dtype in dtypes.items()
+    libraries: dict[str, Any] = {
+        name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype) for name, dtype in dtypes.items()
     }
+    libraries = {name: library.to(device).eval() for name, library in libraries.items()}
     llama = LlamaCpp.open(torch.get_num_threads())
     model = engines["lean_fp32"].model
     encoded = [model.encode_chat([{"role": "user", "content": p}]) for p in PARITY_PROMPTS]
@@ -294,7 +336,13 @@ def engine_part(folder: Path, tokens: int, repeats: int) -> dict[str, Any]:
             samples.setdefault(f"{key}_batch8", []).append(conch_batch(key))
         if llama:
             samples.setdefault("llamacpp", []).append(llama.single(encoded[0], tokens))
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "llamacpp": bool(llama)}
+    out: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "llamacpp": bool(llama),
+        "default_route": default_engine_route(),
+        "prompt_tokens": len(encoded[0]),  # the single-stream prompt, as rendered by the chat template
+    }
     for key, values in samples.items():
         if key.endswith("batch8"):
             out[key] = statistics.median(values)
@@ -334,14 +382,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, target: str, env: dict[str, str], log: Path, *, factory: bool) -> None:
+    """A uvicorn process; ``env`` is laid over this process's environment, a None value removing the variable."""
+
+    def __init__(self, target: str, env: dict[str, str | None], log: Path, *, factory: bool) -> None:
         self.port = free_port()
         argv = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(self.port)]
         argv += ["--log-level", "warning"] + (["--factory"] if factory else [])
         self.log = log
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("ab"), stderr=subprocess.STDOUT
-        )
+        merged = {**os.environ, **env}
+        environ = {key: value for key, value in merged.items() if value is not None}
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=environ, stdout=log.open("ab"), stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.port}"
 
     def wait(self, path: str, timeout: float = 300.0) -> float:
@@ -377,17 +427,21 @@ class Server:
             self.proc.kill()
 
 
-def concurrently(clients: int, work: Callable[[int], list[dict[str, float]]]) -> tuple[list[dict[str, float]], float]:
-    results: list[dict[str, float]] = []
+def concurrently(clients: int, work: Callable[[int], list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], float]:
+    """Every client's ``work(index)`` started at once on its own thread; their results and the wall time until the
+    last one finished."""
+    results: list[dict[str, Any]] = []
     lock = threading.Lock()
+    start = threading.Barrier(clients)
 
     def run(index: int) -> None:
+        start.wait()
         got = work(index)
         with lock:
             results.extend(got)
 
-    started = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -418,27 +472,118 @@ def stream_generate(base: str, prompt: str, max_new_tokens: int) -> dict[str, fl
         "ttft": first - started,
         "latency": last - started,
         "tokens": tokens,
+        "decode_seconds": last - first,
         "decode": (tokens - 1) / (last - first) if last > first else 0.0,
     }
 
 
+def conch_generate(base: str, prompt: str) -> dict[str, Any]:
+    """One ``GET /generate`` as the seed's callers send it (the prompt only: the service's default length)."""
+    started = time.perf_counter()
+    body = httpx.get(f"{base}/generate", params={"prompt": prompt}, timeout=600).json()
+    return {
+        "prompt": prompt,
+        "latency": time.perf_counter() - started,
+        "finish_reason": body["finish_reason"],
+        "eos": body["finish_reason"] == "stop",
+        "tokens": body["usage"]["completion_tokens"],
+        "text": body["generate_text"],
+    }
+
+
+def streaming_clients(base: str, clients: int, rounds: int, tokens: int) -> dict[str, Any]:
+    """``clients`` clients at once, each streaming ``rounds`` requests of ``tokens`` tokens one after another."""
+
+    def client(index: int) -> list[dict[str, Any]]:
+        runs = [stream_generate(base, PROMPTS[(index + r) % len(PROMPTS)], tokens) for r in range(rounds)]
+        return [{**run, "client": index} for run in runs]
+
+    streams, wall = concurrently(clients, client)
+    # A client's own decode rate: its tokens after the first over the time it spent receiving them.
+    per_client = []
+    for index in range(clients):
+        mine = [r for r in streams if r["client"] == index]
+        seconds = sum(r["decode_seconds"] for r in mine)
+        per_client.append(sum(r["tokens"] - 1 for r in mine) / seconds if seconds > 0 else 0.0)
+    ttft = [r["ttft"] for r in streams]
+    latency = [r["latency"] for r in streams]
+    return {
+        "clients": clients,
+        "streams": len(streams),
+        "wall": wall,
+        "ttft_p50": percentile(ttft, 0.5),
+        "ttft_p99": percentile(ttft, 0.99),
+        "client_decode_median": statistics.median(per_client),
+        "client_decode_p10": percentile(per_client, 0.1),
+        "aggregate": sum(r["tokens"] for r in streams) / wall,
+        "latency_p50": percentile(latency, 0.5),
+        "latency_p99": percentile(latency, 0.99),
+    }
+
+
+def burst_generate(
+    base: str, clients: int, prompts: list[str], generate: Callable[[str, str], dict[str, Any]]
+) -> dict[str, Any]:
+    """``clients`` clients each sending one ``GET /generate`` of a seed prompt at the same moment: the wall time
+    until every one is answered, and each answer."""
+    answers, wall = concurrently(clients, lambda index: [generate(base, prompts[index % len(prompts)])])
+    return {
+        "clients": clients,
+        "wall": wall,
+        "latencies": sorted(round(a["latency"], 2) for a in answers),
+        **eos(answers),
+    }
+
+
+def eos(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"eos": sum(bool(a["eos"]) for a in answers), "answers": len(answers)}
+
+
 @dataclass(frozen=True)
 class ServiceRoute:
-    """One ``--quant`` entry: ``<quant>`` on the default (torch) backend, or ``<backend>:<quant>`` such as
+    """One ``--quant`` entry. ``auto``: no INFERENCE_BACKEND / INFERENCE_QUANT / INFERENCE_DTYPE at all (the
+    default route chain, what a user meets); ``<quant>`` on the torch backend (``none``: the lean fp32 decoder,
+    named explicitly, as leaving it unset would mean the default chain); ``<backend>:<quant>`` such as
     ``llamacpp:q4_0``."""
 
-    backend: str  # INFERENCE_BACKEND
-    quant: str  # INFERENCE_QUANT
+    name: str
+    backend: str | None  # INFERENCE_BACKEND; None: unset
+    quant: str | None  # INFERENCE_QUANT
+    dtype: str | None  # INFERENCE_DTYPE
 
     @classmethod
-    def parse(cls, text: str) -> ServiceRoute:
+    def parse(cls, text: str, dtype: str) -> ServiceRoute:
         from inference.engine.loader import BACKENDS
 
-        backend, _, quant = text.strip().rpartition(":")
+        name = text.strip()
+        if name == "auto":
+            return cls(name, None, None, None)
+        backend, _, quant = name.rpartition(":")
         if backend and backend not in BACKENDS:
             raise ValueError(f"--quant route {text!r}: the backend must be one of {', '.join(BACKENDS)}")
-        # Set explicitly, so an INFERENCE_BACKEND in the caller's environment cannot change a plain route.
-        return cls(backend or "auto", quant or "none")
+        backend, quant = backend or "auto", quant or "none"
+        if backend == "auto" and quant == "none" and dtype in ("", "auto"):
+            dtype = "fp32"  # "none" is the lean fp32 decoder; with nothing named, the default chain would serve
+        # Set explicitly, so an INFERENCE_* in the caller's environment cannot change a named route.
+        return cls(name, backend, quant, dtype)
+
+    def env(self) -> dict[str, str | None]:
+        return {"INFERENCE_BACKEND": self.backend, "INFERENCE_QUANT": self.quant, "INFERENCE_DTYPE": self.dtype}
+
+    def describe(self) -> str:
+        if self.backend is None:
+            return "no INFERENCE_BACKEND/QUANT/DTYPE set (the default)"
+        return f"INFERENCE_BACKEND={self.backend} INFERENCE_QUANT={self.quant} INFERENCE_DTYPE={self.dtype}"
+
+
+def served(base: str, model_id: str) -> dict[str, Any]:
+    """What ``/readyz`` says serves ``model_id``: route, fidelity (agreement, max_kl, ...), backend, type."""
+    body = httpx.get(f"{base}/readyz", timeout=10).json()
+    for entry in body.get("models", []):
+        if entry["id"] == model_id:
+            keys = ("route", "fidelity", "backend", "dtype", "quant", "bytes")
+            return {key: entry.get(key) for key in keys} | {"threads": body.get("threads")}
+    raise RuntimeError(f"/readyz lists no {model_id}: {body}")
 
 
 def fresh_copy(folder: Path, target: Path) -> Path:
@@ -452,151 +597,209 @@ def fresh_copy(folder: Path, target: Path) -> Path:
     return target
 
 
-def conch_part(
-    folder: Path, tokens: int, clients: int, rounds: int, dtype: str, redis_url: str, route: ServiceRoute
-) -> dict[str, Any]:
-    from sqlalchemy.orm import Session
+def worker_publish_files(folder: Path) -> dict[str, Any]:
+    """What the worker does at publish with the merged model still in memory (``worker.pipeline.serving``):
+    ``write_serving_files`` with the default CPU route's export and llama.cpp's quantiser on every core. The model
+    is loaded first to stand for the one the worker holds; only the writing is the worker-side figure."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from artifacts import llamacpp
+    from artifacts.serving import export_types, write_serving_files
+    from worker.pipeline.merge import stop_token_ids
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    loaded = time.perf_counter() - started
+    available = llamacpp.available()
+    started = time.perf_counter()
+    files = write_serving_files(
+        folder,
+        model=model,
+        tokenizer=tokenizer,
+        template="auto",
+        stop_ids=stop_token_ids(tokenizer, "auto"),
+        validation=None,
+        file_types=export_types("auto", available),
+        quantize=(lambda src, dst, kind: llamacpp.quantize(src, dst, kind, threads=0)) if available else None,
+    )
+    written = time.perf_counter() - started
+    del model
+    return {"seconds": written, "parts": files.seconds, "gguf": sorted(files.gguf), "model_load_seconds": loaded}
+
+
+def conch_part(folder: Path, args: argparse.Namespace, route: ServiceRoute) -> dict[str, Any]:
     from core.db import make_engine
-    from core.models import Base, Deployment, ModelRecord
+    from core.models import Base
 
     data_dir = Path(tempfile.mkdtemp(prefix="conch-bench-"))
     database_url = f"sqlite:///{data_dir / 'conch.db'}"
     db_engine = make_engine(database_url)
     Base.metadata.create_all(db_engine)
-    env = {
+    env: dict[str, str | None] = {
         "DATA_DIR": str(data_dir),
         "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,  # empty: the deployment is found by polling only
+        "REDIS_URL": args.redis,  # empty: the deployment is found by polling only
         "NAMESPACE": f"conch-bench-{uuid.uuid4().hex[:8]}",
         "BROKER_URL": "",
         "BASE_MODELS": json.dumps({MODEL_NAME: str(folder)}),
         "DEFAULT_BASE_MODEL": MODEL_NAME,
         "DEPLOYMENT_POLL_SECONDS": "0.2",
-        "INFERENCE_DTYPE": dtype,
-        "INFERENCE_BACKEND": route.backend,
-        "INFERENCE_QUANT": route.quant,
         "LOG_LEVEL": "WARNING",
+        **route.env(),
     }
     server = Server("inference.app:create_app", env, data_dir / "conch.log", factory=True)
-    out: dict[str, Any] = {}
+    seed_prompts = SEED_PROMPTS[: args.prompts or None]
+    prompts = PROMPTS[: args.prompts or None]
+    out: dict[str, Any] = {"route_setting": route.describe()}
     try:
         out["ready_after"] = server.wait("/readyz")
-        # What the service says it loaded (auto resolves to a backend; quant names the served type).
-        served = httpx.get(f"{server.base}/readyz", timeout=10).json()["models"][0]
-        out["served"] = {key: served[key] for key in ("backend", "dtype", "quant")}
+        out["served"] = served(server.base, MODEL_NAME)
+        print(
+            f"conch {route.name}: ready after {out['ready_after']:.1f} s, serving {out['served']['route']}",
+            flush=True,
+        )
         httpx.get(f"{server.base}/generate", params={"prompt": "Hi", "max_new_tokens": 4}, timeout=120)
-        e2e, finished, answer_tokens = [], 0, []
-        for prompt in PROMPTS:
-            started = time.perf_counter()
-            body = httpx.get(f"{server.base}/generate", params={"prompt": prompt}, timeout=600).json()
-            e2e.append(time.perf_counter() - started)
-            finished += body["finish_reason"] == "stop"
-            answer_tokens.append(body["usage"]["completion_tokens"])
-        out["e2e"] = e2e
-        out["e2e_median"] = statistics.median(e2e)
-        out["eos_terminated"] = (finished, len(PROMPTS))
-        out["answer_tokens"] = statistics.median(answer_tokens)
-        out["example"] = httpx.get(f"{server.base}/generate", params={"prompt": PROMPTS[0]}, timeout=600).json()
-        single = [stream_generate(server.base, p, tokens) for p in PROMPTS[:3]]
+
+        # The seed's prompts, one at a time, end to end as its callers send them.
+        answers = [conch_generate(server.base, p) for p in seed_prompts]
+        out["seed_prompts"] = answers
+        out["seed_e2e_median"] = statistics.median(a["latency"] for a in answers)
+        out["seed_eos"] = eos(answers)
+        # The wider set (cheap on Conch).
+        wider = [conch_generate(server.base, p) for p in prompts]
+        out["e2e"] = [round(a["latency"], 3) for a in wider]
+        out["e2e_median"] = statistics.median(a["latency"] for a in wider)
+        out["eos_terminated"] = eos(wider)
+        out["answer_tokens"] = statistics.median(a["tokens"] for a in wider)
+        out["example"] = answers[-1]["text"]
+
+        single = [stream_generate(server.base, p, args.tokens) for p in prompts[:3]]
         out["ttft"] = statistics.median(r["ttft"] for r in single)
         out["decode"] = statistics.median(r["decode"] for r in single)
+        out["concurrency"] = {
+            str(n): streaming_clients(server.base, n, args.rounds, args.tokens) for n in args.client_counts
+        }
+        out["burst"] = burst_generate(server.base, BURST_CLIENTS, seed_prompts, conch_generate)
 
-        def client(index: int) -> list[dict[str, float]]:
-            return [stream_generate(server.base, PROMPTS[(index + r) % len(PROMPTS)], tokens) for r in range(rounds)]
-
-        many, wall = concurrently(clients, client)
-        out["clients"] = clients
-        out["aggregate"] = sum(r["tokens"] for r in many) / wall
-        out["latency_p50"] = percentile([r["latency"] for r in many], 0.5)
-        out["latency_p99"] = percentile([r["latency"] for r in many], 0.99)
-        out["ttft_p50_many"] = percentile([r["ttft"] for r in many], 0.5)
-
-        # A deployment of a "fine-tuned" model (the same weights under a new id, in a new folder as every published
-        # fine-tune is): publish-to-serving latency, including whatever the backend does per new folder.
         out["rss_before_swap_mb"] = server.rss_mb()
-        new_id = f"ft:{MODEL_NAME}:bench:ftjob-{uuid.uuid4().hex[:8]}"
-        tuned = fresh_copy(folder, data_dir / "ft-copy")
-        with Session(db_engine) as session:
-            session.add(ModelRecord(id=new_id, base_model=MODEL_NAME, storage_path=str(tuned)))
-            session.commit()
-            row = Deployment(model_id=new_id, status="pending", requested_by="bench")
-            session.add(row)
-            session.commit()
-            published = time.perf_counter()
-            row_id = row.id
-            if redis_url:
-                from core.contracts import DeploymentAnnouncement
-                from core.pubsub import announce_deployment
-                from core.settings import Settings
-
-                announce_deployment(
-                    DeploymentAnnouncement(deployment_id=str(row.id), model_id=new_id, tenant_id=row.tenant_id),
-                    Settings(redis_url=redis_url, namespace=env["NAMESPACE"]),
-                )
-        while True:
-            answer = httpx.get(f"{server.base}/generate", params={"prompt": "Hi", "max_new_tokens": 2}, timeout=60)
-            if answer.json().get("model") == new_id:
-                break
-            if time.perf_counter() - published > 120:
-                raise TimeoutError("the deployment was not served")
-        out["swap_seen"] = time.perf_counter() - published
-        out["swap_via"] = "announced over Redis" if redis_url else "found by polling every 0.2 s"
-        with Session(db_engine) as session:
-            deployed = session.get(Deployment, row_id)
-            out["swap_recorded"] = deployed.latency_seconds if deployed else None
+        out["swap"] = publish_and_swap(server, folder, data_dir, db_engine, args.redis, str(env["NAMESPACE"]))
         out["peak_rss_mb"] = server.peak_rss_mb()
         out["rss_after_swap_mb"] = server.rss_mb()
+        print(
+            f"conch {route.name}: the published model answered {out['swap']['seconds']:.2f} s after its announcement",
+            flush=True,
+        )
     finally:
         server.stop()
+    return out
+
+
+def publish_and_swap(
+    server: Server, folder: Path, data_dir: Path, db_engine: Any, redis_url: str, namespace: str
+) -> dict[str, Any]:
+    """A worker's publish, mimicked: a new folder (the same weights under a new id, as every published fine-tune
+    is a new folder), its serving files written, the model and a pending deployment committed and announced; then
+    the time from the announcement until the new model answers."""
+    from sqlalchemy.orm import Session
+
+    from core.models import Deployment, ModelRecord
+
+    new_id = f"ft:{MODEL_NAME}:bench:ftjob-{uuid.uuid4().hex[:8]}"
+    tuned = fresh_copy(folder, data_dir / f"ft-{uuid.uuid4().hex[:8]}")
+    out: dict[str, Any] = {"worker": worker_publish_files(tuned)}
+    with Session(db_engine) as session:
+        session.add(ModelRecord(id=new_id, base_model=MODEL_NAME, storage_path=str(tuned)))
+        session.commit()
+        row = Deployment(model_id=new_id, status="pending", requested_by="bench")
+        session.add(row)
+        session.commit()
+        announced = time.perf_counter()
+        row_id = row.id
+        if redis_url:
+            from core.contracts import DeploymentAnnouncement
+            from core.pubsub import announce_deployment
+            from core.settings import Settings
+
+            announce_deployment(
+                DeploymentAnnouncement(deployment_id=str(row.id), model_id=new_id, tenant_id=row.tenant_id),
+                Settings(redis_url=redis_url, namespace=namespace),
+            )
+    while True:
+        answer = httpx.get(f"{server.base}/generate", params={"prompt": "Hi", "max_new_tokens": 2}, timeout=60)
+        if answer.json().get("model") == new_id:
+            break
+        if time.perf_counter() - announced > 180:
+            raise TimeoutError("the deployment was not served")
+        time.sleep(0.05)  # the old model answers meanwhile; light polling leaves the cores to the load
+    out["seconds"] = time.perf_counter() - announced
+    out["via"] = "announced over Redis" if redis_url else "found by polling every 0.2 s"
+    with Session(db_engine) as session:
+        deployed = session.get(Deployment, row_id)
+        out["recorded"] = deployed.latency_seconds if deployed else None
+    out["served"] = served(server.base, new_id)
     return out
 
 
 # ------------------------------------------------------------------------------------------ seed part
 
 
-def seed_part(folder: Path, requests: int) -> dict[str, Any]:
+def seed_part(folder: Path, requests: int, prompt_cap: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     log = Path(tempfile.mkdtemp(prefix="seed-bench-")) / "seed.log"
     server = Server("bench.seed_app:app", {"SEED_MODEL_DIR": str(folder)}, log, factory=False)
+    prompts = SEED_PROMPTS[: prompt_cap or None]
     out: dict[str, Any] = {}
+
+    def seed_generate(base: str, prompt: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        text = httpx.get(f"{base}/generate", params={"prompt": prompt}, timeout=3600).json()["generate_text"]
+        latency = time.perf_counter() - started
+        total = len(tokenizer(text)["input_ids"])  # the seed echoes the prompt into its answer
+        return {
+            "prompt": prompt,
+            "latency": latency,
+            "tokens": total - len(tokenizer(prompt)["input_ids"]),
+            # No finish reason in its answer: it stopped at EOS if it stopped short of max_length=512.
+            "eos": total < SEED_MAX_LENGTH,
+            "text": text,
+        }
+
     try:
         server.wait("/healthz")
-
-        def one(index: int) -> list[dict[str, float]]:
-            prompt = PROMPTS[index % len(PROMPTS)]
-            started = time.perf_counter()
-            text = httpx.get(f"{server.base}/generate", params={"prompt": prompt}, timeout=3600).json()["generate_text"]
-            latency = time.perf_counter() - started
-            generated = len(tokenizer(text)["input_ids"]) - len(tokenizer(prompt)["input_ids"])
-            return [{"latency": latency, "tokens": generated}]
-
-        results, wall = concurrently(requests, one)
-        results.sort(key=lambda r: r["latency"])
-        fastest = results[0]
+        answers = []
+        for prompt in prompts:
+            answers.append(seed_generate(server.base, prompt))
+            print(f"seed: {prompt!r} answered in {answers[-1]['latency']:.1f} s", flush=True)
+        out["seed_prompts"] = answers
+        out["e2e_median"] = statistics.median(a["latency"] for a in answers)
+        out["seed_eos"] = eos(answers)
+        out["tokens"] = statistics.median(a["tokens"] for a in answers)
+        out["decode"] = sum(a["tokens"] for a in answers) / sum(a["latency"] for a in answers)
         out["requests"] = requests
-        out["latency"] = fastest["latency"]  # the one that ran first, alone
-        out["tokens"] = statistics.median(r["tokens"] for r in results)
-        out["decode"] = fastest["tokens"] / fastest["latency"]
-        out["aggregate"] = sum(r["tokens"] for r in results) / wall
-        out["serialised"] = [round(r["latency"], 1) for r in results]
-        out["example"] = None
+        if requests > 1:
+            together = burst_generate(server.base, requests, prompts, seed_generate)
+            out["together"] = together
+            out["serialised"] = together["latencies"]
     finally:
         server.stop()
+    out["burst"] = seed_burst(out, BURST_CLIENTS)
     return out
 
 
-def seed_many(seed: dict[str, Any], clients: int) -> tuple[float, float, bool]:
-    """p50/p99 latency of ``clients`` simultaneous requests: measured when that many ran, else from serialisation
-    (the k-th request in line waits for the k-1 before it: k x one request)."""
-    if seed["requests"] >= clients:
-        lat = seed["serialised"]
-        return percentile(lat, 0.5), percentile(lat, 0.99), False
-    per = seed["latency"]
-    lat = [per * k for k in range(1, clients + 1)]
-    return percentile(lat, 0.5), percentile(lat, 0.99), True
+def seed_burst(seed: dict[str, Any], clients: int) -> dict[str, Any]:
+    """The seed-style app's wall time for ``clients`` simultaneous ``GET /generate`` of the seed prompts: measured
+    when that many were sent together, else the sum of its single-request times for the same prompts (it
+    handles one request at a time, so the last answer comes after all of them)."""
+    together = seed.get("together")
+    if together and together["clients"] >= clients:
+        return {"wall": together["wall"], "extrapolated": False}
+    latency = {a["prompt"]: a["latency"] for a in seed["seed_prompts"]}
+    prompts = [a["prompt"] for a in seed["seed_prompts"]]
+    return {"wall": sum(latency[prompts[i % len(prompts)]] for i in range(clients)), "extrapolated": True}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -606,11 +809,12 @@ ROUTE_NAMES = {
     "generate_fp32": "transformers generate, fp32",
     "generate_bf16": "transformers generate, bf16",
     "llamacpp": "llama.cpp, Q4_1 GGUF (llama-cpp-python)",
-    "lean_fp32": "Conch, fp32 (default: same greedy tokens as generate)",
+    "cpp_f16": "Conch, llama.cpp on the f16 export (the CPU default)",
+    "lean_fp32": "Conch lean fp32 (faithful fall-back: generate's greedy tokens)",
     "lean_bf16": "Conch, INFERENCE_DTYPE=bf16",
     "lean_int8": "Conch, INFERENCE_QUANT=int8",
     "lean_int4": "Conch, INFERENCE_QUANT=int4",
-    "cpp_f32": "Conch, INFERENCE_BACKEND=llamacpp, f32",
+    "cpp_f32": "Conch, INFERENCE_BACKEND=llamacpp, f32 (the default's fall-back)",
     "cpp_bf16": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=bf16",
     "cpp_q8_0": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=int8 (Q8_0)",
     "cpp_q4_1": "Conch, INFERENCE_BACKEND=llamacpp, INFERENCE_QUANT=int4 (Q4_1)",
@@ -619,14 +823,15 @@ ROUTE_NAMES = {
 
 
 def report_engine(engine: dict[str, Any]) -> None:
+    default = engine["default_route"]
     print(
-        f"== engine (in process, torch threads {engine['threads']}, medians of {engine['repeats']} interleaved "
-        "runs; decode ratios against transformers generate fp32 and against llama.cpp) =="
+        f"== engine (in process, {engine['threads']} threads for every route, medians of {engine['repeats']} "
+        "interleaved runs; decode ratios against transformers generate fp32 and against llama.cpp) =="
     )
     base, base_batch = engine["generate_fp32_decode"], engine["generate_fp32_batch8"]
     llama = engine.get("llamacpp_decode", 0.0)
     print(
-        f"{'route':64} {'decode tok/s':>12} {'vs gen':>6} {'vs llama':>8} {'TTFT s':>7} {'batch 8 tok/s':>13} "
+        f"{'route':68} {'decode tok/s':>12} {'vs gen':>6} {'vs llama':>8} {'TTFT s':>7} {'batch 8 tok/s':>13} "
         f"{'vs gen':>6} {'answers changed':>15}"
     )
     for key, name in ROUTE_NAMES.items():
@@ -635,151 +840,225 @@ def report_engine(engine: dict[str, Any]) -> None:
         decode = engine[f"{key}_decode"]
         batch = engine.get(f"{key}_batch8", 0.0)
         changed = engine.get(f"{short_name(key)}_differs")
+        name = f"* {name}" if key == default else name
         print(
-            f"{name:64} {decode:12.1f} {ratio(decode, base):>6} {ratio(decode, llama):>8} "
+            f"{name:68} {decode:12.1f} {ratio(decode, base):>6} {ratio(decode, llama):>8} "
             f"{engine[f'{key}_ttft']:7.3f} {(f'{batch:.1f}' if batch else '-'):>13} {ratio(batch, base_batch):>6} "
             f"{(f'{changed[0]}/{changed[1]}' if changed else '-'):>15}"
         )
     same, total = engine["lean_vs_generate_same"]
+    print(f"* the default route with no INFERENCE_* settings on this machine ({default})")
+    print(f"time to first token: a {engine['prompt_tokens']}-token prompt (one short question in the chat template)")
     print(f"greedy answers, Conch fp32 == transformers generate fp32: {same}/{total} prompts")
     print("answers changed: greedy answers (64 tokens) that differ from Conch fp32's on the same prompts")
 
 
-def report_service(route: str, conch: dict[str, Any]) -> None:
-    parsed = ServiceRoute.parse(route)
-    served = conch["served"]
+def fidelity_text(served_entry: dict[str, Any]) -> str:
+    fidelity = served_entry.get("fidelity")
+    if not fidelity:
+        return "no fidelity reported"
+    text = f"next-token agreement {fidelity['agreement']:.2%}, max KL {fidelity['max_kl']:.4f}"
+    text += f" on {fidelity.get('positions')} positions of {fidelity.get('prompts')} golden prompts"
+    if fidelity.get("seconds") is not None:
+        text += f" (gate {fidelity['seconds']:.2f} s)"
+    fell = fidelity.get("fell_back_from") or []
+    if fell:
+        text += "; fell back from " + ", ".join(f"{f['route']} ({f['reason']})" for f in fell)
+    return text
+
+
+def label(name: str, conch: dict[str, Any]) -> str:
+    """A service run's name in the tables: the route it served, marked when it is the default's."""
+    route = str(conch["served"]["route"])
+    return f"default {route}" if name == "auto" else route
+
+
+def report_service(name: str, conch: dict[str, Any]) -> None:
+    served_entry = conch["served"]
     print()
+    print(f"== Conch service --quant {name}: {conch['route_setting']} ==")
     print(
-        f"== Conch service, INFERENCE_BACKEND={parsed.backend} INFERENCE_QUANT={parsed.quant} (serving: "
-        f"{served['backend']} backend, {served['dtype']}, quant {served['quant']}): "
-        f"ready {conch['ready_after']:.1f} s after start =="
+        f"serving route {served_entry['route']} ({served_entry['backend']} backend, {served_entry['dtype']}, quant "
+        f"{served_entry['quant']}), {served_entry['threads']} threads, ready {conch['ready_after']:.1f} s after start"
     )
+    print(f"fidelity (/readyz): {fidelity_text(served_entry)}")
     print(
         f"resident memory: {conch['rss_before_swap_mb']:.0f} MB serving one model, "
         f"{conch['rss_after_swap_mb']:.0f} MB holding two after a swap (peak {conch['peak_rss_mb']:.0f} MB)"
     )
-    done, total = conch["eos_terminated"]
-    print(f"GET /generate answers ending at EOS: {done}/{total}, median {conch['answer_tokens']:.0f} tokens")
-    print(f"example: {json.dumps(conch['example'])[:300]}")
+    print("GET /generate, the seed's prompts one at a time (default max_new_tokens):")
+    for answer in conch["seed_prompts"]:
+        print(
+            f"  {answer['prompt']!r:24} {answer['latency']:6.2f} s  finish_reason {answer['finish_reason']:7} "
+            f"{answer['tokens']:4d} tokens  {json.dumps(answer['text'], ensure_ascii=False)[:80]}"
+        )
+    done = conch["eos_terminated"]
     print(
-        f"GET /generate median {conch['e2e_median']:.2f} s; streamed: time to first token {conch['ttft']:.3f} s, "
-        f"decode {conch['decode']:.1f} tokens/s; {conch['clients']} clients: {conch['aggregate']:.1f} tokens/s "
-        f"aggregate, p50/p99 latency {conch['latency_p50']:.2f}/{conch['latency_p99']:.2f} s"
+        f"GET /generate, seed prompts median {conch['seed_e2e_median']:.2f} s; {done['answers']} other prompts median "
+        f"{conch['e2e_median']:.2f} s, {done['eos']}/{done['answers']} ending at EOS, median "
+        f"{conch['answer_tokens']:.0f} tokens"
+    )
+    print(f"one streaming client: time to first token {conch['ttft']:.3f} s, decode {conch['decode']:.1f} tokens/s")
+    print(
+        f"{'streaming clients':>18} {'streams':>8} {'TTFT p50 s':>10} {'TTFT p99 s':>10} {'client tok/s':>12} "
+        f"{'p10':>6} {'aggregate tok/s':>15} {'latency p50 s':>13} {'p99 s':>7}"
+    )
+    for figures in conch["concurrency"].values():
+        print(
+            f"{figures['clients']:18d} {figures['streams']:8d} {figures['ttft_p50']:10.3f} {figures['ttft_p99']:10.3f} "
+            f"{figures['client_decode_median']:12.1f} {figures['client_decode_p10']:6.1f} "
+            f"{figures['aggregate']:15.1f} {figures['latency_p50']:13.2f} {figures['latency_p99']:7.2f}"
+        )
+    burst = conch["burst"]
+    print(
+        f"{burst['clients']} clients, one GET /generate each at once: all answered after {burst['wall']:.2f} s "
+        f"(latencies {burst['latencies']} s), {burst['eos']}/{burst['answers']} ending at EOS"
+    )
+    swap = conch["swap"]
+    worker = swap["worker"]
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in worker["parts"].items())
+    print(
+        f"publish: worker-side serving files {worker['seconds']:.2f} s ({parts}; exports {worker['gguf'] or 'none'}; "
+        f"before the announcement, not in the swap)"
     )
     print(
-        f"deployment publish -> first answer from the new model: {conch['swap_seen']:.2f} s "
-        f"(recorded latency_seconds {conch['swap_recorded']:.2f} s; {conch['swap_via']})"
+        f"announcement -> first answer from the new model: {swap['seconds']:.2f} s (recorded latency_seconds "
+        f"{swap['recorded'] if swap['recorded'] is None else round(swap['recorded'], 2)}; {swap['via']}); "
+        f"served by {swap['served']['route']}, {fidelity_text(swap['served'])}"
     )
 
 
 def report_against_seed(services: dict[str, dict[str, Any]], seed: dict[str, Any]) -> None:
     print()
-    print(f"== seed-style vs Conch (same model, same prompts; seed figures from {seed['requests']} requests) ==")
-    clients = next(iter(services.values()))["clients"]
-    p50_seed, p99_seed, extrapolated = seed_many(seed, clients)
-    mark = " (extrapolated)" if extrapolated else ""
-    rows: list[tuple[str, float, str, bool]] = [
-        ("GET /generate end to end, s (median)", seed["latency"], "e2e_median", True),
-        ("time to first token, s", seed["latency"], "ttft", True),
-        ("decode tokens/s, 1 client", seed["decode"], "decode", False),
-        (f"aggregate tokens/s, {clients} clients", seed["aggregate"], "aggregate", False),
-        (f"p50 latency, {clients} clients, s{mark}", p50_seed, "latency_p50", True),
-        (f"p99 latency, {clients} clients, s{mark}", p99_seed, "latency_p99", True),
+    print(f"== seed-style vs Conch (same model, same prompts {[a['prompt'] for a in seed['seed_prompts']]}) ==")
+    burst = seed["burst"]
+    mark = " (extrapolated)" if burst["extrapolated"] else ""
+    rows: list[tuple[str, float, Callable[[dict[str, Any]], float], bool]] = [
+        ("GET /generate end to end, s (median)", seed["e2e_median"], lambda c: c["seed_e2e_median"], True),
+        ("time to first token, s", seed["e2e_median"], lambda c: c["ttft"], True),
+        ("decode tokens/s, 1 client", seed["decode"], lambda c: c["decode"], False),
+        (f"{BURST_CLIENTS} clients at once, all answered, s{mark}", burst["wall"], lambda c: c["burst"]["wall"], True),
     ]
-    # A column per route, as wide as its name ("conch llamacpp:q4_0").
-    widths = {r: max(12, len(f"conch {r}")) for r in services}
-    header = "".join(f" {'conch ' + r:>{widths[r]}} {'ratio':>7}" for r in services)
-    print(f"{'metric':48} {'seed-style':>11}{header}")
-    for name, theirs, key, lower in rows:
+    # A column per route, as wide as its name ("conch default llamacpp:f16").
+    names = {r: f"conch {label(r, c)}" for r, c in services.items()}
+    widths = {r: max(12, len(names[r])) for r in services}
+    header = "".join(f" {names[r]:>{widths[r]}} {'ratio':>7}" for r in services)
+    print(f"{'metric':52} {'seed-style':>11}{header}")
+    for name, theirs, figure, lower in rows:
         cells = "".join(
-            f" {c[key]:{widths[r]}.3f} {ratio(c[key], theirs, lower_is_better=lower):>7}" for r, c in services.items()
+            f" {figure(c):{widths[r]}.3f} {ratio(figure(c), theirs, lower_is_better=lower):>7}"
+            for r, c in services.items()
         )
-        print(f"{name:48} {theirs:11.2f}{cells}")
-    print(
-        f"seed answers: {seed['tokens']:.0f} tokens each (max_length=512, no template); "
-        f"its request latencies when sent together: {seed['serialised']} s (serialised)"
-    )
+        print(f"{name:52} {theirs:11.2f}{cells}")
+    ended = seed["seed_eos"]
+    cells = "".join(f" {c['seed_eos']['eos']:>{widths[r]}}/{c['seed_eos']['answers']:<7}" for r, c in services.items())
+    print(f"{'answers ending at EOS':52} {ended['eos']:>9}/{ended['answers']:<1}{cells}")
+    for answer in seed["seed_prompts"]:
+        print(
+            f"seed {answer['prompt']!r:24} {answer['latency']:6.2f} s {answer['tokens']:4d} tokens "
+            f"(EOS: {answer['eos']}) {json.dumps(answer['text'], ensure_ascii=False)[:80]}"
+        )
+    if seed.get("together"):
+        print(
+            f"seed latencies when {seed['requests']} requests were sent together: {seed['serialised']} s (serialised)"
+        )
 
 
-def best_conch(engine: dict[str, Any], figure: str, *, lower: bool) -> tuple[str, float]:
-    """The Conch route (any backend) with the best ``figure`` ("decode", "ttft") and that figure."""
-    keys = [key for key in ROUTE_NAMES if is_conch(key) and f"{key}_{figure}" in engine]
-    return (min if lower else max)(((key, engine[f"{key}_{figure}"]) for key in keys), key=lambda item: item[1])
-
-
-def goals(engine: dict[str, Any] | None, services: dict[str, dict[str, Any]], seed: dict[str, Any] | None) -> list:
-    """The performance goals, each as (goal, baseline figure, best Conch figure and route, ratio, target)."""
+def goals(
+    engine: dict[str, Any] | None, services: dict[str, dict[str, Any]], seed: dict[str, Any] | None
+) -> list[tuple[str, str, str, str, str]]:
+    """The performance goals, each as (goal, baseline figure, Conch figure and route, ratio, target); the service
+    goals once per ``--quant`` route."""
     rows: list[tuple[str, str, str, str, str]] = []
-
-    def best(key: str, lower: bool) -> tuple[str, float]:
-        pick = min if lower else max
-        return pick(((r, c[key]) for r, c in services.items()), key=lambda item: item[1])
-
-    if seed and services:
-        route, e2e = best("e2e_median", True)
-        rows.append(
-            (
-                "GET /generate end to end",
-                f"seed {seed['latency']:.2f} s",
-                f"{e2e:.2f} s ({route})",
-                ratio(e2e, seed["latency"], lower_is_better=True),
-                ">= 20x",
-            )
-        )
-        route, agg = best("aggregate", False)
-        rows.append(
-            (
-                "8-client aggregate tokens/s vs seed",
-                f"seed {seed['aggregate']:.1f}",
-                f"{agg:.1f} ({route})",
-                ratio(agg, seed["aggregate"]),
-                ">= 8x",
-            )
-        )
-    if engine and engine.get("llamacpp_decode"):
-        llama = engine["llamacpp_decode"]
-        fastest, decode = best_conch(engine, "decode", lower=False)
-        rows.append(
-            (
-                "single-stream decode vs llama.cpp",
-                f"llama.cpp {llama:.1f}",
-                f"{decode:.1f} ({short_name(fastest)})",
-                ratio(decode, llama),
-                ">= 1.0x",
-            )
-        )
-        # The baseline runs the shipped Q4_1 file: Conch's export in that type isolates the serving overhead.
-        if engine.get("cpp_q4_1_decode"):
-            same_type = engine["cpp_q4_1_decode"]
+    if seed:
+        ended = seed["seed_eos"]
+        for name, c in services.items():
+            mine, figure = c["seed_eos"], c["seed_e2e_median"]
             rows.append(
                 (
-                    "single-stream decode vs llama.cpp, same Q4_1 type",
-                    f"llama.cpp {llama:.1f}",
-                    f"{same_type:.1f} (cpp_q4_1)",
-                    ratio(same_type, llama),
-                    ">= 1.0x",
+                    f"GET /generate, {len(c['seed_prompts'])} seed prompts, end to end (median)",
+                    f"seed {seed['e2e_median']:.2f} s, {ended['eos']}/{ended['answers']} EOS",
+                    f"{figure:.2f} s, {mine['eos']}/{mine['answers']} EOS ({label(name, c)})",
+                    ratio(figure, seed["e2e_median"], lower_is_better=True),
+                    ">= 20x, ends at EOS",
                 )
             )
-        if services:
-            route, agg = best("aggregate", False)
+        burst = seed["burst"]
+        for name, c in services.items():
+            wall = c["burst"]["wall"]
             rows.append(
                 (
-                    "8-client aggregate vs llama.cpp single stream",
-                    f"llama.cpp {llama:.1f}",
-                    f"{agg:.1f} ({route})",
-                    ratio(agg, llama),
-                    ">= 2x",
+                    f"{BURST_CLIENTS} concurrent clients end to end (GET /generate)",
+                    f"seed {burst['wall']:.1f} s" + (" (extrapolated)" if burst["extrapolated"] else ""),
+                    f"{wall:.2f} s ({label(name, c)})",
+                    ratio(wall, burst["wall"], lower_is_better=True),
+                    ">= 25x",
                 )
             )
     if engine:
-        ttft = engine["lean_fp32_ttft"]
-        fastest, quickest = best_conch(engine, "ttft", lower=True)
-        figure = f"{ttft:.3f} s fp32" + ("" if fastest == "lean_fp32" else f"; {quickest:.3f} s {short_name(fastest)}")
-        rows.append(("time to first token, 35-token prompt", "-", figure, "-", "<= 0.1 s"))
-    for route, c in services.items():
-        rows.append(("new model answers after publishing", "-", f"{c['swap_seen']:.2f} s ({route})", "-", "<= 2 s"))
+        default = engine["default_route"]
+        decode, first = engine.get(f"{default}_decode"), engine.get(f"{default}_ttft")
+        if decode is not None:
+            llama = engine.get("llamacpp_decode")
+            rows.append(
+                (
+                    "single-stream decode tokens/s, default route, same threads",
+                    f"llama.cpp Q4_1 {llama:.1f}" if llama else "llama.cpp not run",
+                    f"{decode:.1f} ({short_name(default)})",
+                    ratio(decode, llama) if llama else "-",
+                    ">= 1.0x",
+                )
+            )
+        if first is not None:
+            theirs = engine["generate_fp32_ttft"]
+            rows.append(
+                (
+                    f"time to first token, {engine['prompt_tokens']}-token prompt, default route",
+                    f"generate fp32 {theirs:.3f} s",
+                    f"{first:.3f} s ({short_name(default)})",
+                    ratio(first, theirs, lower_is_better=True),
+                    "<= 0.1 s",
+                )
+            )
+    for name, c in services.items():
+        swap = c["swap"]
+        rows.append(
+            (
+                'published model answering after "model ready"',
+                f"worker {swap['worker']['seconds']:.1f} s before",
+                f"{swap['seconds']:.2f} s ({label(name, c)})",
+                "-",
+                "<= 2 s",
+            )
+        )
+    for name, c in services.items():
+        fidelity = c["served"].get("fidelity") or {}
+        agreement = fidelity.get("agreement")
+        rows.append(
+            (
+                "next-token agreement vs fp32 reference (/readyz)",
+                "fp32 reference 100%",
+                f"{agreement:.2%} ({label(name, c)})" if agreement is not None else f"- ({label(name, c)})",
+                "-",
+                ">= 99%",
+            )
+        )
+    for name, c in services.items():
+        for figures in c["concurrency"].values():
+            rows.append(
+                (
+                    f"p50 / p99 time to first token, {figures['clients']} clients",
+                    "-",
+                    f"{figures['ttft_p50']:.3f} / {figures['ttft_p99']:.3f} s ({label(name, c)})",
+                    "-",
+                    "reported",
+                )
+            )
+    for name, c in services.items():
         two = c["rss_after_swap_mb"] / c["rss_before_swap_mb"] if c["rss_before_swap_mb"] else 0.0
-        rows.append(("memory holding two models during a swap", "-", f"{two:.2f}x one ({route})", "-", "< 2.5x"))
+        rows.append(
+            ("memory holding two models during a swap", "-", f"{two:.2f}x one ({label(name, c)})", "-", "< 2.5x")
+        )
     return rows
 
 
@@ -789,17 +1068,25 @@ def report(
     print()
     if engine:
         report_engine(engine)
-    for route, conch in services.items():
-        report_service(route, conch)
+    for name, conch in services.items():
+        report_service(name, conch)
     if services and seed:
         report_against_seed(services, seed)
     rows = goals(engine, services, seed)
     if rows:
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
         print()
         print("== goals ==")
-        print(f"{'goal':50} {'baseline':>18} {'Conch':>34} {'ratio':>7} {'target':>9}")
+        heads = ("goal", "baseline", "Conch", "ratio", "target")
+        print(
+            " ".join(f"{h:{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(heads, widths, strict=True)))
+        )
         for row in rows:
-            print(f"{row[0]:50} {row[1]:>18} {row[2]:>34} {row[3]:>7} {row[4]:>9}")
+            print(
+                " ".join(
+                    f"{c:{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
     return rows
 
 
@@ -808,48 +1095,66 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="engine part only")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-seed", action="store_true")
-    parser.add_argument("--seed-requests", type=int, default=2, help="seed-style requests sent together (~30 s each)")
+    parser.add_argument(
+        "--seed-requests",
+        type=int,
+        default=2,
+        help="seed-style requests sent together after its single ones (15-60 s each); 8 measures its 8-client "
+        "wall time instead of extrapolating it; 1: none",
+    )
     parser.add_argument("--tokens", type=int, default=96, help="tokens per fixed-length stream")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", default="8,32", help="comma-separated counts of concurrent streaming clients")
     parser.add_argument("--rounds", type=int, default=2, help="streams per concurrent client")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each engine measurement")
-    parser.add_argument("--dtype", default="auto", help="INFERENCE_DTYPE of the Conch service")
+    parser.add_argument(
+        "--prompts", type=int, default=0, help="only the first N prompts of each list, for quick checks (0: all)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="INFERENCE_DTYPE of the named service routes (never set for auto)"
+    )
     parser.add_argument(
         "--quant",
-        default="none,int4,llamacpp:bf16,llamacpp:q4_0",
-        help="comma-separated service routes: <quant> (INFERENCE_QUANT, default backend) or llamacpp:<quant>",
+        default="auto,none",
+        help="comma-separated service routes: auto (no INFERENCE_BACKEND/QUANT/DTYPE: the default), <quant> "
+        "(INFERENCE_QUANT on the torch backend; none: the lean fp32 decoder) or llamacpp:<quant>",
     )
     parser.add_argument(
         "--redis", default="", help="announce the deployment over this Redis (default: the service polls only)"
     )
     parser.add_argument(
-        "--threads", type=int, default=0, help="CPU threads for every app (0: Conch's default, half the cores)"
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for every app (0: Conch's default with no training running, every core)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures and the goals table here")
     args = parser.parse_args()
+    started = time.perf_counter()
     from inference.engine.device import auto_threads, configure_threads
 
-    threads = args.threads or auto_threads()
+    threads = args.threads or auto_threads(training_here=False)
     # The same thread count for the baselines and for Conch, in process and in the servers.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["INFERENCE_THREADS"] = str(threads)
     configure_threads(threads)
 
     # Parsed first: a mistyped route should fail before the engine part's minutes, not after.
-    routes = {r.strip(): ServiceRoute.parse(r) for r in args.quant.split(",") if r.strip()}
+    routes = {r.strip(): ServiceRoute.parse(r, args.dtype) for r in args.quant.split(",") if r.strip()}
+    args.client_counts = [int(n) for n in args.clients.split(",") if n.strip()]
     folder = prepare_default_model()
     engine = None if args.skip_engine else engine_part(folder, args.tokens, args.repeats)
     services: dict[str, dict[str, Any]] = {}
     seed = None
     if not args.quick:
         for name, route in routes.items():
-            services[name] = conch_part(folder, args.tokens, args.clients, args.rounds, args.dtype, args.redis, route)
+            services[name] = conch_part(folder, args, route)
         if not args.skip_seed:
-            seed = seed_part(folder, args.seed_requests)
+            seed = seed_part(folder, args.seed_requests, args.prompts)
     rows = report(engine, services, seed)
+    print(f"\n{threads} threads for every app; the benchmark took {time.perf_counter() - started:.0f} s")
     if args.json:
         figures = {"engine": engine, "services": services, "seed": seed, "goals": rows, "threads": threads}
-        args.json.write_text(json.dumps(figures, indent=1, default=str))
+        args.json.write_text(json.dumps(figures, indent=1, default=str, ensure_ascii=False))
 
 
 if __name__ == "__main__":
