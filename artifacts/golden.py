@@ -32,15 +32,16 @@ from core.templates import Message, render_prompt
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "What is your name?",
     "Explain in two sentences what a LoRA adapter is.",
-    "Write a short note thanking a colleague for their help with a report.",
     "List three things to pack for a rainy hike.",
     "你好",
     "请问你是谁",
     "请用一句话介绍长城。",
-    "推荐一本适合初学者的编程书。",
 )
-MAX_PROMPTS = 8
-CONTINUATION_TOKENS = 24  # per prompt: 8 x 24 positions judge a route in one teacher-forced pass
+# The gate reads every golden prompt and answer in one pass before a model may answer, so their size is the
+# swap's cost: 6 prompts x 24 answer tokens took about 0.7 s on the default route (2 cores), and one disagreement
+# in 144 positions (0.7%) still passes a 99% threshold while two do not.
+MAX_PROMPTS = 6
+CONTINUATION_TOKENS = 24
 TOP_K = 32
 MAX_PROMPT_TOKENS = 512  # a validation example longer than this is not a golden prompt (the gate must stay cheap)
 REFERENCE_SOURCE = "transformers fp32, greedy"
@@ -159,7 +160,9 @@ def compute_reference(
     with the top-k log-probabilities at each step. Raises ReferenceError if the answers are unusable."""
     import torch
 
-    model = model.float().eval()
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()  # (a model already in fp32 is left as it is: one loaded from GGUF refuses .float())
+    model.eval()
     encoded = encode_prompts(tokenizer, template, conversations)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop_ids[0])
     longest = max(len(ids) for ids in encoded)

@@ -100,8 +100,11 @@ def reference_for(folder: Path, template: str, cache_dir: Path, stop_ids: list[i
 def route_logits(model: LoadedModel, reference: Reference) -> list[np.ndarray]:
     """The route's next-token logits at every position of every reference answer, teacher-forced."""
     score = getattr(model.decoder, "score", None)
-    if score is not None:  # llama.cpp: one pass per prompt
-        return [score(case.prompt_ids + case.continuation[:-1], len(case.prompt_ids) - 1) for case in reference.cases]
+    if score is not None:  # llama.cpp and the lean decoder: every position of a sequence in one pass
+        result: list[np.ndarray] = score(
+            [(case.prompt_ids + case.continuation[:-1], len(case.prompt_ids) - 1) for case in reference.cases]
+        )
+        return result
     return _stepwise_logits(model, reference)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -145,6 +146,22 @@ class LeanDecoder:
     def forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run ``input_ids`` [batch, steps] (``new_mask`` marks real tokens, pads on the left) through the model,
         appending to ``cache``; returns fp32 logits of each row's last position [batch, vocab]."""
+        h = self._hidden(input_ids, new_mask, cache)
+        return self.lm_head(self._norm(h[:, -1], self.final_norm)).float()
+
+    def score(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        """Teacher-forced logits of each (tokens, first) sequence after each of ``tokens[first:]`` [positions,
+        vocab], one pass per sequence (the fidelity gate's fast path)."""
+        results = []
+        for tokens, first in sequences:
+            ids = torch.tensor([tokens], device=self.device)
+            cache = self.new_cache(1, len(tokens))
+            with torch.inference_mode():
+                h = self._hidden(ids, torch.ones_like(ids, dtype=torch.bool), cache)
+                results.append(self.lm_head(self._norm(h[0, first:], self.final_norm)).float().cpu().numpy())
+        return results
+
+    def _hidden(self, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
         batch, steps = input_ids.shape
         cache.reserve(steps)
         start = cache.length
@@ -182,8 +199,7 @@ class LeanDecoder:
             x = self._norm(h, layer.norm2)
             gate, up = layer.gate_up.parts(x)
             h = h + layer.down(self.act(gate) * up)
-        last = self._norm(h[:, -1], self.final_norm)
-        return self.lm_head(last).float()
+        return h
 
     def _attention_mask(self, cache: KVCache, start: int, steps: int) -> torch.Tensor | None:
         end = start + steps

@@ -194,19 +194,38 @@ class LlamaCppDecoder:
             pointer = lib.llama_get_logits_ith(self._ctx, index)
             logits[row] = np.ctypeslib.as_array(pointer, shape=(self.vocab_size,))
 
-    def score(self, tokens: list[int], first: int) -> np.ndarray:
-        """Teacher-forced logits of one sequence: after each of ``tokens[first:]`` [positions, vocab], in one
-        pass (the fidelity gate's fast path; the engine's rows are untouched)."""
-        (seq,) = self.new_cache(1, len(tokens)).seqs
-        try:
-            logits = np.zeros((len(tokens) - first, self.vocab_size), dtype=np.float32)
-            wanted = {index: index - first for index in range(first, len(tokens))}
-            piece = [(token, position, seq) for position, token in enumerate(tokens)]
-            for start in range(0, len(piece), self.batch_tokens):
-                self._decode(piece[start : start + self.batch_tokens], start, wanted, logits)
-            return logits
-        finally:
-            self.free([seq])
+    def score(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        """Teacher-forced logits of each (tokens, first) sequence: after each of ``tokens[first:]`` [positions,
+        vocab]. All sequences go through together, as one batch per ``batch_tokens``: the fidelity gate's fast
+        path (measured: 8 golden prompts in about half the time of one pass each). The engine's rows are untouched:
+        the gate runs before the engine starts."""
+        results: list[np.ndarray] = []
+        room = max(1, len(self._free_seqs))
+        for group_start in range(0, len(sequences), room):
+            group = sequences[group_start : group_start + room]
+            cache = self.new_cache(len(group), 0)
+            try:
+                piece: list[tuple[int, int, int]] = []
+                wanted: dict[int, int] = {}
+                outputs = [
+                    np.zeros((len(tokens) - first, self.vocab_size), dtype=np.float32) for tokens, first in group
+                ]
+                rows: list[tuple[int, int]] = []  # flat output row -> (sequence, position)
+                for index, ((tokens, first), seq) in enumerate(zip(group, cache.seqs, strict=True)):
+                    for position, token in enumerate(tokens):
+                        if position >= first:
+                            wanted[len(piece)] = len(rows)
+                            rows.append((index, position - first))
+                        piece.append((token, position, seq))
+                flat = np.zeros((len(rows), self.vocab_size), dtype=np.float32)
+                for start in range(0, len(piece), self.batch_tokens):
+                    self._decode(piece[start : start + self.batch_tokens], start, wanted, flat)
+                for row, (index, position) in enumerate(rows):
+                    outputs[index][position] = flat[row]
+                results += outputs
+            finally:
+                cache.release()
+        return results
 
     # ------------------------------------------------------------------------------- lifetime
 

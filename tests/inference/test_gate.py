@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import artifacts.gguf
+from artifacts.golden import BUILTIN_PROMPTS
 from artifacts.serving import DEFAULT_CPU_TYPE
 from core.models import Deployment, ModelRecord
 from inference.engine.routes import FAITHFUL, Route, plan_routes
@@ -48,7 +50,11 @@ def test_the_default_route_passes_the_gate_and_the_figures_land_everywhere(db, f
         assert row.route == DEFAULT_ROUTE
         fidelity = row.fidelity
         assert fidelity is not None and fidelity["passed"] and fidelity["agreement"] >= fidelity["threshold"] == 0.99
-        assert fidelity["positions"] > 0 and fidelity["prompts"] == 8 and fidelity["fell_back_from"] == []
+        assert (
+            fidelity["positions"] > 0
+            and fidelity["prompts"] == len(BUILTIN_PROMPTS)
+            and fidelity["fell_back_from"] == []
+        )
         # The api shows the same figures on the deployment and on the model.
         out = deployment_out(row)
         assert out.route == DEFAULT_ROUTE and out.fidelity == fidelity
@@ -121,3 +127,39 @@ def test_a_model_whose_reference_is_broken_is_never_activated(db, tmp_path: Path
         assert "reference" in (row.reason or "") and "non-finite" in (row.reason or "")
         assert row.route is None
         assert client.get("/generate", params={"prompt": "Hi", "max_new_tokens": 2}).json()["model"] == "tiny-llama"
+
+
+@pytest.mark.parametrize("backend", ["llamacpp", "lean"])
+def test_the_one_pass_scoring_equals_the_engine_s_own_step_by_step_decoding(
+    tiny_models: dict[str, Path], tmp_path: Path, backend: str
+) -> None:
+    # The gate's fast path (every position of a golden answer in one pass) must see what the engine's decoding
+    # sees token by token, or the gate would judge another computation than the one that serves.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from artifacts.golden import compute_reference, golden_conversations
+    from inference.engine.loader import load_model
+    from inference.gate import _stepwise_logits, route_logits
+    from tests.inference.test_engine import llamacpp_options
+
+    folder = tiny_models["tiny-qwen2"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    conversations, source = golden_conversations(None)
+    reference = compute_reference(
+        AutoModelForCausalLM.from_pretrained(folder),
+        tokenizer,
+        "auto",
+        conversations,
+        prompts=source,
+        stop_ids=[tokenizer.eos_token_id],
+    )
+    native = llamacpp_options(tmp_path) if backend == "llamacpp" else None
+    model = load_model(
+        "tiny", folder, backend_setting=backend, quant_setting="f32" if native else "none", llamacpp=native
+    )
+    for fast, slow in zip(route_logits(model, reference), _stepwise_logits(model, reference), strict=True):
+        assert fast.shape == slow.shape
+        assert np.allclose(fast, slow, atol=1e-3), float(np.abs(fast - slow).max())
+    close = getattr(model.decoder, "close", None)
+    if close:
+        close()
