@@ -45,6 +45,7 @@ def inference_load(threads: int, report: Path) -> None:
         max_sequences=8,
         context_per_sequence=512,
         threads=threads,
+        batch_threads=threads,
         batch_tokens=2048,
     )
     model = load_model("load", folder, backend_setting="llamacpp", quant_setting="f16", llamacpp=options)

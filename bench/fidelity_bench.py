@@ -48,7 +48,12 @@ def load(route: Any, folder: Path, cache: Path, threads: int) -> Any:
     from inference.engine.loader import LlamaCppOptions, load_model
 
     options = LlamaCppOptions(
-        cache_dir=cache, max_sequences=8, context_per_sequence=2048, threads=threads, batch_tokens=2048
+        cache_dir=cache,
+        max_sequences=8,
+        context_per_sequence=2048,
+        threads=threads,
+        batch_threads=threads,
+        batch_tokens=2048,
     )
     model = load_model(
         "bench",

@@ -302,7 +302,8 @@ class Registry:
             cache_dir=settings.gguf_cache_dir,
             max_sequences=settings.max_batch_size,
             context_per_sequence=settings.llamacpp_context_tokens,
-            threads=self.threads,
+            threads=self.threads.decode,
+            batch_threads=self.threads.prefill,
             batch_tokens=max(512, chunk * settings.max_batch_size),
         )
 
@@ -313,7 +314,7 @@ class Registry:
         wanted = generation_threads(self.settings.inference_threads, training_on_this_host(self.settings))
         if wanted == self.threads:
             return
-        log.info("threads.retuned", extra={"from": self.threads, "to": wanted})
+        log.info("threads.retuned", extra={"from": self.threads.to_json(), "to": wanted.to_json()})
         self.threads = configure_threads(wanted)
         for handle in self.handles():
             handle.engine.set_threads(self.threads)
@@ -380,7 +381,7 @@ class Registry:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         name = self.default_for(DEFAULT_TENANT)
         handle = self._handles.get(name)
-        detail: dict[str, Any] = {"model": name, "synced": self.synced, "threads": self.threads}
+        detail: dict[str, Any] = {"model": name, "synced": self.synced, "threads": self.threads.to_json()}
         if handle is None:
             detail["reason"] = self.problems.get(name) or ("loading" if name in self._loading else "not loaded")
             ready = False

@@ -8,6 +8,7 @@ often), and a route that changes answers has to be chosen, not inherited.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -42,24 +43,42 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def auto_threads(training_here: bool = True) -> int:
-    """Generation threads when ``INFERENCE_THREADS`` is 0: every core while no training runs on this host, half
-    of them while one does (see ``generation_threads``)."""
+@dataclass(frozen=True)
+class Threads:
+    """CPU threads of generation: ``decode`` for steps of one token per row, ``prefill`` for reading prompts
+    (llama.cpp takes both; torch's products use ``decode``)."""
+
+    decode: int
+    prefill: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"decode": self.decode, "prefill": self.prefill}
+
+
+def auto_threads(training_here: bool = True) -> Threads:
+    """Generation threads when ``INFERENCE_THREADS`` is 0 (see ``generation_threads``)."""
     cores = os.cpu_count() or 2
-    return max(1, cores // 2) if training_here else cores
+    if training_here:
+        half = max(1, cores // 2)
+        return Threads(decode=half, prefill=half)
+    return Threads(decode=max(1, cores - 1), prefill=cores)
 
 
-def generation_threads(setting: int, training_here: bool) -> int:
-    """Decoding reads every weight once per step, so it is bound by memory bandwidth, which one thread does not
-    use up: on 2 cores, llama.cpp decoded the default model about 1.5x faster on 2 threads than on 1 (README,
-    benchmarks). But an operation split across all cores waits for the slowest one, so when another process
-    computes on them a busy core stalls every product: measured on 2 cores while another process trained, a
-    batch-of-8 decode step took 3.6 s on 2 threads and 0.09 s on 1. Hence every core while no training runs on
-    this host, half while one does; ``INFERENCE_THREADS`` > 0 fixes the count."""
-    return setting if setting > 0 else auto_threads(training_here)
+def generation_threads(setting: int, training_here: bool) -> Threads:
+    """Measured on 2 cores, default model, llama.cpp f16, through the service: reading a prompt is compute-bound
+    and batched, and took 0.125 s on 2 threads against 0.17 s on 1; but one stream decoded 59 tokens/s on 1
+    thread against 45 on 2, because the service's own Python (its event loop, the engine's sampling and
+    detokenising between steps) then competes with every thread of the product for the cores. So while no
+    training runs on this host: prompts on every core, decoding on every core but one. While one does, half of
+    each: an operation split across all cores waits for the slowest one, and with another process computing on
+    them a batch-of-8 decode step took 3.6 s on 2 threads and 0.09 s on 1. ``INFERENCE_THREADS`` > 0 fixes
+    both counts."""
+    if setting > 0:
+        return Threads(decode=setting, prefill=setting)
+    return auto_threads(training_here)
 
 
-def configure_threads(threads: int) -> int:
+def configure_threads(threads: Threads) -> Threads:
     """Intra-op CPU threads of torch's products (the lean and reference decoders); process-wide."""
-    torch.set_num_threads(max(1, threads))
-    return torch.get_num_threads()
+    torch.set_num_threads(max(1, threads.decode))
+    return threads

@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from inference.engine.cache import RowCache
+from inference.engine.device import Threads
 from inference.engine.loader import LoadedModel
 from inference.engine.sampling import RowSampler, SamplingParams, choose_tokens
 from inference.engine.text import IncrementalDetokenizer, StopMatcher
@@ -155,7 +156,7 @@ class Engine:
         self.death: str | None = None  # why the thread ended, if it did not end by stop()
         self.steps = 0
         self.max_batch_seen = 0
-        self._threads_wanted: int | None = None  # applied by the generation thread between steps
+        self._threads_wanted: Threads | None = None  # applied by the generation thread between steps
 
     # ----------------------------------------------------------------------------------- control
 
@@ -188,16 +189,16 @@ class Engine:
     def running(self) -> int:
         return len(self._rows)
 
-    def set_threads(self, threads: int) -> None:
-        """Ask the generation thread to compute on ``threads`` CPU threads from its next step on (a native
-        backend's context may only be touched by that thread)."""
+    def set_threads(self, threads: Threads) -> None:
+        """Ask the generation thread to compute on ``threads`` from its next step on (a native backend's
+        context may only be touched by that thread)."""
         self._threads_wanted = threads
 
     def _apply_threads(self) -> None:
         wanted, self._threads_wanted = self._threads_wanted, None
         set_threads = getattr(self.model.decoder, "set_threads", None)
         if wanted is not None and set_threads is not None:
-            set_threads(wanted)
+            set_threads(wanted.decode, wanted.prefill)
 
     def submit(self, request: GenerationRequest) -> None:
         if not self.alive:

@@ -49,6 +49,15 @@ def file_type_for(quant: str, dtype: torch.dtype) -> str:
     return FILE_TYPES.get(quant, quant)
 
 
+def _common_prefix(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    length = min(len(tokens) for tokens in sequences)
+    for index in range(length):
+        if any(tokens[index] != first[index] for tokens in sequences[1:]):
+            return index
+    return length
+
+
 class SequenceCache:
     """The engine's view of some rows' state in the llama.cpp context: one sequence id and next position per row."""
 
@@ -82,6 +91,7 @@ class LlamaCppDecoder:
         max_sequences: int,
         context_per_sequence: int,
         threads: int,
+        batch_threads: int = 0,
         batch_tokens: int,
         file_type: str,
         gpu: bool = False,
@@ -107,7 +117,10 @@ class LlamaCppDecoder:
         params.kv_unified = True
         params.n_batch = self.batch_tokens
         params.n_ubatch = min(self.batch_tokens, 512)
-        params.n_threads = params.n_threads_batch = threads
+        # llama.cpp uses n_threads for one-token batches and n_threads_batch for the rest (prompts, and decode
+        # steps of several rows): see inference.engine.device.generation_threads for why they differ.
+        params.n_threads = threads
+        params.n_threads_batch = batch_threads or threads
         params.no_perf = True
         # The KV cache stays llama.cpp's f16 even on the f32 route: on the default model an fp32 cache changed no
         # fewer greedy answers (1 of 16 against the lean fp32 decoder either way) for twice the memory.
@@ -123,8 +136,8 @@ class LlamaCppDecoder:
         self.quant = file_type  # what /readyz shows as the route
         self._closed = False
 
-    def set_threads(self, threads: int) -> None:
-        self._lib.llama_set_n_threads(self._ctx, threads, threads)
+    def set_threads(self, decode: int, prefill: int) -> None:
+        self._lib.llama_set_n_threads(self._ctx, decode, prefill)
 
     @property
     def parameter_bytes(self) -> int:
@@ -175,6 +188,8 @@ class LlamaCppDecoder:
     ) -> None:
         """Decode ``piece`` (token, position, sequence); copy the logits of the tokens whose index (``offset`` +
         index in the piece) ``wanted`` maps to a row of ``logits``."""
+        if self._closed:  # its native memory is gone: touching it would crash the process, not raise
+            raise RuntimeError(f"the llama.cpp context of {self.path.name} is closed")
         lib, batch = self._lib, self._batch
         outputs: list[tuple[int, int]] = []  # (index in this piece, row)
         for index, (token, position, seq) in enumerate(piece):
@@ -196,36 +211,48 @@ class LlamaCppDecoder:
 
     def score(self, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
         """Teacher-forced logits of each (tokens, first) sequence: after each of ``tokens[first:]`` [positions,
-        vocab]. All sequences go through together, as one batch per ``batch_tokens``: the fidelity gate's fast
-        path (measured: 8 golden prompts in about half the time of one pass each). The engine's rows are untouched:
-        the gate runs before the engine starts."""
+        vocab]: the fidelity gate's fast path, which decides how soon a new model answers.
+
+        The golden prompts share their opening (the chat template's system turn), so it is read once and its KV
+        entries are shared with every other sequence (``llama_memory_seq_cp``, no copy in a unified cache); the
+        rest of every sequence then goes through together, one batch per ``batch_tokens``. The engine's rows are
+        untouched: the gate runs before the engine starts."""
         results: list[np.ndarray] = []
         room = max(1, len(self._free_seqs))
         for group_start in range(0, len(sequences), room):
             group = sequences[group_start : group_start + room]
             cache = self.new_cache(len(group), 0)
             try:
-                piece: list[tuple[int, int, int]] = []
-                wanted: dict[int, int] = {}
-                outputs = [
-                    np.zeros((len(tokens) - first, self.vocab_size), dtype=np.float32) for tokens, first in group
-                ]
-                rows: list[tuple[int, int]] = []  # flat output row -> (sequence, position)
-                for index, ((tokens, first), seq) in enumerate(zip(group, cache.seqs, strict=True)):
-                    for position, token in enumerate(tokens):
-                        if position >= first:
-                            wanted[len(piece)] = len(rows)
-                            rows.append((index, position - first))
-                        piece.append((token, position, seq))
-                flat = np.zeros((len(rows), self.vocab_size), dtype=np.float32)
-                for start in range(0, len(piece), self.batch_tokens):
-                    self._decode(piece[start : start + self.batch_tokens], start, wanted, flat)
-                for row, (index, position) in enumerate(rows):
-                    outputs[index][position] = flat[row]
-                results += outputs
+                results += self._score_group(group, cache.seqs)
             finally:
                 cache.release()
         return results
+
+    def _score_group(self, group: list[tuple[list[int], int]], seqs: list[int]) -> list[np.ndarray]:
+        shared = _common_prefix([tokens for tokens, _ in group])
+        shared = min(shared, *(first for _, first in group))  # no logits are wanted from the shared part
+        outputs = [np.zeros((len(tokens) - first, self.vocab_size), dtype=np.float32) for tokens, first in group]
+        if shared:
+            prefix = [(token, position, seqs[0]) for position, token in enumerate(group[0][0][:shared])]
+            for start in range(0, len(prefix), self.batch_tokens):
+                self._decode(prefix[start : start + self.batch_tokens], start, {}, outputs[0])
+            for seq in seqs[1:]:
+                self._lib.llama_memory_seq_cp(self._memory, seqs[0], seq, 0, shared)
+        piece: list[tuple[int, int, int]] = []
+        wanted: dict[int, int] = {}
+        rows: list[tuple[int, int]] = []  # output row -> (sequence, position)
+        for index, ((tokens, first), seq) in enumerate(zip(group, seqs, strict=True)):
+            for position in range(shared, len(tokens)):
+                if position >= first:
+                    wanted[len(piece)] = len(rows)
+                    rows.append((index, position - first))
+                piece.append((tokens[position], position, seq))
+        flat = np.zeros((len(rows), self.vocab_size), dtype=np.float32)
+        for start in range(0, len(piece), self.batch_tokens):
+            self._decode(piece[start : start + self.batch_tokens], start, wanted, flat)
+        for row, (index, position) in enumerate(rows):
+            outputs[index][position] = flat[row]
+        return outputs
 
     # ------------------------------------------------------------------------------- lifetime
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.hostload import training_here, training_on_this_host
 from core.settings import Settings
-from inference.engine.device import generation_threads
+from inference.engine.device import Threads, generation_threads
 
 
 def test_a_training_process_is_seen_while_it_runs_and_not_after(tmp_path: Path) -> None:
@@ -38,9 +38,9 @@ def test_a_killed_trainer_s_marker_does_not_count(tmp_path: Path) -> None:
 
 def test_generation_takes_every_core_unless_training_runs_here() -> None:
     cores = os.cpu_count() or 2
-    assert generation_threads(0, training_here=False) == cores
-    assert generation_threads(0, training_here=True) == max(1, cores // 2)
-    assert generation_threads(3, training_here=True) == 3  # INFERENCE_THREADS fixes it
+    assert generation_threads(0, training_here=False) == Threads(decode=max(1, cores - 1), prefill=cores)
+    assert generation_threads(0, training_here=True) == Threads(max(1, cores // 2), max(1, cores // 2))
+    assert generation_threads(3, training_here=True) == Threads(3, 3)  # INFERENCE_THREADS fixes both
 
 
 def test_the_service_retunes_its_threads_when_training_starts(tmp_path: Path) -> None:
@@ -50,9 +50,9 @@ def test_the_service_retunes_its_threads_when_training_starts(tmp_path: Path) ->
     settings = Settings(data_dir=tmp_path)
     registry = Registry(settings, Metrics())
     cores = os.cpu_count() or 2
-    assert registry.threads == cores
+    assert registry.threads.prefill == cores
     with training_here(settings):
         registry.retune_threads()
-        assert registry.threads == max(1, cores // 2)
+        assert registry.threads.prefill == max(1, cores // 2)
     registry.retune_threads()
-    assert registry.threads == cores
+    assert registry.threads.prefill == cores
