@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -11,6 +11,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import get_settings
+
+# What opens a session: a sessionmaker, or any callable a caller injects in its place.
+SessionFactory = Callable[[], Session]
 
 
 def _normalise_url(url: str) -> str:
@@ -54,17 +57,19 @@ def get_sessionmaker() -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A unit of work: commit on success, roll back on any error."""
-    session = get_sessionmaker()()
-    try:
+def transaction(sessions: SessionFactory) -> Iterator[Session]:
+    """A unit of work on a fresh session: commit on success, roll back on any error, close either way.
+
+    SQLAlchemy's own ``Session.begin()`` block does the commit or rollback; the work inside must not end the
+    transaction itself (to write nothing, it writes nothing, or raises).
+    """
+    with sessions() as session, session.begin():
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+
+
+def session_scope() -> AbstractContextManager[Session]:
+    """A unit of work on this process's database: commit on success, roll back on any error."""
+    return transaction(get_sessionmaker())
 
 
 def reset_engine_cache() -> None:
