@@ -14,14 +14,11 @@ import uuid
 from collections.abc import Callable
 from types import FrameType
 
-from sqlalchemy.orm import Session
-
+from core.db import SessionFactory, transaction
 from core.jobs import LeaseLost, renew_lease
-from worker.dbretry import is_transient
+from worker.db import is_transient
 
 log = logging.getLogger("conch.worker.heartbeat")
-
-SessionFactory = Callable[[], Session]
 
 
 class JobControl:
@@ -79,15 +76,9 @@ class JobControl:
 
     def renew_once(self) -> None:
         """One heartbeat: extend the lease and read the cancel flag (LeaseLost if the job is not ours)."""
-        session = self.session_factory()
-        try:
+        # Not retried here: the beat itself comes again in ``interval_seconds`` (see ``_beat``).
+        with transaction(self.session_factory) as session:
             cancel = renew_lease(session, self.job_id, self.owner, self.lease_seconds)
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
         self.last_renewed = time.monotonic()
         if cancel and not self.cancel_requested:
             log.info("job.cancel_seen", extra={"job_id": self.job_id.hex})

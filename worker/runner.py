@@ -15,17 +15,18 @@ import time
 import uuid
 
 from sqlalchemy import delete
+from sqlalchemy.orm import Session
 
 from core.contracts import JobStatus, fine_tuned_model_id
-from core.db import get_sessionmaker
+from core.db import SessionFactory, get_sessionmaker
 from core.hostload import training_here
 from core.jobs import LeaseLost, add_event, claim, finish, release_to_queue
 from core.models import Checkpoint
 from core.queue import enqueue_fine_tune
 from core.settings import Settings, get_settings
 from core.storage import job_dir
-from worker.dbretry import with_retries
-from worker.heartbeat import JobControl, SessionFactory, install_sigterm_handler
+from worker.db import transact
+from worker.heartbeat import JobControl, install_sigterm_handler
 from worker.spec import JobSpec, parse_job_id
 
 log = logging.getLogger("conch.worker.runner")
@@ -39,29 +40,20 @@ def worker_identity() -> str:
 
 
 def claim_job(job_id: uuid.UUID, owner: str, settings: Settings, sessions: SessionFactory) -> JobSpec | None:
-    def attempt() -> JobSpec | None:
-        session = sessions()
-        try:
-            job = claim(session, job_id, owner, settings.lease_seconds)
-            if job is None:
-                session.rollback()
-                return None
-            spec = JobSpec.from_row(job, settings)
-            add_event(
-                session,
-                job_id,
-                f"Job started (attempt {job.attempts})",
-                data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
-            )
-            session.commit()
-            return spec
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+    def claim_and_record_start(session: Session) -> JobSpec | None:
+        job = claim(session, job_id, owner, settings.lease_seconds)
+        if job is None:  # the conditional UPDATE matched no row: nothing was written
+            return None
+        spec = JobSpec.from_row(job, settings)
+        add_event(
+            session,
+            job_id,
+            f"Job started (attempt {job.attempts})",
+            data={"status": JobStatus.RUNNING.value, "attempt": job.attempts, "worker": owner},
+        )
+        return spec
 
-    return with_retries(attempt, what="job.claim")
+    return transact(sessions, claim_and_record_start, what="job.claim")
 
 
 def run_job(public_id: str, settings: Settings | None = None) -> str:
@@ -150,42 +142,23 @@ def _fail(spec: JobSpec, control: JobControl, sessions: SessionFactory, error: d
         return "lease_lost"
     control.finishing.set()
 
-    def attempt() -> bool:
-        session = sessions()
-        try:
-            ended = finish(
-                session,
-                spec.job_id,
-                JobStatus.FAILED,
-                owner=control.owner,
-                message=f"Job failed: {error['message']}",
-                error=error,
-            )
-            session.commit()
-            return ended
-        finally:
-            session.close()
+    def end_failed(session: Session) -> bool:
+        message = f"Job failed: {error['message']}"
+        return finish(session, spec.job_id, JobStatus.FAILED, owner=control.owner, message=message, error=error)
 
-    return "failed" if with_retries(attempt, what="job.fail") else "lease_lost"
+    return "failed" if transact(sessions, end_failed, what="job.fail") else "lease_lost"
 
 
 def _end_cancelled(spec: JobSpec, owner: str, sessions: SessionFactory, settings: Settings) -> str:
     """End the job cancelled and drop what it produced (checkpoints and any half-written model)."""
 
-    def attempt() -> bool:
-        session = sessions()
-        try:
-            ended = finish(session, spec.job_id, JobStatus.CANCELLED, owner=owner, message="Job cancelled")
-            if not ended:
-                session.rollback()
-                return False
-            session.execute(delete(Checkpoint).where(Checkpoint.job_id == spec.job_id))
-            session.commit()
-            return True
-        finally:
-            session.close()
+    def end_cancelled(session: Session) -> bool:
+        if not finish(session, spec.job_id, JobStatus.CANCELLED, owner=owner, message="Job cancelled"):
+            return False  # the conditional UPDATE matched no row: nothing was written
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == spec.job_id))
+        return True
 
-    if not with_retries(attempt, what="job.cancel"):
+    if not transact(sessions, end_cancelled, what="job.cancel"):
         return "lease_lost"
     shutil.rmtree(job_dir(spec.job_id, settings), ignore_errors=True)
     log.info("job.cancelled", extra={"job_id": spec.public_id})
@@ -197,16 +170,10 @@ def _release(spec: JobSpec, owner: str, sessions: SessionFactory, checkpoint_ste
     where = f" from the checkpoint at step {checkpoint_step}" if checkpoint_step else " from the start"
     message = f"The worker is shutting down; the job was queued again and will continue{where}"
 
-    def attempt() -> bool:
-        session = sessions()
-        try:
-            released = release_to_queue(session, spec.job_id, owner, refund_attempt=True, message=message)
-            session.commit()
-            return released
-        finally:
-            session.close()
+    def requeue(session: Session) -> bool:
+        return release_to_queue(session, spec.job_id, owner, refund_attempt=True, message=message)
 
-    if not with_retries(attempt, what="job.release"):
+    if not transact(sessions, requeue, what="job.release"):
         return "lease_lost"
     try:
         enqueue_fine_tune(spec.public_id)

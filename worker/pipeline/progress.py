@@ -16,10 +16,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from core.contracts import JobStage, checkpoint_model_id
+from core.db import SessionFactory
 from core.jobs import LeaseLost, add_event, update_owned
 from core.models import Checkpoint
-from worker.dbretry import with_retries
-from worker.heartbeat import JobControl, SessionFactory
+from worker.db import transact
+from worker.heartbeat import JobControl
 from worker.pipeline.checkpoints import is_complete, remove_checkpoint
 from worker.pipeline.errors import StopReason, TrainingStopped
 
@@ -49,22 +50,10 @@ class JobReporter:
     # -------------------------------------------------------------------------------------------- writing
 
     def _transact(self, what: str, work: Callable[[Session], T]) -> T:
+        # The heartbeat already knows the lease is gone: not even one round trip to learn it again.
         if self.control.lease_lost.is_set():
             raise LeaseLost(str(self.job_id))
-
-        def attempt() -> T:
-            session = self.session_factory()
-            try:
-                result = work(session)
-                session.commit()
-                return result
-            except BaseException:
-                session.rollback()
-                raise
-            finally:
-                session.close()
-
-        return with_retries(attempt, what=what)
+        return transact(self.session_factory, work, what=what)
 
     def event(
         self,

@@ -11,12 +11,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core.contracts import JobStage, JobStatus
+from core.db import SessionFactory
 from core.deployments import announce, request_deployment
 from core.jobs import LeaseLost, add_event, finish
 from core.models import Deployment, ModelRecord
 from core.storage import directory_size
-from worker.dbretry import with_retries
-from worker.heartbeat import SessionFactory
+from worker.db import transact
 from worker.pipeline.merge import ADAPTER_SUBDIR
 from worker.spec import JobSpec
 
@@ -37,56 +37,47 @@ def register_model(
     """Record the model and finish the job as succeeded; returns the deployment requested, if any."""
     size = directory_size(folder)
 
-    def attempt() -> Deployment | None:
-        session: Session = session_factory()
-        try:
-            record = session.get(ModelRecord, model_id) or ModelRecord(id=model_id)
-            record.tenant_id = spec.tenant_id
-            record.base_model = spec.model
-            record.job_id = spec.job_id
-            record.storage_path = str(folder)
-            record.adapter_path = str(folder / ADAPTER_SUBDIR)
-            record.dataset_sha256 = spec.training_file.sha256
-            record.metrics = metrics
-            record.size_bytes = size
-            record.status = "ready"
-            session.add(record)
-            session.flush()
-            finished = finish(
-                session,
-                spec.job_id,
-                JobStatus.SUCCEEDED,
-                owner=owner,
-                message=f"The job has successfully completed: {model_id}",
-                fine_tuned_model=model_id,
-                trained_tokens=trained_tokens,
-                metrics=metrics,
-                progress=progress,
-                stage=(JobStage.DEPLOYING if spec.auto_deploy else JobStage.PUBLISHING).value,
-            )
-            if not finished:  # cancelled-and-ended by the reconciler, or taken over: not ours to publish
-                session.rollback()
-                raise LeaseLost(str(spec.job_id))
-            deployment = None
-            if spec.auto_deploy:
-                deployment = request_deployment(
-                    session, tenant_id=spec.tenant_id, model_id=model_id, requested_by=spec.public_id
-                )
-                add_event(
-                    session,
-                    spec.job_id,
-                    f"Deployment of {model_id} requested",
-                    data={"stage": JobStage.DEPLOYING.value, "deployment": deployment.public_id},
-                )
-            session.commit()
-            return deployment
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+    def publish(session: Session) -> Deployment | None:
+        record = session.get(ModelRecord, model_id) or ModelRecord(id=model_id)
+        record.tenant_id = spec.tenant_id
+        record.base_model = spec.model
+        record.job_id = spec.job_id
+        record.storage_path = str(folder)
+        record.adapter_path = str(folder / ADAPTER_SUBDIR)
+        record.dataset_sha256 = spec.training_file.sha256
+        record.metrics = metrics
+        record.size_bytes = size
+        record.status = "ready"
+        session.add(record)
+        session.flush()
+        finished = finish(
+            session,
+            spec.job_id,
+            JobStatus.SUCCEEDED,
+            owner=owner,
+            message=f"The job has successfully completed: {model_id}",
+            fine_tuned_model=model_id,
+            trained_tokens=trained_tokens,
+            metrics=metrics,
+            progress=progress,
+            stage=(JobStage.DEPLOYING if spec.auto_deploy else JobStage.PUBLISHING).value,
+        )
+        if not finished:  # cancelled-and-ended by the reconciler, or taken over: not ours to publish (rolled back)
+            raise LeaseLost(str(spec.job_id))
+        if not spec.auto_deploy:
+            return None
+        deployment = request_deployment(
+            session, tenant_id=spec.tenant_id, model_id=model_id, requested_by=spec.public_id
+        )
+        add_event(
+            session,
+            spec.job_id,
+            f"Deployment of {model_id} requested",
+            data={"stage": JobStage.DEPLOYING.value, "deployment": deployment.public_id},
+        )
+        return deployment
 
-    deployment = with_retries(attempt, what="job.publish")
+    deployment = transact(session_factory, publish, what="job.publish")
     if deployment is not None:
         announce(deployment)
     log.info("job.published", extra={"job_id": spec.public_id, "model_id": model_id, "size_bytes": size})
