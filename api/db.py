@@ -3,6 +3,7 @@
 Side effects outside the database (ringing the broker, announcing a deployment, deleting bytes on disk) must
 happen only once the rows they refer to are committed, and cleanups of files written for a request must happen
 when its rows are rolled back. Services register such callbacks on the session; the dependency runs them.
+The commit or rollback itself is ``core.db.transaction``, the same unit of work every process uses.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 from sqlalchemy.orm import Session
 
-from core.db import get_sessionmaker
+from core.db import get_sessionmaker, transaction
 
 log = logging.getLogger("conch.api")
 
@@ -43,14 +44,10 @@ def request_session() -> Iterator[Session]:
     """FastAPI dependency (use with ``scope="function"`` so the commit happens before the response is sent)."""
     session = get_sessionmaker()()
     try:
-        yield session
-        session.commit()
+        with transaction(lambda: session):
+            yield session
     except BaseException:
-        session.rollback()
         _run(session.info.pop(_AFTER_ROLLBACK, []), "session.rollback_hook_failed")
         raise
-    finally:
-        after_commit = session.info.pop(_AFTER_COMMIT, [])
-        session.info.pop(_AFTER_ROLLBACK, None)
-        session.close()
-    _run(after_commit, "session.commit_hook_failed")
+    # The session is closed by now; its info dict, which holds the callbacks, outlives the close.
+    _run(session.info.pop(_AFTER_COMMIT, []), "session.commit_hook_failed")
