@@ -553,7 +553,7 @@ class ServiceRoute:
 
     @classmethod
     def parse(cls, text: str, dtype: str) -> ServiceRoute:
-        from inference.engine.loader import BACKENDS
+        from inference.engine.backends import BACKENDS
 
         name = text.strip()
         if name == "auto":

@@ -1,4 +1,7 @@
-"""Loading a model folder for serving: safetensors only, no remote code, the template it was trained with."""
+"""Loading a model folder for serving: safetensors only, no remote code, the template it was trained with.
+
+The folder's tokenizer, config and stops are read here; the decoder that runs it comes from the backend
+(``backends.py``)."""
 
 from __future__ import annotations
 
@@ -10,21 +13,17 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-import torch
-
-from artifacts.gguf import ExportError, exported_gguf
-from artifacts.llamacpp import LlamaCppUnavailable, quantize
-from artifacts.serving import read_serving_files
 from core.templates import Message, render_prompt, stop_strings
-from inference.engine.cache import RowCache
+from inference.engine.backends import (
+    Decoder,
+    DecoderInputs,
+    LlamaCppOptions,
+    ModelLoadError,
+    backend_named,
+)
 from inference.engine.device import choose_device, choose_dtype, dtype_name
-from inference.engine.lean import LeanDecoder, unsupported_reason
-from inference.engine.llamacpp import LlamaCppDecoder, file_type_for
-from inference.engine.llamacpp import check_quant as check_llamacpp_quant
-from inference.engine.quant import check_scheme
-from inference.engine.reference import ReferenceDecoder
 
 log = logging.getLogger("conch.inference.loader")
 
@@ -41,40 +40,6 @@ _FROM_PRETRAINED = threading.Lock()
 def from_pretrained_lock() -> threading.Lock:
     """Held around every transformers load in this process (see above)."""
     return _FROM_PRETRAINED
-
-
-CacheT = TypeVar("CacheT", bound=RowCache)
-
-BACKENDS = ("auto", "lean", "reference", "llamacpp")
-
-
-class Decoder(Protocol[CacheT]):
-    dtype: torch.dtype
-    device: torch.device
-    vocab_size: int
-
-    @property
-    def parameter_bytes(self) -> int: ...
-
-    def new_cache(self, batch: int, capacity: int) -> CacheT: ...
-
-    def forward(self, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: CacheT) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class LlamaCppOptions:
-    """How the llama.cpp backend sizes its context (from the service's settings)."""
-
-    cache_dir: Path  # exported GGUF files
-    max_sequences: int  # the engine's batch size
-    context_per_sequence: int
-    threads: int  # decoding
-    batch_tokens: int  # tokens one llama_decode call takes (a prefill chunk for every row)
-    batch_threads: int = 0  # reading prompts (and decode steps of several rows); 0 = ``threads``
-
-
-class ModelLoadError(Exception):
-    """The folder is not a model this service will serve (missing files, pickle weights, bad config, ...)."""
 
 
 @dataclass
@@ -203,59 +168,33 @@ def load_model(
     started = time.perf_counter()
     check_folder(folder)
     device = choose_device(device_setting)
-    native = backend_setting == "llamacpp"
     try:
-        if backend_setting not in BACKENDS:
-            raise ValueError(f"INFERENCE_BACKEND must be one of {', '.join(BACKENDS)}, not {backend_setting!r}")
-        if native:
-            # llama.cpp runs its own kernels: the torch-specific checks of check_scheme do not apply.
-            quant = check_llamacpp_quant(quant_setting)
-            if llamacpp is None:
-                raise ValueError("INFERENCE_BACKEND=llamacpp needs its options (cache folder, context size)")
-        else:
-            quant = check_scheme(quant_setting, device)
+        backend = backend_named(backend_setting)
+        quant = backend.check(quant_setting, device, llamacpp)
         dtype = choose_dtype(dtype_setting, device)
-        if quant != "none" and backend_setting == "reference":
-            raise ValueError(f"INFERENCE_QUANT={quant} needs the lean decoder, not INFERENCE_BACKEND=reference")
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
-    model: Any = None
+    torch_model: Any = None
+    config: Any
+    generation: Any
     try:
         with _FROM_PRETRAINED:
             tokenizer = _tokenizer(folder, AutoTokenizer)
-            if native:
-                # llama.cpp gets its weights from the export, which reads the files itself: no torch model.
-                config: Any = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-                generation: Any = _generation_config(folder, config)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(
+            if backend.loads_torch_model:
+                torch_model = AutoModelForCausalLM.from_pretrained(
                     folder, dtype=dtype, use_safetensors=True, trust_remote_code=False
                 )
-                model = model.to(device).eval()
-                config, generation = model.config, model.generation_config
+                torch_model = torch_model.to(device).eval()
+                config, generation = torch_model.config, torch_model.generation_config
+            else:
+                config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+                generation = _generation_config(folder, config)
     except Exception as exc:  # whatever the library raises, the caller needs one kind: this folder is unusable
         raise ModelLoadError(f"cannot load {folder}: {type(exc).__name__}: {exc}") from exc
     max_positions = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), MAX_CONTEXT)
-
-    decoder: Decoder[Any]
-    reason: str | None = None
-    if native:
-        assert llamacpp is not None
-        native_decoder = _llamacpp_decoder(folder, config, quant, dtype, device, llamacpp)
-        decoder, backend = native_decoder, "llamacpp"
-        max_positions = min(max_positions, native_decoder.context_per_sequence)
-    else:
-        reason = unsupported_reason(config)
-        if backend_setting == "lean" and reason:
-            raise ModelLoadError(f"INFERENCE_BACKEND=lean cannot run this model: {reason}")
-        if quant != "none" and reason:
-            raise ModelLoadError(
-                f"INFERENCE_QUANT={quant} needs the lean decoder, which cannot run this model: {reason}"
-            )
-        if backend_setting != "reference" and reason is None:
-            decoder, backend = LeanDecoder(model, max_positions, quant=quant), "lean"
-        else:
-            decoder, backend = ReferenceDecoder(model), "reference"
+    built = backend.build(DecoderInputs(folder, config, torch_model, quant, dtype, device, max_positions, llamacpp))
+    # The lean decoder holds the weight tensors themselves; the module tree can go (the reference decoder keeps it).
+    del torch_model
 
     eos_ids = _token_ids(getattr(generation, "eos_token_id", None)) | _token_ids(tokenizer.eos_token_id)
     stop_ids, stop_texts = set(eos_ids), []
@@ -270,31 +209,29 @@ def load_model(
         name=name,
         folder=folder,
         tokenizer=tokenizer,
-        decoder=decoder,
+        decoder=built.decoder,
         template=template,
-        backend=backend,
-        max_positions=max_positions,
+        backend=built.backend,
+        max_positions=built.max_positions,
         pad_id=int(pad),
         eos_ids=frozenset(eos_ids),
         stop_token_ids=frozenset(stop_ids),
         stop_texts=tuple(stop_texts),
         sampling_defaults=_sampling_defaults(generation),
     )
-    if backend == "lean":
-        del model  # the lean decoder holds the weight tensors themselves; the module tree can go
     loaded.load_seconds = time.perf_counter() - started
     log.info(
         "model.loaded",
         extra={
             "model": name,
             "folder": str(folder),
-            "backend": backend,
+            "backend": built.backend,
             "dtype": dtype_name(dtype),
             "quant": quant,
             "device": str(device),
             "bytes": loaded.size_bytes,
             "seconds": round(loaded.load_seconds, 3),
-            **({"lean_unsupported": reason} if reason else {}),
+            **built.notes,
         },
     )
     return loaded
@@ -308,38 +245,3 @@ def _generation_config(folder: Path, config: Any) -> Any:
         return GenerationConfig.from_pretrained(folder)
     except OSError:
         return GenerationConfig.from_model_config(config)
-
-
-def _llamacpp_decoder(
-    folder: Path, config: Any, quant: str, dtype: torch.dtype, device: torch.device, options: LlamaCppOptions
-) -> LlamaCppDecoder:
-    """Export (or reuse the cached export of) ``folder`` as GGUF in the served type and load it into llama.cpp."""
-    file_type = file_type_for(quant, dtype)
-    try:
-        # The export the worker wrote at publish (or preparation), else one made now and cached.
-        published = read_serving_files(folder)
-        path = published.gguf.get(file_type) if published is not None else None
-        if path is None:
-            path = exported_gguf(
-                folder,
-                config,
-                options.cache_dir,
-                file_type,
-                # Every core for the quantiser (0: llama.cpp's own count): a one-off burst that decides how soon
-                # a newly published model answers, while the model it replaces keeps serving.
-                quantize=lambda src, dst, kind: quantize(src, dst, kind, threads=0),
-            )
-        return LlamaCppDecoder(
-            path,
-            max_sequences=options.max_sequences,
-            context_per_sequence=options.context_per_sequence,
-            threads=options.threads,
-            batch_threads=options.batch_threads,
-            batch_tokens=options.batch_tokens,
-            file_type=file_type,
-            gpu=device.type == "cuda",
-        )
-    except (LlamaCppUnavailable, ExportError) as exc:
-        raise ModelLoadError(str(exc)) from exc
-    except (RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"llama.cpp backend: {exc}") from exc
