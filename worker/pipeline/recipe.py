@@ -13,9 +13,9 @@ from pydantic import ValidationError
 
 from core.contracts import Hyperparameters, JobStage, fine_tuned_model_id
 from core.datasets import load_conversations
+from core.db import SessionFactory
 from core.settings import Settings
 from core.storage import atomic_directory, checkpoints_dir, fine_tuned_dir
-from worker.heartbeat import SessionFactory
 from worker.pipeline.data import PreparedData, prepare_data, render_with_mask
 from worker.pipeline.device import resolve_compute
 from worker.pipeline.errors import PipelineError
