@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI
 
-from api.errors import install_error_handlers
-from api.metrics import Metrics, ObservabilityMiddleware
+from api.http.ratelimit import RateLimiter
+from api.metrics import Metrics
 from api.reconciler import ReconcilerThread
 from api.routes import files, health, jobs, models
-from api.services.ratelimit import RateLimiter
+from core.http.handlers import install_error_handlers
+from core.http.observability import ObservabilityMiddleware
 from core.logging import configure_logging
 from core.pubsub import redis_client
 from core.reconcile import reconcile_once
@@ -68,7 +69,9 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool | None 
     app.state.metrics = Metrics(settings, app.state.broker_redis)
 
     install_error_handlers(app)
-    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
+    app.add_middleware(
+        ObservabilityMiddleware, metrics=app.state.metrics.http, access_log=logging.getLogger("conch.api.access")
+    )
     for router in (files.router, jobs.router, models.router, health.router):
         app.include_router(router)
     return app

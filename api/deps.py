@@ -9,10 +9,10 @@ from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session
 
 from api.db import request_session
-from api.errors import TooManyRequests
-from api.services.auth import ANONYMOUS, Principal, authenticate, bearer_token
-from api.services.ratelimit import RateLimiter
-from core.errors import Unauthorized
+from api.http.ratelimit import RateLimiter
+from core.api_keys import ANONYMOUS, Principal, authenticate
+from core.http.auth import invalid_key, required_bearer_token
+from core.http.errors import TooManyRequests
 from core.settings import Settings
 
 MAX_PAGE_LIMIT = 100
@@ -34,12 +34,10 @@ def current_principal(request: Request, session: SessionDep, settings: SettingsD
     if not settings.auth_required:
         principal = ANONYMOUS
     else:
-        token = bearer_token(request.headers.get("authorization"))
-        if token is None:
-            raise Unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
+        token = required_bearer_token(request.headers.get("authorization"))
         found = authenticate(session, token)
         if found is None:
-            raise Unauthorized("The API key is not valid.")
+            raise invalid_key()
         principal = found
         limiter: RateLimiter = request.app.state.rate_limiter
         retry_after = limiter.hit(f"key:{principal.key_id}")

@@ -1,28 +1,25 @@
 """Prometheus metrics: requests by route template and status, latency, jobs by status and the training queue's
-depth. Each app gets its own registry, so several apps in one process (tests) never collide."""
+depth. Each app gets its own registry, so several apps in one process (tests) never collide. The request
+figures and the access log are the shared middleware's (``core.http.observability``)."""
 
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from collections.abc import Iterator
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
-from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.contracts import JobStatus
 from core.db import session_scope
+from core.http.observability import HttpMetrics
 from core.models import FineTuningJob
 from core.settings import Settings
 
 log = logging.getLogger("conch.api")
-access_log = logging.getLogger("conch.api.access")
 
 
 class StateCollector(Collector):
@@ -53,77 +50,9 @@ class StateCollector(Collector):
 
 
 class Metrics:
+    """The api's registry: request metrics (``core.http.observability``) plus jobs and queue depth."""
+
     def __init__(self, settings: Settings, broker: redis.Redis | None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "conch_api_requests",
-            "HTTP requests by method, route template and status",
-            ["method", "route", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "conch_api_request_duration_seconds",
-            "Time to answer, by route template",
-            ["method", "route"],
-            registry=self.registry,
-        )
+        self.http = HttpMetrics(self.registry, "api")
         self.registry.register(StateCollector(settings, broker))
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's path template (``/v1/files/{file_id}``), never the raw path: bounded label values."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
-    app = scope.get("app")
-    for candidate in getattr(getattr(app, "router", None), "routes", []):
-        match, _ = candidate.matches(scope)
-        if match == Match.FULL:
-            return str(getattr(candidate, "path", "unmatched"))
-    return "unmatched"
-
-
-class ObservabilityMiddleware:
-    """Counts and times every request and writes one access log line (no headers, so no keys, ever)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        request_id = uuid.uuid4().hex[:16]
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            elapsed = time.perf_counter() - started
-            route = route_template(scope)
-            method = scope.get("method", "")
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(elapsed)
-            principal = getattr(scope.get("state", {}).get("principal"), "tenant_id", None)
-            access_log.info(
-                "http.request",
-                extra={
-                    "request_id": request_id,
-                    "method": method,
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 1),
-                    "tenant_id": principal,
-                },
-            )

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.contracts import ComputeType, LoraTarget, SchedulerName, TemplateName
+from core.http.errors import ErrorResponse
 
 Auto = Literal["auto"]
 MAX_METADATA_PAIRS = 16
@@ -23,17 +24,6 @@ class RequestModel(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------- errors
-
-
-class ErrorObject(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorObject
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -282,7 +282,7 @@ def generate(
 @keys_app.command("create")
 def keys_create(tenant: str, name: str = "default") -> None:
     """Create an API key for a tenant; the key is shown once and stored only as a hash."""
-    from api.services.auth import create_api_key
+    from core.api_keys import create_api_key
     from core.db import session_scope
 
     with session_scope() as session:

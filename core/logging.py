@@ -5,11 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _SECRET_KEYS = ("password", "secret", "token", "api_key", "authorization")
+# Ids every record written in this context carries (a request id, say), without passing them to each log call.
+_context: ContextVar[Mapping[str, Any]] = ContextVar("conch_log_context", default=MappingProxyType({}))
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every JSON record logged inside the block: in this task, and in what it runs on worker
+    threads through anyio (Starlette's threadpool), which copies the context."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,6 +36,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
+            **_context.get(),
         }
         for key, value in record.__dict__.items():
             if key in _RESERVED or key.startswith("_"):

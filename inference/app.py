@@ -8,13 +8,13 @@ and answered its smoke generation.
 from __future__ import annotations
 
 import faulthandler
-import time
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.http.observability import ObservabilityMiddleware
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from inference.auth import Authenticator
@@ -25,40 +25,6 @@ from inference.metrics import Metrics
 from inference.registry import Registry
 from inference.routes import generate, health, openai
 from inference.service import InferenceService
-
-
-class RequestMetrics:
-    """Counts requests by route template (not raw path, which would explode label cardinality) and status."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = _route_template(scope)
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-
-
-def _route_template(scope: Scope) -> str:
-    # The router records the matched route in the scope; unmatched paths (404s) share one label.
-    route = scope.get("route")
-    return str(getattr(route, "path", "unmatched"))
 
 
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
@@ -100,7 +66,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.state.service = InferenceService(registry, settings)
     app.state.authenticator = Authenticator(settings)
     install_error_handlers(app)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(
+        ObservabilityMiddleware, metrics=metrics.http, access_log=logging.getLogger("conch.inference.access")
+    )
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(openai.router)

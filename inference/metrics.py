@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from core.http.observability import HttpMetrics
+
 if TYPE_CHECKING:
     from inference.gate import GateResult
 
@@ -21,12 +23,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "conch_inference_requests", "HTTP requests by route and status", ["route", "status"], registry=r
-        )
-        self.request_seconds = Histogram(
-            "conch_inference_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
-        )
+        # Requests by method, route and status, and their duration: the shared middleware's figures.
+        self.http = HttpMetrics(r, "inference")
         self.ttft = Histogram(
             "conch_inference_time_to_first_token_seconds",
             "From submission to the engine to the first generated token",

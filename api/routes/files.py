@@ -9,10 +9,10 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
+from api.http import idempotency
+from api.http.uploads import check_declared_length, receive_upload
 from api.schemas import ERROR_RESPONSES, FileDeleted, FileList, FileOut
 from api.services import files as service
-from api.services import idempotency
-from api.services.uploads import check_declared_length, receive_upload
 from core.datasets import ColumnMapping, scan_dataset
 from core.storage import files_dir
 

@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from api.metrics import Metrics
 from core.db import get_engine
+from core.http.probes import readiness_response
 from core.queue import get_celery
 
 router = APIRouter(tags=["health"])
@@ -52,17 +53,10 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="Readiness: database and broker", responses={503: {"description": "Not ready"}})
 async def readyz() -> JSONResponse:
     checks = {"database": await _run_check(_check_database), "broker": await _run_check(_check_broker)}
-    if all(v == "ok" for v in checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks})
     failing = ", ".join(k for k, v in checks.items() if v != "ok")
-    error = {
-        "message": f"Not ready: {failing} unavailable",
-        "type": "server_error",
-        "param": None,
-        "code": "service_unavailable",
-        "checks": checks,
-    }
-    return JSONResponse({"error": error, "status": "unavailable", "checks": checks}, status_code=503)
+    return readiness_response(
+        {"checks": checks}, unready_reason=f"Not ready: {failing} unavailable" if failing else None
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

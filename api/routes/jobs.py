@@ -12,8 +12,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
+from api.http import idempotency
 from api.schemas import ERROR_RESPONSES, CheckpointList, EventList, JobCreate, JobList, JobOut
-from api.services import idempotency
 from api.services import jobs as service
 from core.contracts import JobStatus
 from core.db import session_scope

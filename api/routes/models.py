@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
+from api.http import idempotency
 from api.schemas import ERROR_RESPONSES, DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
-from api.services import idempotency
 from api.services import models as service
-from api.services.auth import Principal
+from core.api_keys import Principal
 
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 

@@ -13,9 +13,9 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.db import on_commit, on_rollback
+from api.http.uploads import FILE_FIELD, Upload
 from api.schemas import FileDeleted, FileList, FileOut
 from api.services.common import cursor_page, parse_public_id, unix_required, unknown_cursor
-from api.services.uploads import FILE_FIELD, Upload
 from core.contracts import LIVE_STATUSES
 from core.datasets import FORMATS, ColumnMapping, DatasetReport, Format
 from core.errors import Conflict, InvalidRequest, NotFound, ValidationFailed

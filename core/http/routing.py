@@ -1,9 +1,12 @@
-"""Small HTTP pieces both web services share (imported by api and inference only; the worker never needs it)."""
+"""What the router matched: the route template a request is counted under, and the methods a path serves."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.routing import Match, Route
+from starlette.types import Scope
+
+UNMATCHED = "unmatched"
 
 
 def allowed_methods(request: Request) -> str:
@@ -16,3 +19,20 @@ def allowed_methods(request: Request) -> str:
             if match == Match.FULL:
                 methods |= route.methods
     return ", ".join(sorted(methods))
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (``/v1/files/{file_id}``), never the raw path: bounded label values.
+
+    FastAPI's routes record themselves in the scope when they match; any other route is matched again here, and a
+    path that matches nothing (404) gets ``unmatched``."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    app = scope.get("app")
+    for candidate in getattr(getattr(app, "router", None), "routes", []):
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return str(getattr(candidate, "path", UNMATCHED))
+    return UNMATCHED

@@ -3,13 +3,11 @@ smoke generation and its engine works), ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from core.errors import error_body
+from core.http.probes import readiness_response
 from inference.registry import Registry
 
 router = APIRouter(tags=["health"])
@@ -28,11 +26,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     registry: Registry = request.app.state.registry
     ready, detail = registry.readiness()
-    if ready:
-        return JSONResponse({"status": "ready", **detail})
-    body: dict[str, Any] = {"status": "not_ready", **detail}
-    body.update(error_body(str(detail.get("reason", "not ready")), type_="server_error", code="not_ready"))
-    return JSONResponse(body, status_code=503)
+    return readiness_response(detail, unready_reason=None if ready else str(detail.get("reason", "not ready")))
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)

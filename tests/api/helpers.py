@@ -107,7 +107,7 @@ def assert_envelope(response: Any, status: int, *, param: str | None = None, cod
 
 
 def create_key(tenant: str, name: str = "test") -> str:
-    from api.services.auth import create_api_key
+    from core.api_keys import create_api_key
     from core.db import session_scope
 
     with session_scope() as session:

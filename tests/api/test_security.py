@@ -10,8 +10,8 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.services.auth import authenticate, create_api_key, revoke_api_key
-from api.services.ratelimit import RateLimiter
+from api.http.ratelimit import RateLimiter
+from core.api_keys import authenticate, create_api_key, revoke_api_key
 from core.db import session_scope
 from core.models import ApiKey
 from tests.api.helpers import (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from artifacts.serving import DEFAULT_CPU_TYPE
+from core.api_keys import hash_key
 from core.models import ApiKey
-from inference.auth import hash_key
 from tests.inference.helpers import app_client, metric, register_model
 from tests.polling import wait_until
 
@@ -178,16 +178,16 @@ def test_completions_continue_raw_text_without_a_template() -> None:
     ("method", "path", "body", "status", "code"),
     [
         ("post", "/generate", {"prompt": "x", "max_new_tokens": 100_000}, 400, "max_tokens_too_large"),
-        ("post", "/generate", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 422, "validation_error"),
-        ("post", "/generate", {"prompt": "x", "temperature": 9}, 422, "validation_error"),
+        ("post", "/generate", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 422, "value_error"),
+        ("post", "/generate", {"prompt": "x", "temperature": 9}, 422, "less_than_equal"),
         ("post", "/generate", {"prompt": "x", "model": "no-such-model"}, 404, "model_not_found"),
-        ("post", "/v1/chat/completions", {"messages": []}, 422, "validation_error"),
+        ("post", "/v1/chat/completions", {"messages": []}, 422, "too_short"),
         ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "unsupported"),
         ("post", "/v1/completions", {"prompt": [1, 999_999]}, 400, None),
         ("post", "/v1/completions", {"prompt": ["a", "b"]}, 400, "unsupported"),
         ("get", "/v1/models/nope", None, 404, "model_not_found"),
-        ("get", "/no/such/route", None, 404, "http_404"),
-        ("get", "/generate", None, 422, "validation_error"),
+        ("get", "/no/such/route", None, 404, "not_found"),
+        ("get", "/generate", None, 422, "missing"),
     ],
 )
 def test_errors_come_in_the_openai_envelope(method, path, body, status, code) -> None:  # type: ignore[no-untyped-def]
@@ -199,6 +199,19 @@ def test_errors_come_in_the_openai_envelope(method, path, body, status, code) ->
         if code:
             assert error["code"] == code
         assert "Traceback" not in response.text
+
+
+def test_validation_lists_every_bad_field_by_its_dotted_name() -> None:
+    with app_client() as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}, {"role": "nobody"}], "temperature": 9},
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        params = [listed["param"] for listed in error["errors"]]
+        assert error["param"] == params[0] and error["message"].startswith(f"{params[0]}: ")
+        assert "temperature" in params and any(p.startswith("messages[1]") for p in params), params
 
 
 def test_malformed_json_is_a_400_envelope() -> None:
@@ -279,6 +292,9 @@ def test_readyz_is_503_until_the_base_model_is_prepared(tmp_path: Path, tiny_mod
         response = client.get("/readyz")
         assert response.status_code == 503
         assert "not prepared" in response.json()["reason"]
+        assert response.json()["status"] == "unavailable"
+        assert response.json()["error"]["code"] == "service_unavailable"
+        assert response.json()["error"]["message"] == response.json()["reason"]
         refused = client.get("/generate", params={"prompt": "Hi"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_ready"
         shutil.copytree(tiny_models["tiny-llama"], late)  # what the worker's preparation does, atomically
