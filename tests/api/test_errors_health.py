@@ -71,6 +71,9 @@ def test_database_down_is_503_and_not_ready(clean_db: None) -> None:
         assert ready.status_code == 503
         assert ready.json()["checks"]["database"] != "ok" and ready.json()["checks"]["broker"] == "ok"
         assert_envelope(ready, 503, code="service_unavailable")
+        # The readiness body both services answer with: the status, why, their own detail and the envelope.
+        assert ready.json()["status"] == "unavailable"
+        assert ready.json()["reason"] == ready.json()["error"]["message"] == "Not ready: database unavailable"
         assert "nowhere" not in ready.text
         response = down.get("/v1/fine_tuning/jobs")
         assert_envelope(response, 503, code="service_unavailable")
@@ -111,6 +114,8 @@ def test_metrics(client: TestClient, training_file: str, redis_client: redis.Red
 
 def test_request_id_header(client: TestClient) -> None:
     assert re.fullmatch(r"[0-9a-f]{16}", client.get("/healthz").headers["x-request-id"])
+    # A caller's id is kept, so one trace spans a proxy and both services.
+    assert client.get("/healthz", headers={"X-Request-ID": "edge-7f3a"}).headers["x-request-id"] == "edge-7f3a"
 
 
 def test_settings_env_restores_everything() -> None:
