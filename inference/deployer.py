@@ -140,7 +140,7 @@ class Deployer:
     def _activate(self, deployment_id: uuid.UUID, tenant: str, model_id: str, gate: GateResult | None) -> None:
         # The in-memory switch comes first, inside the transaction that marks the row active, and is undone if
         # that transaction does not commit: whoever reads "active" from the database is already served the new
-        # model. Requests already running keep their lease on the old one.
+        # model. Requests already running keep their hold on the old one.
         before = self.registry.defaults()
         latency: float | None = None
         try:

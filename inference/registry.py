@@ -1,6 +1,6 @@
 """Which models are in memory, which one answers each tenant, and the swap between them.
 
-Every model in memory passed a smoke generation before it became reachable. Requests hold a ``Lease`` on the
+Every model in memory passed a smoke generation before it became reachable. Requests take a ``Hold`` on the
 model they run on, so a swap (which only changes the tenant's default name) never interrupts them, and eviction
 (least recently used first, to stay within ``MODEL_MEMORY_BUDGET_BYTES``) only ever unloads a model nobody holds
 and nobody gets by default.
@@ -53,8 +53,9 @@ class ModelHandle:
         return self.source.name
 
 
-class Lease:
-    """A request's hold on a model; released exactly once, however the request ends."""
+class Hold:
+    """A request's hold on a model (a held model is never evicted); released exactly once, however the request
+    ends."""
 
     def __init__(self, registry: Registry, handle: ModelHandle) -> None:
         self._registry = registry
@@ -139,9 +140,9 @@ class Registry:
     def _protected(self) -> set[str]:
         return {*self._defaults.values(), self.default_for(DEFAULT_TENANT)}
 
-    # ------------------------------------------------------------------------------- leases
+    # ------------------------------------------------------------------------------- holds
 
-    def lease(self, name: str, tenant: str) -> Lease | None:
+    def hold(self, name: str, tenant: str) -> Hold | None:
         """A hold on an already loaded model this tenant may use, or None (then resolve and ``ensure`` it)."""
         with self._lock:
             handle = self._handles.get(name)
@@ -149,7 +150,7 @@ class Registry:
                 return None
             handle.in_use += 1
             handle.last_used = time.monotonic()
-            return Lease(self, handle)
+            return Hold(self, handle)
 
     def _release(self, handle: ModelHandle) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""What every generation route does: pick the model, lease it, turn request knobs into sampling parameters, run
+"""What every generation route does: pick the model, acquire it, turn request knobs into sampling parameters, run
 the generation on the model's engine and read its text back, cancelling it when the client goes away."""
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from inference.engine.engine import (
 from inference.engine.loader import LoadedModel, ModelLoadError
 from inference.engine.sampling import SamplingParams
 from inference.errors import ClientGone, EngineBusy, GenerationFailed
-from inference.registry import Lease, Registry
+from inference.registry import Hold, Registry
 from inference.schemas import SamplingFields
 
 DEFAULT_ALIASES = frozenset({"", "default"})
-LEASE_ATTEMPTS = 3
+ACQUIRE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,11 @@ class Result:
 
 
 class Generation:
-    """One request's run on a leased model. ``close`` cancels it (if still running) and releases the lease."""
+    """One request's run on a held model. ``close`` cancels it (if still running) and releases the hold."""
 
-    def __init__(self, lease: Lease, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.lease = lease
-        self.model_name = lease.handle.name
+    def __init__(self, hold: Hold, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.hold = hold
+        self.model_name = hold.handle.name
         self.prompt_tokens = len(prompt_ids)
         self.sink = AsyncSink(asyncio.get_running_loop())
         self.job = GenerationRequest(prompt_ids, params, self.sink)
@@ -62,7 +62,7 @@ class Generation:
 
     def start(self) -> Generation:
         try:
-            self.lease.handle.engine.submit(self.job)
+            self.hold.handle.engine.submit(self.job)
         except EngineUnavailable as exc:
             self.close()
             raise EngineBusy(f"model {self.model_name!r} is not available right now: {exc}") from exc
@@ -85,7 +85,7 @@ class Generation:
         if not self._closed:
             self._closed = True
             self.job.cancel()
-            self.lease.release()
+            self.hold.release()
 
     async def collect(self, request: Request | None = None) -> Result:
         """Read the whole answer; a client that disconnects meanwhile cancels the generation."""
@@ -129,21 +129,21 @@ class InferenceService:
         with session_scope() as session:
             return resolve(session, name, tenant, self.settings)
 
-    async def lease(self, tenant: str, requested: str | None) -> Lease:
+    async def acquire(self, tenant: str, requested: str | None) -> Hold:
         """A hold on the model that answers: loaded on demand (within the memory budget) if it is not in memory."""
         name = self.model_name(tenant, requested)
-        lease = self.registry.lease(name, tenant)
-        if lease is not None:
-            return lease
+        hold = self.registry.hold(name, tenant)
+        if hold is not None:
+            return hold
         source = await run_in_threadpool(self._resolve, name, tenant)
-        for _ in range(LEASE_ATTEMPTS):
+        for _ in range(ACQUIRE_ATTEMPTS):
             try:
                 await run_in_threadpool(self.registry.ensure, source)
             except ModelLoadError as exc:
                 raise ModelNotReady(f"model {name!r} could not be loaded: {exc}", param="model") from exc
-            lease = self.registry.lease(name, tenant)
-            if lease is not None:
-                return lease
+            hold = self.registry.hold(name, tenant)
+            if hold is not None:
+                return hold
         raise ModelNotReady(f"model {name!r} is being swapped out; retry", param="model")
 
     def sampling(

@@ -11,7 +11,7 @@ from starlette.background import BackgroundTask
 
 from core.errors import InvalidRequest
 from inference.engine.loader import LoadedModel
-from inference.registry import Lease
+from inference.registry import Hold
 from inference.service import Generation, InferenceService
 
 MODEL_HEADER = "x-conch-model"
@@ -40,22 +40,22 @@ def encode_messages(model: LoadedModel, messages: list[dict[str, str]]) -> list[
         raise InvalidRequest(f"the model's chat template refused these messages: {exc}", param="messages") from exc
 
 
-def released_on_error(lease: Lease) -> _ReleaseOnError:
-    return _ReleaseOnError(lease)
+def released_on_error(hold: Hold) -> _ReleaseOnError:
+    return _ReleaseOnError(hold)
 
 
 class _ReleaseOnError:
-    """Until a Generation owns the lease, an error while preparing the request must give it back."""
+    """Until a Generation owns the hold, an error while preparing the request must give it back."""
 
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
+    def __init__(self, hold: Hold) -> None:
+        self.hold = hold
 
-    def __enter__(self) -> Lease:
-        return self.lease
+    def __enter__(self) -> Hold:
+        return self.hold
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
-            self.lease.release()
+            self.hold.release()
 
 
 def event_stream(generation: Generation, body: Any) -> StreamingResponse:

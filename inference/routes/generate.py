@@ -59,9 +59,9 @@ async def generate_post(request: Request, tenant: TenantDep, body: GenerateBody)
 
 async def _generate(request: Request, tenant: str, body: GenerateBody) -> Response:
     service = service_of(request)
-    lease = await service.lease(tenant, body.model)
-    with released_on_error(lease):
-        model = lease.handle.model
+    hold = await service.acquire(tenant, body.model)
+    with released_on_error(hold):
+        model = hold.handle.model
         if body.prompt is not None:
             messages = [{"role": "user", "content": body.prompt}]
         else:
@@ -75,7 +75,7 @@ async def _generate(request: Request, tenant: str, body: GenerateBody) -> Respon
             length_param="max_new_tokens",
             prompt_param="prompt" if body.prompt is not None else "messages",
         )
-        generation = Generation(lease, ids, params).start()
+        generation = Generation(hold, ids, params).start()
     if body.stream:
         return event_stream(generation, _stream(generation))
     result = await generation.collect(request)

@@ -87,9 +87,9 @@ def _include_usage(body: OpenAIFields) -> bool:
 async def chat_completions(request: Request, tenant: TenantDep, body: ChatCompletionBody) -> Response:
     _refuse_unsupported(body)
     service = service_of(request)
-    lease = await service.lease(tenant, body.model)
-    with released_on_error(lease):
-        model = lease.handle.model
+    hold = await service.acquire(tenant, body.model)
+    with released_on_error(hold):
+        model = hold.handle.model
         ids = encode_messages(model, [m.as_template_message() for m in body.messages])
         params = service.sampling(
             model,
@@ -99,7 +99,7 @@ async def chat_completions(request: Request, tenant: TenantDep, body: ChatComple
             length_param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
             prompt_param="messages",
         )
-        generation = Generation(lease, ids, params).start()
+        generation = Generation(hold, ids, params).start()
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": generation.model_name}
     if body.stream:
         return event_stream(generation, _chat_stream(generation, head, _include_usage(body)))
@@ -157,9 +157,9 @@ async def _chat_stream(generation: Generation, head: dict[str, Any], include_usa
 async def completions(request: Request, tenant: TenantDep, body: CompletionBody) -> Response:
     _refuse_unsupported(body)
     service = service_of(request)
-    lease = await service.lease(tenant, body.model)
-    with released_on_error(lease):
-        model = lease.handle.model
+    hold = await service.acquire(tenant, body.model)
+    with released_on_error(hold):
+        model = hold.handle.model
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             ids = [int(p) for p in prompt]
@@ -181,7 +181,7 @@ async def completions(request: Request, tenant: TenantDep, body: CompletionBody)
             length_param="max_tokens",
             prompt_param="prompt",
         )
-        generation = Generation(lease, ids, params).start()
+        generation = Generation(hold, ids, params).start()
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": generation.model_name}
     echo = prompt_text if body.echo else ""
     if body.stream:
