@@ -1,10 +1,19 @@
-"""Request bodies. Responses are OpenAI's shapes, built in ``inference.responses``."""
+"""The protocol of the inference service: request bodies, and the response models (OpenAI's shapes) that the serving
+layer (``inference.serving``) builds and the routes return, whole or as stream chunks."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -92,6 +101,11 @@ class OpenAIFields(SamplingFields):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a chunk that carries only the usage."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class ChatCompletionBody(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -110,7 +124,8 @@ class CompletionBody(OpenAIFields):
 
 
 # ------------------------------------------------------------------------------------------- responses
-# Declared for the OpenAPI schema (clients and schema-driven tests read it); routes build the same shapes.
+# What the routes return: FastAPI serialises them and lists them in the OpenAPI schema (clients and schema-driven
+# tests read it). Stream chunks are not in the schema (an SSE body is one string per event there).
 
 
 class ErrorDetail(BaseModel):
@@ -193,6 +208,71 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelObject]
+
+
+# ------------------------------------------------------------------------------------------- stream chunks
+
+
+class _OmitsNone(BaseModel):
+    """Leaves the fields named in ``omit_when_none`` out of the JSON while they are None: a stream chunk carries only
+    what it says (a delta only what changed, the usage only on the last chunk), as OpenAI's do."""
+
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in self.omit_when_none}
+
+
+class GenerateChunk(_OmitsNone):
+    omit_when_none = frozenset({"finish_reason", "usage"})
+    text: str
+    model: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class ChatDelta(_OmitsNone):
+    omit_when_none = frozenset({"role", "content"})
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(_OmitsNone):
+    omit_when_none = frozenset({"usage"})
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionChunk(_OmitsNone):
+    omit_when_none = frozenset({"usage"})
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -1,118 +1,25 @@
-"""What every generation route does: pick the model, acquire it, turn request knobs into sampling parameters, run
-the generation on the model's engine and read its text back, cancelling it when the client goes away."""
+"""The model side of every generation route: which model answers, acquiring it (loaded on demand within the memory
+budget), and the request's knobs turned into sampling parameters within the model's context. The serving layer
+(``inference.serving``) runs the generation itself."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import Annotated
 
+from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
 
 from core.db import session_scope
 from core.errors import InvalidRequest
 from core.settings import Settings
 from inference.catalog import ModelNotReady, ModelSource, resolve
-from inference.engine.engine import (
-    AsyncSink,
-    Disconnected,
-    EngineUnavailable,
-    Failed,
-    Finished,
-    GenerationRequest,
-    TextChunk,
-)
 from inference.engine.loader import LoadedModel, ModelLoadError
 from inference.engine.sampling import SamplingParams
-from inference.errors import ClientGone, EngineBusy, GenerationFailed
 from inference.registry import Hold, Registry
 from inference.schemas import SamplingFields
 
 DEFAULT_ALIASES = frozenset({"", "default"})
-ACQUIRE_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class Result:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-
-
-class Generation:
-    """One request's run on a held model. ``close`` cancels it (if still running) and releases the hold."""
-
-    def __init__(self, hold: Hold, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.hold = hold
-        self.model_name = hold.handle.name
-        self.prompt_tokens = len(prompt_ids)
-        self.sink = AsyncSink(asyncio.get_running_loop())
-        self.job = GenerationRequest(prompt_ids, params, self.sink)
-        self._closed = False
-
-    def start(self) -> Generation:
-        try:
-            self.hold.handle.engine.submit(self.job)
-        except EngineUnavailable as exc:
-            self.close()
-            raise EngineBusy(f"model {self.model_name!r} is not available right now: {exc}") from exc
-        return self
-
-    async def events(self) -> AsyncIterator[TextChunk | Finished]:
-        while True:
-            event = await self.sink.queue.get()
-            if isinstance(event, Failed):
-                if event.unavailable:
-                    raise EngineBusy(f"model {self.model_name!r} stopped while answering ({event.message}); retry")
-                raise GenerationFailed(event.message)
-            if isinstance(event, Disconnected):
-                raise ClientGone()
-            yield event
-            if isinstance(event, Finished):
-                return
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.job.cancel()
-            self.hold.release()
-
-    async def collect(self, request: Request | None = None) -> Result:
-        """Read the whole answer; a client that disconnects meanwhile cancels the generation."""
-        watcher = asyncio.create_task(_watch_disconnect(request, self.sink)) if request is not None else None
-        parts: list[str] = []
-        try:
-            async for event in self.events():
-                if isinstance(event, TextChunk):
-                    parts.append(event.text)
-                else:
-                    return Result("".join(parts), event.reason, event.prompt_tokens, event.completion_tokens)
-            raise GenerationFailed("the generation ended without an answer")
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            self.close()
-
-
-async def _watch_disconnect(request: Request | None, sink: AsyncSink) -> None:
-    """Wait for the ASGI disconnect message (the body was read already) and tell the reader."""
-    if request is None:
-        return
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            sink.queue.put_nowait(Disconnected())
-            return
+ACQUIRE_ATTEMPTS = 3  # a model unloaded between its load and the hold is loaded again, this often
 
 
 class InferenceService:
@@ -184,3 +91,11 @@ class InferenceService:
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,
         )
+
+
+def service_of(request: Request) -> InferenceService:
+    service: InferenceService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[InferenceService, Depends(service_of)]
