@@ -95,7 +95,7 @@ def run_demo(console: Console, *, prompt: str, dataset: Path, expect: str, epoch
     )
     from worker.pipeline.prepare import prepare_base_model
 
-    prepare_base_model(settings.default_base_model)
+    prepare_base_model(settings.default_base_model, settings)
     upgrade_head()
     stack = Stack(
         build_children(

@@ -73,7 +73,7 @@ def up(
         console.print("[red]--flower needs FLOWER_BASIC_AUTH=user:password (Flower never runs unauthenticated)[/red]")
         raise typer.Exit(2)
     upgrade_head()
-    prepare_base_model(settings.default_base_model)
+    prepare_base_model(settings.default_base_model, settings)
     log_dir = settings.data_dir / "logs"
     env = {
         **os.environ,
@@ -150,7 +150,8 @@ def models_prepare(name: Annotated[str | None, typer.Argument(help="base model i
     from core.settings import get_settings
     from worker.pipeline.prepare import prepare_base_model
 
-    path = prepare_base_model(name or get_settings().default_base_model)
+    settings = get_settings()
+    path = prepare_base_model(name or settings.default_base_model, settings)
     console.print(f"ready: {path}")
 
 

@@ -5,23 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.settings import BUILTIN_SMOLLM2, Settings, get_settings
+from core.settings import BUILTIN_SMOLLM2, Settings
 from core.storage import base_models_dir
 
 
-def base_model_spec(name: str, settings: Settings | None = None) -> str | None:
-    return (settings or get_settings()).base_models.get(name)
+def base_model_spec(name: str, settings: Settings) -> str | None:
+    return settings.base_models.get(name)
 
 
-def base_model_path(name: str, settings: Settings | None = None) -> Path:
+def base_model_path(name: str, settings: Settings) -> Path:
     """Where the base model's safetensors folder is (or will be, once prepared). KeyError if not configured."""
-    settings = settings or get_settings()
     spec = settings.base_models[name]
     if spec == BUILTIN_SMOLLM2:
         return base_models_dir(settings) / name
     return Path(spec).expanduser().resolve()
 
 
-def is_prepared(name: str, settings: Settings | None = None) -> bool:
+def is_prepared(name: str, settings: Settings) -> bool:
     folder = base_model_path(name, settings)
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))

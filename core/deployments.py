@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from core.contracts import DeploymentAnnouncement, DeploymentStatus
 from core.models import Deployment
 from core.pubsub import announce_deployment
+from core.settings import Settings
 
 
 def request_deployment(session: Session, *, tenant_id: str, model_id: str, requested_by: str) -> Deployment:
@@ -20,12 +21,13 @@ def request_deployment(session: Session, *, tenant_id: str, model_id: str, reque
     return deployment
 
 
-def announce(deployment: Deployment) -> None:
+def announce(deployment: Deployment, settings: Settings) -> None:
     """Call after commit: tells listening inference services to load the model now rather than at next poll."""
     announce_deployment(
         DeploymentAnnouncement(
             deployment_id=str(deployment.id), model_id=deployment.model_id, tenant_id=deployment.tenant_id
-        )
+        ),
+        settings,
     )
 
 

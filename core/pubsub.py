@@ -8,21 +8,19 @@ import logging
 import redis
 
 from core.contracts import DeploymentAnnouncement
-from core.settings import Settings, get_settings
+from core.settings import Settings
 
 log = logging.getLogger("conch.pubsub")
 
 
-def redis_client(settings: Settings | None = None) -> redis.Redis | None:
-    settings = settings or get_settings()
+def redis_client(settings: Settings) -> redis.Redis | None:
     url = settings.redis_url or (settings.broker_url if (settings.broker_url or "").startswith("redis") else None)
     if not url:
         return None
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
-def announce_deployment(announcement: DeploymentAnnouncement, settings: Settings | None = None) -> bool:
-    settings = settings or get_settings()
+def announce_deployment(announcement: DeploymentAnnouncement, settings: Settings) -> bool:
     client = redis_client(settings)
     if client is None:
         return False

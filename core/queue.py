@@ -6,14 +6,15 @@ function and adds worker-only options.
 
 from __future__ import annotations
 
+import json
 import logging
-from functools import lru_cache
+import threading
 from typing import Any
 
 from celery import Celery
 
-from core.contracts import TASK_FINE_TUNE
-from core.settings import Settings, get_settings
+from core.contracts import TASK_FINE_TUNE, FineTuneTask
+from core.settings import Settings
 
 log = logging.getLogger("conch.queue")
 
@@ -48,25 +49,44 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def make_celery(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
+def make_celery(settings: Settings) -> Celery:
     app = Celery("conch")
     app.conf.update(celery_config(settings))
     return app
 
 
-@lru_cache
-def get_celery() -> Celery:
-    return make_celery()
+_clients: dict[str, Celery] = {}
+_clients_lock = threading.Lock()
 
 
-def enqueue_fine_tune(job_id: str, *, queue: str | None = None) -> None:
-    """Ring the doorbell for a committed job. Raises if the broker cannot be reached (the reconciler retries)."""
-    app = get_celery()
+def get_celery(settings: Settings) -> Celery:
+    """The client app for this broker (one per process and broker: it holds the connection pool)."""
+    key = json.dumps(celery_config(settings), sort_keys=True, default=str)
+    with _clients_lock:
+        app = _clients.get(key)
+        if app is None:
+            app = _clients[key] = make_celery(settings)
+        return app
+
+
+def close_clients() -> None:
+    """Close and forget every client app (tests that change the broker settings within one process)."""
+    with _clients_lock:
+        apps = list(_clients.values())
+        _clients.clear()
+    for app in apps:
+        app.close()
+
+
+def enqueue_fine_tune(job_id: str, settings: Settings) -> None:
+    """Ring the doorbell for a committed job. Raises if the broker cannot be reached (the reconciler retries).
+
+    The message is ``FineTuneTask``: the job id and nothing else; the worker re-reads the rest from the database."""
+    app = get_celery(settings)
     app.send_task(
         TASK_FINE_TUNE,
-        kwargs={"job_id": job_id},
-        queue=queue or get_settings().training_queue,
+        kwargs=FineTuneTask(job_id=job_id).model_dump(),
+        queue=settings.training_queue,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
     )

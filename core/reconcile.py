@@ -19,13 +19,12 @@ from core.db import session_scope
 from core.jobs import add_event, finish
 from core.models import FineTuningJob, utcnow
 from core.queue import enqueue_fine_tune
-from core.settings import Settings, get_settings
+from core.settings import Settings
 
 log = logging.getLogger("conch.reconcile")
 
 
-def reconcile_once(settings: Settings | None = None) -> dict[str, int]:
-    settings = settings or get_settings()
+def reconcile_once(settings: Settings) -> dict[str, int]:
     now = utcnow()
     counts = {"requeued": 0, "recovered": 0, "failed": 0, "cancelled": 0}
     to_enqueue: list[str] = []
@@ -84,7 +83,7 @@ def reconcile_once(settings: Settings | None = None) -> dict[str, int]:
             counts["requeued"] += 1
     for public_id in to_enqueue:
         try:
-            enqueue_fine_tune(public_id)
+            enqueue_fine_tune(public_id, settings)
         except Exception as exc:  # broker down: the next sweep tries again
             log.warning("job.enqueue_failed", extra={"job_id": public_id, "error": str(exc)})
     if any(counts.values()):

@@ -9,33 +9,33 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from core.settings import Settings, get_settings
+from core.settings import Settings
 
 
-def _root(settings: Settings | None) -> Path:
-    return (settings or get_settings()).artifacts
+def _root(settings: Settings) -> Path:
+    return settings.artifacts
 
 
-def files_dir(settings: Settings | None = None) -> Path:
+def files_dir(settings: Settings) -> Path:
     return _root(settings) / "files"
 
 
-def job_dir(job_id: uuid.UUID | str, settings: Settings | None = None) -> Path:
+def job_dir(job_id: uuid.UUID | str, settings: Settings) -> Path:
     key = job_id.hex if isinstance(job_id, uuid.UUID) else job_id
     return _root(settings) / "jobs" / key
 
 
-def checkpoints_dir(job_id: uuid.UUID | str, settings: Settings | None = None) -> Path:
+def checkpoints_dir(job_id: uuid.UUID | str, settings: Settings) -> Path:
     return job_dir(job_id, settings) / "checkpoints"
 
 
-def fine_tuned_dir(job_id: uuid.UUID | str, settings: Settings | None = None) -> Path:
+def fine_tuned_dir(job_id: uuid.UUID | str, settings: Settings) -> Path:
     key = job_id.hex if isinstance(job_id, uuid.UUID) else job_id
     return _root(settings) / "models" / key
 
 
-def base_models_dir(settings: Settings | None = None) -> Path:
-    return (settings or get_settings()).base_model_store
+def base_models_dir(settings: Settings) -> Path:
+    return settings.base_model_store
 
 
 def temporary_sibling(final: Path) -> Path:

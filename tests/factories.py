@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core.settings import get_settings
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -130,7 +132,7 @@ def make_file(session: Any, path: Path | None = None, *, tenant_id: str = "defau
     from core.storage import files_dir
 
     if path is None:
-        path = write_jsonl(files_dir() / f"{uuid.uuid4().hex}.jsonl", alpaca_records(8))
+        path = write_jsonl(files_dir(get_settings()) / f"{uuid.uuid4().hex}.jsonl", alpaca_records(8))
     row = FileObject(
         tenant_id=tenant_id,
         filename=path.name,

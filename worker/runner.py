@@ -23,7 +23,7 @@ from core.hostload import training_here
 from core.jobs import LeaseLost, add_event, claim, finish, release_to_queue
 from core.models import Checkpoint
 from core.queue import enqueue_fine_tune
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from core.storage import job_dir
 from worker.db import transact
 from worker.heartbeat import JobControl, install_sigterm_handler
@@ -56,10 +56,9 @@ def claim_job(job_id: uuid.UUID, owner: str, settings: Settings, sessions: Sessi
     return transact(sessions, claim_and_record_start, what="job.claim")
 
 
-def run_job(public_id: str, settings: Settings | None = None) -> str:
+def run_job(public_id: str, settings: Settings) -> str:
     """Handle one delivery; returns what happened (for logs and tests): succeeded, failed, cancelled,
     released, skipped, lease_lost or invalid."""
-    settings = settings or get_settings()
     sessions = get_sessionmaker()
     job_id = parse_job_id(public_id)
     if job_id is None:
@@ -110,7 +109,7 @@ def _run_claimed(spec: JobSpec, control: JobControl, sessions: SessionFactory, s
         if stop.reason == "cancel":
             return _end_cancelled(spec, control.owner, sessions, settings)
         if stop.reason == "shutdown":
-            return _release(spec, control.owner, sessions, stop.checkpoint_step)
+            return _release(spec, control.owner, sessions, stop.checkpoint_step, settings)
         log.warning("job.stopped_lease_lost", extra={"job_id": spec.public_id})
         return "lease_lost"
     except LeaseLost:
@@ -165,7 +164,9 @@ def _end_cancelled(spec: JobSpec, owner: str, sessions: SessionFactory, settings
     return "cancelled"
 
 
-def _release(spec: JobSpec, owner: str, sessions: SessionFactory, checkpoint_step: int | None) -> str:
+def _release(
+    spec: JobSpec, owner: str, sessions: SessionFactory, checkpoint_step: int | None, settings: Settings
+) -> str:
     """Graceful shutdown: the job goes back to the queue without spending an attempt, and is enqueued again."""
     where = f" from the checkpoint at step {checkpoint_step}" if checkpoint_step else " from the start"
     message = f"The worker is shutting down; the job was queued again and will continue{where}"
@@ -176,7 +177,7 @@ def _release(spec: JobSpec, owner: str, sessions: SessionFactory, checkpoint_ste
     if not transact(sessions, requeue, what="job.release"):
         return "lease_lost"
     try:
-        enqueue_fine_tune(spec.public_id)
+        enqueue_fine_tune(spec.public_id, settings)
     except Exception as exc:  # the reconciler enqueues queued jobs whose message was lost
         log.warning("job.requeue_failed", extra={"job_id": spec.public_id, "error": str(exc)[:200]})
     log.info("job.released", extra={"job_id": spec.public_id, "checkpoint_step": checkpoint_step})

@@ -15,6 +15,7 @@ from api.metrics import Metrics
 from core.db import get_engine
 from core.http.probes import readiness_response
 from core.queue import get_celery
+from core.settings import Settings
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("conch.api")
@@ -27,15 +28,15 @@ def _check_database() -> None:
         conn.execute(text("SELECT 1"))
 
 
-def _check_broker() -> None:
-    with get_celery().connection_for_write() as conn:
+def _check_broker(settings: Settings) -> None:
+    with get_celery(settings).connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2, interval_start=0, interval_step=0.2)
 
 
-async def _run_check(check: Any) -> str:
+async def _run_check(check: Any, *args: Any) -> str:
     try:
         with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
-            await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(check, *args, abandon_on_cancel=True)
         return "ok"
     except TimeoutError:
         return "timeout"
@@ -51,8 +52,12 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: database and broker", responses={503: {"description": "Not ready"}})
-async def readyz() -> JSONResponse:
-    checks = {"database": await _run_check(_check_database), "broker": await _run_check(_check_broker)}
+async def readyz(request: Request) -> JSONResponse:
+    settings: Settings = request.app.state.settings
+    checks = {
+        "database": await _run_check(_check_database),
+        "broker": await _run_check(_check_broker, settings),
+    }
     failing = ", ".join(k for k, v in checks.items() if v != "ok")
     return readiness_response(
         {"checks": checks}, unready_reason=f"Not ready: {failing} unavailable" if failing else None

@@ -109,15 +109,15 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: S
     session.flush()
     add_event(session, job.id, f"Created fine-tuning job: {job.public_id}", data={"status": JobStatus.QUEUED.value})
     public_id = job.public_id
-    on_commit(session, lambda: ring_broker(public_id))
+    on_commit(session, lambda: ring_broker(public_id, settings))
     log.info("job.created", extra={"job_id": public_id, "tenant_id": tenant_id, "model": body.model})
     return job
 
 
-def ring_broker(public_id: str) -> None:
+def ring_broker(public_id: str, settings: Settings) -> None:
     """After commit. A broker outage leaves the job queued in the database; the reconciler enqueues it later."""
     try:
-        enqueue_fine_tune(public_id)
+        enqueue_fine_tune(public_id, settings)
     except Exception as exc:
         log.warning("job.enqueue_failed", extra={"job_id": public_id, "error_class": type(exc).__name__})
 

@@ -180,7 +180,7 @@ def deploy(session: Session, *, tenant_id: str, model_id: str, actor: str, setti
     _check_deployable(session, tenant_id, model_id, settings)
     deployment = request_deployment(session, tenant_id=tenant_id, model_id=model_id, requested_by=actor)
     session.refresh(deployment)
-    on_commit(session, lambda: announce(deployment))
+    on_commit(session, lambda: announce(deployment, settings))
     log.info("deployment.requested", extra={"deployment_id": deployment.public_id, "model_id": model_id})
     return deployment
 

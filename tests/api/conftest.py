@@ -40,9 +40,10 @@ def client(clean_db: None, queue_name: str) -> Iterator[TestClient]:
 
 @pytest.fixture
 def files_dir() -> Path:
+    from core.settings import get_settings
     from core.storage import files_dir as folder
 
-    path = folder()
+    path = folder(get_settings())
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -21,14 +21,12 @@ from sqlalchemy.orm import Session
 def reset_caches() -> None:
     """Settings, engine and Celery app are cached per process; forget them after changing the environment."""
     from core.db import reset_engine_cache
-    from core.queue import get_celery
+    from core.queue import close_clients
     from core.settings import get_settings
 
     get_settings.cache_clear()
     reset_engine_cache()
-    if get_celery.cache_info().currsize:
-        get_celery().close()
-    get_celery.cache_clear()
+    close_clients()
 
 
 @contextmanager

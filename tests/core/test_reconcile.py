@@ -12,6 +12,7 @@ from core.contracts import TASK_FINE_TUNE, JobStatus
 from core.db import session_scope
 from core.models import FineTuningJob, utcnow
 from core.reconcile import reconcile_once
+from core.settings import get_settings
 from tests.factories import make_job
 
 
@@ -37,7 +38,7 @@ def test_stale_queued_job_is_enqueued_again(db) -> None:
     stale = make_job(db, enqueued_at=utcnow() - timedelta(minutes=5))
     fresh = make_job(db)
     db.commit()
-    counts = reconcile_once()
+    counts = reconcile_once(get_settings())
     assert counts["requeued"] == 1
     queued = _queued_job_ids()
     assert len(queued) == 1 and stale.public_id in queued[0] and fresh.public_id not in queued[0]
@@ -61,7 +62,7 @@ def test_job_whose_worker_died_is_queued_again_then_failed_after_max_attempts(db
         lease_expires_at=utcnow() - timedelta(seconds=5),
     )
     db.commit()
-    counts = reconcile_once()
+    counts = reconcile_once(get_settings())
     assert counts == {"requeued": 0, "recovered": 1, "failed": 1, "cancelled": 1}
     with session_scope() as session:
         assert session.get(FineTuningJob, job.id).status == JobStatus.QUEUED
@@ -77,4 +78,4 @@ def test_live_lease_is_left_alone(db) -> None:
         db, status=JobStatus.RUNNING, attempts=1, lease_owner="alive", lease_expires_at=utcnow() + timedelta(seconds=60)
     )
     db.commit()
-    assert reconcile_once() == {"requeued": 0, "recovered": 0, "failed": 0, "cancelled": 0}
+    assert reconcile_once(get_settings()) == {"requeued": 0, "recovered": 0, "failed": 0, "cancelled": 0}

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from core.contracts import DeploymentStatus
 from core.deployments import announce
 from core.models import DEFAULT_TENANT, Deployment, ModelRecord
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from tests.polling import wait_until
 
 
@@ -36,7 +36,7 @@ def deploy(
     session.add(row)
     session.commit()
     if publish:
-        announce(row)
+        announce(row, get_settings())
     return row
 
 

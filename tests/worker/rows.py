@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from core.contracts import Hyperparameters, JobStatus
 from core.models import FileObject, FineTuningJob, JobEvent, utcnow
+from core.settings import get_settings
 from core.storage import files_dir
 
 # Fast defaults for the tiny models: a handful of steps, a checkpoint now and then.
@@ -26,7 +27,7 @@ def dataset_file(
     mapping: dict[str, Any] | None = None,
     tenant_id: str = "default",
 ) -> FileObject:
-    path = files_dir() / f"{uuid.uuid4().hex}.jsonl"
+    path = files_dir(get_settings()) / f"{uuid.uuid4().hex}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     row = FileObject(

@@ -12,7 +12,7 @@ from worker.pipeline.prepare import BaseModelError, prepare_base_model
 
 
 def test_a_configured_folder_is_used_as_it_is(tiny_models: dict[str, Path]) -> None:
-    assert prepare_base_model("tiny-llama") == tiny_models["tiny-llama"]
+    assert prepare_base_model("tiny-llama", get_settings()) == tiny_models["tiny-llama"]
 
 
 def test_unknown_and_empty_base_models_are_refused(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ LONG_RUN = {"num_train_epochs": 6, "per_device_train_batch_size": 1, "save_steps
 
 def start_in_thread(public_id: str) -> tuple[threading.Thread, dict[str, str]]:
     outcome: dict[str, str] = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=run_job(public_id)), daemon=True)
+    thread = threading.Thread(target=lambda: outcome.update(result=run_job(public_id, get_settings())), daemon=True)
     thread.start()
     return thread, outcome
 
@@ -48,7 +48,7 @@ def test_a_job_trains_reports_and_publishes(db: Session) -> None:
     job = job_row(db, file, auto_deploy=True)
     db.commit()
 
-    assert run_job(job.public_id) == "succeeded"
+    assert run_job(job.public_id, get_settings()) == "succeeded"
 
     row = fresh(db, job)
     model_id = f"ft:tiny-llama:t:{job.public_id}"
@@ -80,7 +80,7 @@ def test_a_job_trains_reports_and_publishes(db: Session) -> None:
         }
 
     record = db.get(ModelRecord, model_id)
-    folder = fine_tuned_dir(job.id)
+    folder = fine_tuned_dir(job.id, get_settings())
     assert record is not None and record.storage_path == str(folder) and record.job_id == job.id
     assert record.dataset_sha256 == file.sha256 and record.size_bytes == directory_size(folder)
     assert record.adapter_path and (Path(record.adapter_path) / "adapter_model.safetensors").is_file()
@@ -105,7 +105,7 @@ def test_no_suffix_no_auto_deploy_and_validation_every_epoch(db: Session) -> Non
     separate = job_row(db, file, validation_file=validation)
     db.commit()
 
-    assert run_job(split.public_id) == "succeeded"
+    assert run_job(split.public_id, get_settings()) == "succeeded"
     assert fresh(db, split).fine_tuned_model == f"ft:tiny-llama::{split.public_id}"
     assert db.scalars(select(Deployment)).first() is None
     evals = [e.data for e in events(db, split) if e.type == "metrics" and "eval_loss" in (e.data or {})]
@@ -116,7 +116,7 @@ def test_no_suffix_no_auto_deploy_and_validation_every_epoch(db: Session) -> Non
     assert stages.index("merging") > max(i for i, stage in enumerate(stages) if stage == "evaluating")
     assert fresh(db, split).metrics["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-4)
 
-    assert run_job(separate.public_id) == "succeeded"
+    assert run_job(separate.public_id, get_settings()) == "succeeded"
     evals = [e.data for e in events(db, separate) if e.type == "metrics" and "eval_loss" in (e.data or {})]
     assert len(evals) == 2
     assert any(e.message.startswith("Validation data: 4 examples") for e in events(db, separate))
@@ -125,7 +125,7 @@ def test_no_suffix_no_auto_deploy_and_validation_every_epoch(db: Session) -> Non
 def test_fp16_on_a_cpu_fails_the_job_with_a_clear_error(db: Session) -> None:
     job = job_row(db, dataset_file(db, alpaca_records(4)), hyperparameters={"compute_type": "fp16"})
     db.commit()
-    assert run_job(job.public_id) == "failed"
+    assert run_job(job.public_id, get_settings()) == "failed"
     row = fresh(db, job)
     assert row.status == JobStatus.FAILED and row.lease_owner is None
     assert row.error is not None
@@ -165,7 +165,7 @@ def test_a_missing_dataset_file_fails_the_job(db: Session) -> None:
     job = job_row(db, file)
     db.commit()
     Path(file.storage_path).unlink()
-    assert run_job(job.public_id) == "failed"
+    assert run_job(job.public_id, get_settings()) == "failed"
     error = fresh(db, job).error
     assert error is not None and (error["code"], error["param"]) == ("file_not_found", "training_file")
 
@@ -173,12 +173,12 @@ def test_a_missing_dataset_file_fails_the_job(db: Session) -> None:
 def test_a_second_delivery_is_refused_and_writes_nothing(db: Session) -> None:
     job = job_row(db, dataset_file(db, alpaca_records(4)), hyperparameters={"num_train_epochs": 1})
     db.commit()
-    assert run_job(job.public_id) == "succeeded"
+    assert run_job(job.public_id, get_settings()) == "succeeded"
     before = len(events(db, job))
-    assert run_job(job.public_id) == "skipped"
+    assert run_job(job.public_id, get_settings()) == "skipped"
     assert len(events(db, job)) == before and fresh(db, job).attempts == 1
-    assert run_job("ftjob-" + uuid.uuid4().hex) == "skipped"
-    assert run_job("not-a-job-id") == "invalid"
+    assert run_job("ftjob-" + uuid.uuid4().hex, get_settings()) == "skipped"
+    assert run_job("not-a-job-id", get_settings()) == "invalid"
 
 
 def test_cancel_stops_training_cleans_up_and_ends_once(db: Session) -> None:
@@ -195,7 +195,7 @@ def test_cancel_stops_training_cleans_up_and_ends_once(db: Session) -> None:
     assert row.metrics is None or row.metrics.get("steps") is None
     assert len(metrics_events(db, job)) < 6 * 64
     assert db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)).first() is None
-    assert not job_dir(job.id).exists() and not fine_tuned_dir(job.id).exists()
+    assert not job_dir(job.id, get_settings()).exists() and not fine_tuned_dir(job.id, get_settings()).exists()
     assert [e.message for e in events(db, job)].count("Job cancelled") == 1
     assert db.scalars(select(ModelRecord)).first() is None
 

@@ -17,6 +17,7 @@ from core.contracts import JobStatus
 from core.models import Checkpoint, FineTuningJob, ModelRecord, utcnow
 from core.queue import enqueue_fine_tune
 from core.reconcile import reconcile_once
+from core.settings import get_settings
 from tests import polling
 from tests.factories import alpaca_records
 from tests.processes import ROOT, ServiceProcess, worker_process
@@ -76,9 +77,9 @@ def test_a_copy_delivered_while_the_job_runs_does_not_train_it_again(
 ) -> None:
     first, second = workers("first"), workers("second")
     job = long_job(db)
-    enqueue_fine_tune(job.public_id)
+    enqueue_fine_tune(job.public_id, get_settings())
     wait_until(lambda: len(metrics_events(db, job)) >= 3, "training to start")
-    enqueue_fine_tune(job.public_id)  # the copy goes to the idle worker, whose claim is refused
+    enqueue_fine_tune(job.public_id, get_settings())  # the copy goes to the idle worker, whose claim is refused
     wait_until(lambda: "job.claim_refused" in first.log() + second.log(), "the copy to be refused")
     assert fresh(db, job).status == JobStatus.RUNNING
     wait_until(status_is(db, job, JobStatus.SUCCEEDED, JobStatus.FAILED), "the job to finish")
@@ -96,7 +97,7 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_another_worker(
 ) -> None:
     doomed = workers("doomed")
     job = long_job(db)
-    enqueue_fine_tune(job.public_id)
+    enqueue_fine_tune(job.public_id, get_settings())
     wait_until(lambda: checkpoint_steps(db, job), "a checkpoint")
     doomed.signal(signal.SIGKILL)
     doomed.kill()
@@ -107,7 +108,7 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_another_worker(
     row = fresh(db, job)
     assert row.lease_expires_at is not None
     wait_until(lambda: fresh(db, job).lease_expires_at < utcnow(), "the lease to expire", timeout=30)  # type: ignore[operator]
-    assert reconcile_once()["recovered"] == 1
+    assert reconcile_once(get_settings())["recovered"] == 1
     workers("rescuer")
     wait_until(status_is(db, job, JobStatus.SUCCEEDED, JobStatus.FAILED), "the job to finish")
 
@@ -131,7 +132,7 @@ def test_sigterm_checkpoints_and_requeues_the_job_without_spending_an_attempt(
 ) -> None:
     stopping = workers("stopping")
     job = long_job(db)
-    enqueue_fine_tune(job.public_id)
+    enqueue_fine_tune(job.public_id, get_settings())
     wait_until(lambda: len(metrics_events(db, job)) >= 3, "training to start")
     stopping.signal(signal.SIGTERM)  # to the process group, as a service manager does
     assert stopping.proc is not None

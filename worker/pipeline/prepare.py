@@ -24,7 +24,7 @@ from pathlib import Path
 
 from artifacts.serving import read_serving_files
 from core.base_models import base_model_path, base_model_spec, is_prepared
-from core.settings import BUILTIN_SMOLLM2, Settings, get_settings
+from core.settings import BUILTIN_SMOLLM2, Settings
 from core.storage import atomic_directory, base_models_dir
 from worker.pipeline.merge import Merged, stop_token_ids
 from worker.pipeline.serving import write_model_serving_files
@@ -64,12 +64,11 @@ def _store_lock(store: Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def prepare_base_model(name: str, settings: Settings | None = None, *, progress: bool = True) -> Path:
+def prepare_base_model(name: str, settings: Settings, *, progress: bool = True) -> Path:
     """Return the safetensors folder of base model ``name``, converting the built-in GGUF the first time.
 
     Raises ``BaseModelError`` if ``name`` is not in ``BASE_MODELS`` or its folder holds no usable model.
     """
-    settings = settings or get_settings()
     spec = base_model_spec(name, settings)
     if spec is None:
         raise BaseModelError(f"base model {name!r} is not configured (BASE_MODELS)")

@@ -15,6 +15,7 @@ from core.db import SessionFactory
 from core.deployments import announce, request_deployment
 from core.jobs import LeaseLost, add_event, finish
 from core.models import Deployment, ModelRecord
+from core.settings import Settings
 from core.storage import directory_size
 from worker.db import transact
 from worker.pipeline.merge import ADAPTER_SUBDIR
@@ -33,6 +34,7 @@ def register_model(
     metrics: dict[str, Any],
     trained_tokens: int,
     progress: dict[str, Any],
+    settings: Settings,
 ) -> Deployment | None:
     """Record the model and finish the job as succeeded; returns the deployment requested, if any."""
     size = directory_size(folder)
@@ -79,6 +81,6 @@ def register_model(
 
     deployment = transact(session_factory, publish, what="job.publish")
     if deployment is not None:
-        announce(deployment)
+        announce(deployment, settings)
     log.info("job.published", extra={"job_id": spec.public_id, "model_id": model_id, "size_bytes": size})
     return deployment

@@ -184,5 +184,6 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
             "percent": 100.0,
             "eta_seconds": 0,
         },
+        settings=settings,
     )
     return model_id
