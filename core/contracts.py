@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -104,11 +104,6 @@ class DeploymentAnnouncement(BaseModel):
     deployment_id: str
     model_id: str
     tenant_id: str
-
-
-def event_data(**fields: Any) -> dict[str, Any]:
-    """Metrics event payload: step, total_steps, epoch, loss, learning_rate, grad_norm, tokens_per_second, eta."""
-    return {k: v for k, v in fields.items() if v is not None}
 
 
 def fine_tuned_model_id(base_model: str, suffix: str | None, job_public_id: str) -> str:

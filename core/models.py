@@ -26,6 +26,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from core import ids
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -95,7 +97,7 @@ class FileObject(TimestampMixin, Base):
 
     @property
     def public_id(self) -> str:
-        return f"file-{self.id.hex}"
+        return ids.public_id(ids.Prefix.FILE, self.id)
 
 
 class FineTuningJob(TimestampMixin, Base):
@@ -137,7 +139,7 @@ class FineTuningJob(TimestampMixin, Base):
 
     @property
     def public_id(self) -> str:
-        return f"ftjob-{self.id.hex}"
+        return ids.public_id(ids.Prefix.JOB, self.id)
 
 
 class JobEvent(TimestampMixin, Base):
@@ -153,7 +155,7 @@ class JobEvent(TimestampMixin, Base):
 
     @property
     def public_id(self) -> str:
-        return f"ftevent-{self.seq}"
+        return ids.event_id(self.seq)
 
 
 class Checkpoint(TimestampMixin, Base):
@@ -168,7 +170,7 @@ class Checkpoint(TimestampMixin, Base):
 
     @property
     def public_id(self) -> str:
-        return f"ftckpt-{self.id.hex}"
+        return ids.public_id(ids.Prefix.CHECKPOINT, self.id)
 
 
 class ModelRecord(TimestampMixin, Base):
@@ -215,4 +217,4 @@ class Deployment(TimestampMixin, Base):
 
     @property
     def public_id(self) -> str:
-        return f"deploy-{self.id.hex}"
+        return ids.public_id(ids.Prefix.DEPLOYMENT, self.id)

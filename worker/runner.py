@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from core.contracts import JobStatus, fine_tuned_model_id
 from core.db import SessionFactory, get_sessionmaker
 from core.hostload import training_here
+from core.ids import Prefix, parse_public_id
 from core.jobs import LeaseLost, add_event, claim, finish, release_to_queue
 from core.models import Checkpoint
 from core.queue import enqueue_fine_tune
@@ -27,7 +28,7 @@ from core.settings import Settings
 from core.storage import job_dir
 from worker.db import transact
 from worker.heartbeat import JobControl, install_sigterm_handler
-from worker.spec import JobSpec, parse_job_id
+from worker.spec import JobSpec
 
 log = logging.getLogger("conch.worker.runner")
 
@@ -60,7 +61,7 @@ def run_job(public_id: str, settings: Settings) -> str:
     """Handle one delivery; returns what happened (for logs and tests): succeeded, failed, cancelled,
     released, skipped, lease_lost or invalid."""
     sessions = get_sessionmaker()
-    job_id = parse_job_id(public_id)
+    job_id = parse_public_id(public_id, Prefix.JOB)  # a malformed message is dropped, never retried
     if job_id is None:
         log.error("job.invalid_id", extra={"job_id": str(public_id)[:80]})
         return "invalid"

@@ -10,18 +10,6 @@ from typing import Any
 from core.models import FileObject, FineTuningJob
 from core.settings import Settings
 
-JOB_PREFIX = "ftjob-"
-
-
-def parse_job_id(public_id: str) -> uuid.UUID | None:
-    """``ftjob-<32 hex>`` -> UUID; None for anything else (a malformed message is dropped, never retried)."""
-    if not isinstance(public_id, str) or not public_id.startswith(JOB_PREFIX):
-        return None
-    try:
-        return uuid.UUID(hex=public_id[len(JOB_PREFIX) :])
-    except ValueError:
-        return None
-
 
 @dataclass(frozen=True)
 class FileSpec:

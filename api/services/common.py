@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -22,16 +21,6 @@ def unix(moment: datetime | None) -> int | None:
 
 def unix_required(moment: datetime) -> int:
     return int(as_utc(moment).timestamp())
-
-
-def parse_public_id(public_id: str, prefix: str) -> uuid.UUID | None:
-    """``file-<32 hex>`` -> UUID; None for anything else (the caller answers 404, as for an unknown id)."""
-    if not public_id.startswith(prefix):
-        return None
-    try:
-        return uuid.UUID(hex=public_id[len(prefix) :])
-    except ValueError:
-        return None
 
 
 def cursor_page(

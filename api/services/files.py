@@ -15,10 +15,11 @@ from sqlalchemy.orm import Session
 from api.db import on_commit, on_rollback
 from api.http.uploads import FILE_FIELD, Upload
 from api.schemas import FileDeleted, FileList, FileOut
-from api.services.common import cursor_page, parse_public_id, unix_required, unknown_cursor
+from api.services.common import cursor_page, unix_required, unknown_cursor
 from core.contracts import LIVE_STATUSES
 from core.datasets import FORMATS, ColumnMapping, DatasetReport, Format
 from core.errors import Conflict, InvalidRequest, NotFound, ValidationFailed
+from core.ids import Prefix, parse_public_id
 from core.models import FileObject, FineTuningJob
 
 PURPOSE = "fine-tune"
@@ -156,7 +157,7 @@ def file_out(row: FileObject) -> FileOut:
 
 
 def get_file(session: Session, tenant_id: str, public_id: str, *, lock: bool = False) -> FileObject:
-    file_id = parse_public_id(public_id, "file-")
+    file_id = parse_public_id(public_id, Prefix.FILE)
     row = None
     if file_id is not None:
         stmt = select(FileObject).where(

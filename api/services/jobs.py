@@ -26,10 +26,11 @@ from api.schemas import (
     SupervisedOut,
 )
 from api.services import hyperparameters as hparams
-from api.services.common import cursor_page, parse_public_id, unix, unix_required, unknown_cursor
+from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from api.services.files import DELETED, PURPOSE
-from core.contracts import TERMINAL_STATUSES, Hyperparameters, JobStatus
+from core.contracts import TERMINAL_STATUSES, Hyperparameters, JobStatus, fine_tuned_model_id
 from core.errors import Conflict, InvalidRequest, NotFound
+from core.ids import Prefix, parse_event_id, parse_public_id, public_id
 from core.jobs import add_event, request_cancel
 from core.models import Checkpoint, FileObject, FineTuningJob, JobEvent, utcnow
 from core.queue import enqueue_fine_tune
@@ -44,7 +45,7 @@ _LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "err
 
 
 def _training_file(session: Session, tenant_id: str, public_id: str, param: str) -> FileObject:
-    file_id = parse_public_id(public_id, "file-")
+    file_id = parse_public_id(public_id, Prefix.FILE)
     row = None
     if file_id is not None:
         # FOR SHARE: a concurrent DELETE of this file waits for this transaction and then sees the job.
@@ -126,7 +127,7 @@ def ring_broker(public_id: str, settings: Settings) -> None:
 
 
 def get_job(session: Session, tenant_id: str, public_id: str) -> FineTuningJob:
-    job_id = parse_public_id(public_id, "ftjob-")
+    job_id = parse_public_id(public_id, Prefix.JOB)
     job = None
     if job_id is not None:
         job = session.scalars(
@@ -139,11 +140,11 @@ def get_job(session: Session, tenant_id: str, public_id: str) -> FineTuningJob:
 
 def model_name(job: FineTuningJob) -> str:
     """The fine-tuned model's id: ``ft:<base>:<suffix>:<job id>`` (the worker records the same on success)."""
-    return job.fine_tuned_model or f"ft:{job.model}:{job.suffix or ''}:{job.public_id}"
+    return job.fine_tuned_model or fine_tuned_model_id(job.model, job.suffix, job.public_id)
 
 
 def _file_public_id(file_id: uuid.UUID | None) -> str | None:
-    return f"file-{file_id.hex}" if file_id else None
+    return public_id(Prefix.FILE, file_id) if file_id else None
 
 
 def _error(raw: dict[str, Any] | None) -> JobError | None:
@@ -250,18 +251,11 @@ def event_out(event: JobEvent) -> EventOut:
     )
 
 
-def _event_seq(public_id: str) -> int | None:
-    prefix = "ftevent-"
-    if public_id.startswith(prefix) and public_id[len(prefix) :].isdigit():
-        return int(public_id[len(prefix) :])
-    return None
-
-
 def list_events(session: Session, tenant_id: str, public_id: str, *, after: str | None, limit: int) -> EventList:
     job = get_job(session, tenant_id, public_id)
     cursor: tuple[Any, ...] | None = None
     if after:
-        seq = _event_seq(after)
+        seq = parse_event_id(after)
         if seq is None:
             raise unknown_cursor(after)
         cursor = (seq,)
@@ -275,7 +269,7 @@ def start_cursor(after: str | None) -> int:
     """Where an event stream starts: after an event id (``after`` or ``Last-Event-ID``), or at the beginning."""
     if not after:
         return 0
-    seq = _event_seq(after)
+    seq = parse_event_id(after)
     if seq is None:
         raise unknown_cursor(after)
     return seq
@@ -317,7 +311,7 @@ def list_checkpoints(
     job = get_job(session, tenant_id, public_id)
     cursor: tuple[Any, ...] | None = None
     if after:
-        ckpt_id = parse_public_id(after, "ftckpt-")
+        ckpt_id = parse_public_id(after, Prefix.CHECKPOINT)
         anchor = (
             session.scalars(select(Checkpoint).where(Checkpoint.id == ckpt_id, Checkpoint.job_id == job.id)).first()
             if ckpt_id

@@ -12,11 +12,12 @@ from sqlalchemy.orm import Session
 
 from api.db import on_commit
 from api.schemas import DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
-from api.services.common import cursor_page, parse_public_id, unix, unix_required, unknown_cursor
+from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from core.base_models import base_model_path, is_prepared
 from core.contracts import DeploymentStatus
 from core.deployments import active_deployment, announce, previous_good_model, request_deployment
 from core.errors import Conflict, InvalidRequest, NotFound
+from core.ids import Prefix, parse_public_id, public_id
 from core.models import Deployment, ModelRecord
 from core.settings import Settings
 
@@ -68,7 +69,7 @@ def fine_tuned_out(row: ModelRecord, active_model: str | None, serving: dict[str
         conch={
             "kind": "fine-tuned",
             "base_model": row.base_model,
-            "job_id": f"ftjob-{row.job_id.hex}" if row.job_id else None,
+            "job_id": public_id(Prefix.JOB, row.job_id) if row.job_id else None,
             "dataset_sha256": row.dataset_sha256,
             "metrics": row.metrics,
             "status": row.status,
@@ -204,7 +205,7 @@ def rollback(
 
 
 def get_deployment(session: Session, tenant_id: str, public_id: str) -> Deployment:
-    deployment_id = parse_public_id(public_id, "deploy-")
+    deployment_id = parse_public_id(public_id, Prefix.DEPLOYMENT)
     row = None
     if deployment_id is not None:
         row = session.scalars(
