@@ -34,6 +34,18 @@ class JobStage(StrEnum):
     DEPLOYING = "deploying"
 
 
+class FileStatus(StrEnum):
+    """An uploaded file's status, as OpenAI reports it: only validated files are kept, so every one is processed."""
+
+    PROCESSED = "processed"
+
+
+class ModelStatus(StrEnum):
+    """A published model's status: its folder is written and renamed into place before the row says ready."""
+
+    READY = "ready"
+
+
 class DeploymentStatus(StrEnum):
     PENDING = "pending"
     LOADING = "loading"

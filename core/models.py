@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from core import ids
+from core.contracts import FileStatus, ModelStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -92,7 +93,7 @@ class FileObject(TimestampMixin, Base):
     sha256: Mapped[str] = mapped_column(String(64))
     num_examples: Mapped[int]
     storage_path: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(32), default="processed")
+    status: Mapped[str] = mapped_column(String(32), default=FileStatus.PROCESSED)
     report: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     @property
@@ -187,7 +188,7 @@ class ModelRecord(TimestampMixin, Base):
     dataset_sha256: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(32), default="ready")
+    status: Mapped[str] = mapped_column(String(32), default=ModelStatus.READY)
 
 
 class Deployment(TimestampMixin, Base):

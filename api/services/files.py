@@ -16,7 +16,7 @@ from api.db import on_commit, on_rollback
 from api.http.uploads import FILE_FIELD, Upload
 from api.schemas import FileDeleted, FileList, FileOut
 from api.services.common import cursor_page, unix_required, unknown_cursor
-from core.contracts import LIVE_STATUSES
+from core.contracts import LIVE_STATUSES, FileStatus
 from core.datasets import FORMATS, ColumnMapping, DatasetReport, Format
 from core.errors import Conflict, InvalidRequest, NotFound, ValidationFailed
 from core.ids import Prefix, parse_public_id
@@ -133,7 +133,7 @@ def store_file(
         sha256=upload.sha256,
         num_examples=report.num_examples,
         storage_path=str(final),
-        status="processed",
+        status=FileStatus.PROCESSED,
         report=validation,
     )
     session.add(row)

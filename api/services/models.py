@@ -14,7 +14,7 @@ from api.db import on_commit
 from api.schemas import DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
 from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from core.base_models import base_model_path, is_prepared
-from core.contracts import DeploymentStatus
+from core.contracts import DeploymentStatus, ModelStatus
 from core.deployments import active_deployment, announce, previous_good_model, request_deployment
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.ids import Prefix, parse_public_id, public_id
@@ -172,7 +172,7 @@ def _check_deployable(session: Session, tenant_id: str, model_id: str, settings:
     row = _fine_tuned(session, tenant_id, model_id)
     if row is None:
         raise NotFound(f"No such model: {model_id}", param="model")
-    if row.status != "ready":
+    if row.status != ModelStatus.READY:
         raise Conflict(f"{model_id} is {row.status}, not ready to serve.", code="model_not_ready")
 
 

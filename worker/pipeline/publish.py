@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from core.contracts import JobStage, JobStatus
+from core.contracts import JobStage, JobStatus, ModelStatus
 from core.db import SessionFactory
 from core.deployments import announce, request_deployment
 from core.jobs import LeaseLost, add_event, finish
@@ -49,7 +49,7 @@ def register_model(
         record.dataset_sha256 = spec.training_file.sha256
         record.metrics = metrics
         record.size_bytes = size
-        record.status = "ready"
+        record.status = ModelStatus.READY
         session.add(record)
         session.flush()
         finished = finish(
