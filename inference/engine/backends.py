@@ -3,7 +3,8 @@
 ``load_model`` reads the folder (tokenizer, config, stops) and hands the rest to the backend named by
 ``INFERENCE_BACKEND`` (or by the route the registry tries): the lean decoder, transformers' own forward, or
 llama.cpp. A new backend is one module with a class that has ``loads_torch_model``, ``check`` and ``build`` (see
-``Backend``), and one line in ``BACKENDS``.
+``Backend``), one line in ``BACKENDS`` and its name in ``core.settings.InferenceBackend`` (a test holds the two
+to the same names).
 """
 
 from __future__ import annotations
