@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from core.contracts import JobStatus
 from core.db import session_scope
 from core.http.observability import HttpMetrics
-from core.models import FineTuningJob
+from core.orm import FineTuningJob
 from core.settings import Settings
 
 log = logging.getLogger("conch.api")

@@ -631,7 +631,7 @@ def worker_publish_files(folder: Path) -> dict[str, Any]:
 
 def conch_part(folder: Path, args: argparse.Namespace, route: ServiceRoute) -> dict[str, Any]:
     from core.db import make_engine
-    from core.models import Base
+    from core.orm import Base
 
     data_dir = Path(tempfile.mkdtemp(prefix="conch-bench-"))
     database_url = f"sqlite:///{data_dir / 'conch.db'}"
@@ -704,7 +704,7 @@ def publish_and_swap(
     the time from the announcement until the new model answers."""
     from sqlalchemy.orm import Session
 
-    from core.models import Deployment, ModelRecord
+    from core.orm import Deployment, ModelRecord
 
     new_id = f"ft:{MODEL_NAME}:bench:ftjob-{uuid.uuid4().hex[:8]}"
     tuned = fresh_copy(folder, data_dir / f"ft-{uuid.uuid4().hex[:8]}")

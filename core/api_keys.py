@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import DEFAULT_TENANT, ApiKey, utcnow
+from core.orm import DEFAULT_TENANT, ApiKey, utcnow
 
 KEY_PREFIX = "conch-"
 # Issued keys are 49 characters; anything far longer is refused before it is hashed or looked up.

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.contracts import DeploymentAnnouncement, DeploymentStatus
-from core.models import Deployment
+from core.orm import Deployment
 from core.pubsub import announce_deployment
 from core.settings import Settings
 

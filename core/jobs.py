@@ -15,7 +15,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core.contracts import TERMINAL_STATUSES, JobStatus
-from core.models import FineTuningJob, JobEvent, utcnow
+from core.orm import FineTuningJob, JobEvent, utcnow
 from core.settings import get_settings
 
 

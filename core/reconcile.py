@@ -17,7 +17,7 @@ from sqlalchemy import or_, select, update
 from core.contracts import JobStatus
 from core.db import session_scope
 from core.jobs import add_event, finish
-from core.models import FineTuningJob, utcnow
+from core.orm import FineTuningJob, utcnow
 from core.queue import enqueue_fine_tune
 from core.settings import Settings
 

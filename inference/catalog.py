@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from core.base_models import base_model_path, is_prepared
 from core.contracts import ModelStatus
 from core.errors import NotFound, ServiceUnavailable
-from core.models import FineTuningJob, ModelRecord
+from core.orm import FineTuningJob, ModelRecord
 from core.settings import Settings
 
 MAX_MODEL_ID = 512

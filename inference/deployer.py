@@ -16,7 +16,7 @@ from core.base_models import is_prepared
 from core.contracts import DeploymentStatus
 from core.db import session_scope
 from core.deployments import pending_deployments
-from core.models import DEFAULT_TENANT, Deployment, utcnow
+from core.orm import DEFAULT_TENANT, Deployment, utcnow
 from core.settings import Settings
 from inference.catalog import ModelNotReady, ModelSource, base_source, resolve
 from inference.engine.loader import ModelLoadError

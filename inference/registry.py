@@ -18,7 +18,7 @@ from typing import Any
 from artifacts import llamacpp as native
 from artifacts.golden import Reference, ReferenceError
 from core.hostload import training_on_this_host
-from core.models import DEFAULT_TENANT
+from core.orm import DEFAULT_TENANT
 from core.settings import Settings
 from inference.catalog import ModelSource
 from inference.engine.device import choose_device, configure_threads, generation_threads

@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from core.db import make_engine
-from core.models import Base
+from core.orm import Base
 from core.settings import get_settings
 
 config = context.config

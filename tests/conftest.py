@@ -116,7 +116,7 @@ def clean_db(database: str) -> Iterator[None]:
     from sqlalchemy import text
 
     from core.db import get_engine
-    from core.models import Base
+    from core.orm import Base
 
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with get_engine().begin() as conn:

@@ -128,7 +128,7 @@ def make_file(session: Any, path: Path | None = None, *, tenant_id: str = "defau
     import hashlib
     import uuid
 
-    from core.models import FileObject
+    from core.orm import FileObject
     from core.storage import files_dir
 
     if path is None:
@@ -161,7 +161,7 @@ def make_job(
 ) -> Any:
     """A fine-tuning job row as the api commits it."""
     from core.contracts import Hyperparameters
-    from core.models import FineTuningJob, utcnow
+    from core.orm import FineTuningJob, utcnow
 
     training_file = training_file or make_file(session, tenant_id=tenant_id)
     job = FineTuningJob(

@@ -22,7 +22,7 @@ from core.db import SessionFactory, get_sessionmaker
 from core.hostload import training_here
 from core.ids import Prefix, parse_public_id
 from core.jobs import LeaseLost, add_event, claim, finish, release_to_queue
-from core.models import Checkpoint
+from core.orm import Checkpoint
 from core.queue import enqueue_fine_tune
 from core.settings import Settings
 from core.storage import job_dir

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.models import FileObject, FineTuningJob
+from core.orm import FileObject, FineTuningJob
 from core.settings import Settings
 
 

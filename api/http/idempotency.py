@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import Conflict, ValidationFailed
-from core.models import IdempotencyRecord
+from core.orm import IdempotencyRecord
 
 
 @dataclass(frozen=True)

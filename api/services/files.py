@@ -20,7 +20,7 @@ from core.contracts import LIVE_STATUSES, FileStatus
 from core.datasets import FORMATS, ColumnMapping, DatasetReport, Format
 from core.errors import Conflict, InvalidRequest, NotFound, ValidationFailed
 from core.ids import Prefix, parse_public_id
-from core.models import FileObject, FineTuningJob
+from core.orm import FileObject, FineTuningJob
 
 PURPOSE = "fine-tune"
 ACCEPTED_FIELDS = frozenset({FILE_FIELD, "purpose", "format", "column_mapping"})

@@ -32,7 +32,7 @@ from core.contracts import TERMINAL_STATUSES, Hyperparameters, JobStatus, fine_t
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.ids import Prefix, parse_event_id, parse_public_id, public_id
 from core.jobs import add_event, request_cancel
-from core.models import Checkpoint, FileObject, FineTuningJob, JobEvent, utcnow
+from core.orm import Checkpoint, FileObject, FineTuningJob, JobEvent, utcnow
 from core.queue import enqueue_fine_tune
 from core.settings import Settings
 

@@ -18,7 +18,7 @@ from core.contracts import DeploymentStatus, ModelStatus
 from core.deployments import active_deployment, announce, previous_good_model, request_deployment
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.ids import Prefix, parse_public_id, public_id
-from core.models import Deployment, ModelRecord
+from core.orm import Deployment, ModelRecord
 from core.settings import Settings
 
 log = logging.getLogger("conch.api.models")

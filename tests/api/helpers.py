@@ -142,7 +142,7 @@ def add_model_record(
     storage_path: str | None = None,
     status: str = "ready",
 ) -> Any:
-    from core.models import ModelRecord
+    from core.orm import ModelRecord
 
     row = ModelRecord(
         id=model_id,
@@ -162,7 +162,7 @@ def add_model_record(
 def add_deployment(
     session: Session, *, model_id: str, status: str, tenant_id: str = "default", activated: datetime | None = None
 ) -> Any:
-    from core.models import Deployment, utcnow
+    from core.orm import Deployment, utcnow
 
     row = Deployment(
         tenant_id=tenant_id,
@@ -178,6 +178,6 @@ def add_deployment(
 
 
 def minutes_ago(minutes: float) -> datetime:
-    from core.models import utcnow
+    from core.orm import utcnow
 
     return utcnow() - timedelta(minutes=minutes)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from api.db import on_commit, on_rollback, request_session
 from core.db import session_scope
 from core.jobs import add_event
-from core.models import FineTuningJob, JobEvent
+from core.orm import FineTuningJob, JobEvent
 from tests.factories import make_job
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core.models import FileObject
+from core.orm import FileObject
 from tests.api.conftest import UploadFn
 from tests.api.helpers import assert_envelope, count_rows, dir_entries, jsonl, make_client, multipart
 from tests.factories import alpaca_records, openai_records, sharegpt_records

@@ -16,7 +16,7 @@ from sqlalchemy import update
 from core.contracts import JobStatus
 from core.db import session_scope
 from core.jobs import add_event, finish
-from core.models import Checkpoint, FineTuningJob, IdempotencyRecord
+from core.orm import Checkpoint, FineTuningJob, IdempotencyRecord
 from tests.api.helpers import (
     assert_envelope,
     count_rows,
@@ -286,7 +286,7 @@ def test_failed_request_does_not_burn_the_key(client: TestClient, training_file:
 
 
 def test_idempotent_upload(client: TestClient) -> None:
-    from core.models import FileObject
+    from core.orm import FileObject
     from tests.api.helpers import jsonl
     from tests.factories import alpaca_records
 

@@ -11,7 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from core.db import session_scope
-from core.models import Deployment, ModelRecord
+from core.orm import Deployment, ModelRecord
 from core.settings import get_settings
 from tests.api.helpers import add_deployment, add_model_record, assert_envelope, count_rows, minutes_ago
 

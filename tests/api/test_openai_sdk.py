@@ -13,7 +13,7 @@ from openai import OpenAI
 
 from cli.client import ConchClient
 from core.db import session_scope
-from core.models import Checkpoint
+from core.orm import Checkpoint
 from tests.api.helpers import add_model_record, create_key
 from tests.factories import openai_records, write_jsonl
 from tests.processes import ServiceProcess, free_port, uvicorn_process

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from api.http.ratelimit import RateLimiter
 from core.api_keys import authenticate, create_api_key, revoke_api_key
 from core.db import session_scope
-from core.models import ApiKey
+from core.orm import ApiKey
 from tests.api.helpers import (
     add_deployment,
     add_model_record,

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from core.db import get_engine, get_sessionmaker, session_scope, transaction
 from core.jobs import add_event
-from core.models import FineTuningJob, JobEvent
+from core.orm import FineTuningJob, JobEvent
 from tests.factories import make_job
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from core.contracts import JobStatus
 from core.db import session_scope
 from core.jobs import LeaseLost, claim, finish, release_to_queue, renew_lease, request_cancel, update_owned
-from core.models import FineTuningJob, JobEvent, utcnow
+from core.orm import FineTuningJob, JobEvent, utcnow
 from tests.factories import make_job
 
 

@@ -10,7 +10,7 @@ import redis
 
 from core.contracts import TASK_FINE_TUNE, JobStatus
 from core.db import session_scope
-from core.models import FineTuningJob, utcnow
+from core.orm import FineTuningJob, utcnow
 from core.reconcile import reconcile_once
 from core.settings import get_settings
 from tests.factories import make_job

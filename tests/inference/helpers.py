@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from core.contracts import DeploymentStatus
 from core.deployments import announce
-from core.models import DEFAULT_TENANT, Deployment, ModelRecord
+from core.orm import DEFAULT_TENANT, Deployment, ModelRecord
 from core.settings import Settings, get_settings
 from tests.polling import wait_until
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.models import Deployment, utcnow
+from core.orm import Deployment, utcnow
 from tests.factories import build_tiny_model
 from tests.inference.helpers import (
     ACTIVE,

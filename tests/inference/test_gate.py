@@ -14,7 +14,7 @@ import torch
 import artifacts.gguf
 from artifacts.golden import BUILTIN_PROMPTS
 from artifacts.serving import DEFAULT_CPU_TYPE
-from core.models import Deployment, ModelRecord
+from core.orm import Deployment, ModelRecord
 from inference.engine.routes import FAITHFUL, Route, plan_routes
 from tests.factories import build_tiny_model
 from tests.inference.helpers import ACTIVE, FAILED, app_client, deploy, metric, register_model, wait_deployment

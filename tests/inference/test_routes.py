@@ -13,7 +13,7 @@ import pytest
 
 from artifacts.serving import DEFAULT_CPU_TYPE
 from core.api_keys import hash_key
-from core.models import ApiKey
+from core.orm import ApiKey
 from tests.inference.helpers import app_client, metric, register_model
 from tests.polling import wait_until
 

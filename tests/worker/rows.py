@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core.contracts import Hyperparameters, JobStatus
-from core.models import FileObject, FineTuningJob, JobEvent, utcnow
+from core.orm import FileObject, FineTuningJob, JobEvent, utcnow
 from core.settings import get_settings
 from core.storage import files_dir
 

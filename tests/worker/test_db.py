@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import SessionFactory, get_sessionmaker, make_engine, session_scope
 from core.jobs import LeaseLost, add_event, update_owned
-from core.models import FineTuningJob, JobEvent
+from core.orm import FineTuningJob, JobEvent
 from tests.factories import make_job
 from worker.db import is_transient, transact, with_retries
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from core.contracts import JobStatus
 from core.db import session_scope
 from core.jobs import request_cancel
-from core.models import Checkpoint, Deployment, FineTuningJob, JobEvent, ModelRecord
+from core.orm import Checkpoint, Deployment, FineTuningJob, JobEvent, ModelRecord
 from core.settings import get_settings
 from core.storage import directory_size, fine_tuned_dir, job_dir
 from tests.factories import alpaca_records

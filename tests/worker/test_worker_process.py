@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.contracts import JobStatus
-from core.models import Checkpoint, FineTuningJob, ModelRecord, utcnow
+from core.orm import Checkpoint, FineTuningJob, ModelRecord, utcnow
 from core.queue import enqueue_fine_tune
 from core.reconcile import reconcile_once
 from core.settings import get_settings

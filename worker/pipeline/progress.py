@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from core.contracts import JobStage, checkpoint_model_id
 from core.db import SessionFactory
 from core.jobs import LeaseLost, add_event, update_owned
-from core.models import Checkpoint
+from core.orm import Checkpoint
 from worker.db import transact
 from worker.heartbeat import JobControl
 from worker.pipeline.checkpoints import is_complete, remove_checkpoint

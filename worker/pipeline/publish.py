@@ -14,7 +14,7 @@ from core.contracts import JobStage, JobStatus, ModelStatus
 from core.db import SessionFactory
 from core.deployments import announce, request_deployment
 from core.jobs import LeaseLost, add_event, finish
-from core.models import Deployment, ModelRecord
+from core.orm import Deployment, ModelRecord
 from core.settings import Settings
 from core.storage import directory_size
 from worker.db import transact

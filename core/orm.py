@@ -1,6 +1,7 @@
-"""ORM models: the single source of truth for files, jobs, events, checkpoints, models and deployments.
+"""The database tables (SQLAlchemy ORM classes): the single source of truth for files, jobs, events, checkpoints,
+published models and deployments. (Named ``orm``, not ``models``: in this product a model is an LLM.)
 
-Public ids are OpenAI-shaped (``file-<hex>``, ``ftjob-<hex>``); the primary keys underneath are UUIDs.
+Public ids are OpenAI-shaped (``file-<hex>``, ``ftjob-<hex>``; ``core.ids``); the primary keys underneath are UUIDs.
 """
 
 from __future__ import annotations
