@@ -15,6 +15,8 @@ from pydantic import (
     model_validator,
 )
 
+from core.http.errors import ErrorResponse
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
@@ -126,17 +128,6 @@ class CompletionBody(OpenAIFields):
 # ------------------------------------------------------------------------------------------- responses
 # What the routes return: FastAPI serialises them and lists them in the OpenAPI schema (clients and schema-driven
 # tests read it). Stream chunks are not in the schema (an SSE body is one string per event there).
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 class Usage(BaseModel):
