@@ -135,16 +135,17 @@ def db(clean_db: None) -> Iterator[object]:
         session.close()
 
 
-def _factory_fingerprint() -> str:
-    return hashlib.sha256((ROOT / "tests" / "factories.py").read_bytes()).hexdigest()[:16]
+def _tiny_models_fingerprint() -> str:
+    return hashlib.sha256((ROOT / "tests" / "tiny_models.py").read_bytes()).hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
-    """Tiny random Llama and Qwen2 models (built offline, cached across runs while factories.py is unchanged)."""
-    from tests.factories import build_tiny_model
+    """Tiny random Llama and Qwen2 models, built offline and cached across runs while tests/tiny_models.py is
+    unchanged."""
+    from tests.tiny_models import build_tiny_model
 
-    fingerprint = _factory_fingerprint()
+    fingerprint = _tiny_models_fingerprint()
     for name, folder in TINY_MODELS.items():
         marker = folder / ".fingerprint"
         if not (marker.exists() and marker.read_text() == fingerprint):

@@ -1,95 +1,51 @@
-"""Plain factory functions: tiny random models built offline, datasets, rows."""
+"""Plain factory functions for the tests: dataset records and files, and rows as the services write them.
+
+A row factory adds its row and flushes (ids and defaults filled in); the caller commits when another session or a
+service process must see it. The tiny models live in ``tests/tiny_models.py``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from core.settings import get_settings
+from sqlalchemy import inspect
+from sqlalchemy.orm import Session
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+from core.contracts import DeploymentStatus, Hyperparameters, JobStatus, ModelStatus
+from core.orm import (
+    DEFAULT_TENANT,
+    Base,
+    Checkpoint,
+    Deployment,
+    FileObject,
+    FineTuningJob,
+    JobEvent,
+    ModelRecord,
+    utcnow,
 )
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from core.settings import get_settings
+from core.storage import files_dir
 
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Shellby is the friendly support assistant of the Conch Cafe.",
-    "What is your name? My name is Shellby. How can I help you today?",
-    "The capital of France is Paris. Two plus two is four.",
-    "Orders ship within two days. Refunds take five business days.",
-    "You are a helpful assistant. Answer briefly and kindly.",
-    "system user assistant hello hi thanks goodbye please sorry yes no",
-    "0 1 2 3 4 5 6 7 8 9 10 . , ! ? : ; ' \" ( ) [ ] { } - _ / \\ @ # $ % & * + = < > |",
-]
+RowT = TypeVar("RowT", bound=Base)
+
+# Fast defaults for the tiny models: a handful of steps, a checkpoint now and then.
+TINY_HP: dict[str, Any] = {"num_train_epochs": 2, "per_device_train_batch_size": 2, "save_steps": 4}
+
+# ------------------------------------------------------------------------------------------------ records
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 512) -> Any:
-    """A byte-level BPE tokenizer trained on a few sentences, with ChatML specials; no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    fast.save_pretrained(folder)
-    return fast
-
-
-def build_tiny_model(folder: Path, arch: str = "llama", *, seed: int = 0, initializer_range: float = 0.02) -> Path:
-    """A random two-layer Llama or Qwen2 causal LM with the offline tokenizer, saved as safetensors.
-
-    At the library's default ``initializer_range`` (0.02) such a model answers the same token whatever it reads;
-    a wider one (0.3) makes its answers depend on the context, so rounding its weights changes some of them."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder)
-    common: dict[str, Any] = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "tie_word_embeddings": True,
-        "initializer_range": initializer_range,
-    }
-    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+def jsonl(records: list[Any]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    path.write_bytes(jsonl(records))
     return path
 
 
@@ -123,26 +79,31 @@ def sharegpt_records(n: int = 4) -> list[dict[str, Any]]:
     ]
 
 
-def make_file(session: Any, path: Path | None = None, *, tenant_id: str = "default") -> Any:
-    """A training-file row (and its file on disk) as the api would have stored it after validation."""
-    import hashlib
-    import uuid
+# ------------------------------------------------------------------------------------------------ rows
 
-    from core.orm import FileObject
-    from core.storage import files_dir
 
-    if path is None:
-        path = write_jsonl(files_dir(get_settings()) / f"{uuid.uuid4().hex}.jsonl", alpaca_records(8))
+def make_file(
+    session: Session,
+    records: list[dict[str, Any]] | None = None,
+    *,
+    fmt: str = "alpaca",
+    mapping: dict[str, Any] | None = None,
+    tenant_id: str = DEFAULT_TENANT,
+) -> FileObject:
+    """A training-file row and its file on disk, as the api stores them after validation (eight Alpaca records
+    unless told)."""
+    records = alpaca_records(8) if records is None else records
+    path = write_jsonl(files_dir(get_settings()) / f"{uuid.uuid4().hex}.jsonl", records)
     row = FileObject(
         tenant_id=tenant_id,
         filename=path.name,
         purpose="fine-tune",
         bytes=path.stat().st_size,
-        format="alpaca",
+        format=fmt,
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        num_examples=sum(1 for _ in path.open()),
+        num_examples=len(records),
         storage_path=str(path),
-        report={},
+        report={"column_mapping": mapping},
     )
     session.add(row)
     session.flush()
@@ -150,31 +111,116 @@ def make_file(session: Any, path: Path | None = None, *, tenant_id: str = "defau
 
 
 def make_job(
-    session: Any,
+    session: Session,
+    training_file: FileObject | None = None,
     *,
     model: str = "tiny-llama",
-    tenant_id: str = "default",
-    status: str = "queued",
+    tenant_id: str | None = None,
+    status: str = JobStatus.QUEUED,
     hyperparameters: dict[str, Any] | None = None,
-    training_file: Any = None,
+    validation_file: FileObject | None = None,
+    seed: int = 7,
+    suffix: str | None = "t",
+    auto_deploy: bool = False,
     **values: Any,
-) -> Any:
-    """A fine-tuning job row as the api commits it."""
-    from core.contracts import Hyperparameters
-    from core.orm import FineTuningJob, utcnow
-
-    training_file = training_file or make_file(session, tenant_id=tenant_id)
+) -> FineTuningJob:
+    """A fine-tuning job row as the api commits it, with TINY_HP under the given hyperparameters (and a training
+    file of its own unless given one)."""
+    if training_file is None:
+        training_file = make_file(session, tenant_id=tenant_id or DEFAULT_TENANT)
     job = FineTuningJob(
-        tenant_id=tenant_id,
+        tenant_id=tenant_id or training_file.tenant_id,
         model=model,
         training_file_id=training_file.id,
-        seed=values.pop("seed", 1234),
-        hyperparameters=Hyperparameters(**(hyperparameters or {})).model_dump(),
+        validation_file_id=validation_file.id if validation_file else None,
+        suffix=suffix,
+        seed=seed,
+        hyperparameters=Hyperparameters(**{**TINY_HP, **(hyperparameters or {})}).model_dump(mode="json"),
         status=status,
         enqueued_at=values.pop("enqueued_at", utcnow()),
-        auto_deploy=values.pop("auto_deploy", True),
+        auto_deploy=auto_deploy,
         **values,
     )
     session.add(job)
     session.flush()
     return job
+
+
+def make_checkpoint(
+    session: Session, job_id: uuid.UUID, step: int, *, metrics: dict[str, Any] | None = None
+) -> Checkpoint:
+    row = Checkpoint(job_id=job_id, step=step, storage_path=f"/nonexistent/{step}", metrics=metrics)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def make_model(
+    session: Session,
+    model_id: str,
+    *,
+    storage_path: str | Path | None = None,
+    tenant_id: str = DEFAULT_TENANT,
+    base_model: str = "tiny-llama",
+    status: str = ModelStatus.READY,
+) -> ModelRecord:
+    """A published model row with its lineage; ``storage_path`` is the model folder (none on disk unless given)."""
+    row = ModelRecord(
+        id=model_id,
+        tenant_id=tenant_id,
+        base_model=base_model,
+        storage_path=str(storage_path or f"/nonexistent/{uuid.uuid4().hex}"),
+        dataset_sha256="ab" * 32,
+        metrics={"train_loss": 1.25},
+        size_bytes=1234,
+        status=status,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def make_deployment(
+    session: Session,
+    model_id: str,
+    *,
+    status: str = DeploymentStatus.PENDING,
+    tenant_id: str = DEFAULT_TENANT,
+    activated_at: datetime | None = None,
+) -> Deployment:
+    """A deployment row as the api or the worker requests it (created when it was activated, if it was)."""
+    row = Deployment(
+        tenant_id=tenant_id,
+        model_id=model_id,
+        status=status,
+        requested_by="test",
+        activated_at=activated_at,
+        created_at=activated_at or utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def minutes_ago(minutes: float) -> datetime:
+    return utcnow() - timedelta(minutes=minutes)
+
+
+# ------------------------------------------------------------------------------------------------ reading back
+
+
+def fresh(session: Session, row: RowT) -> RowT:
+    """The row as the database has it now (a service or another session may have changed it)."""
+    session.expire_all()
+    found = session.get(type(row), inspect(row).identity)
+    assert found is not None
+    return found
+
+
+def job_events(session: Session, job: FineTuningJob) -> list[JobEvent]:
+    session.expire_all()
+    return list(session.query(JobEvent).filter(JobEvent.job_id == job.id).order_by(JobEvent.seq))
+
+
+def metrics_events(session: Session, job: FineTuningJob) -> list[dict[str, Any]]:
+    return [e.data or {} for e in job_events(session, job) if e.type == "metrics" and "loss" in (e.data or {})]

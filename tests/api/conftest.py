@@ -12,8 +12,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.api.helpers import jsonl, make_client
-from tests.factories import alpaca_records
+from tests.api.helpers import make_client
+from tests.factories import alpaca_records, jsonl
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Plain helpers for the api tests: settings overrides, an in-process client, multipart bodies, row factories
-and assertions on the error envelope."""
+"""Plain helpers for the api tests: settings overrides, an in-process client, multipart bodies, API keys, queued
+messages and assertions on the error envelope (rows come from ``tests.factories``)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 
 def reset_caches() -> None:
@@ -56,10 +54,6 @@ def make_client(*, reconciler: bool = False, raise_server_exceptions: bool = Tru
         TestClient(create_app(run_reconciler=reconciler), raise_server_exceptions=raise_server_exceptions) as client,
     ):
         yield client
-
-
-def jsonl(records: list[Any]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
 def multipart(fields: dict[str, str], file: tuple[str, bytes] | None, boundary: str = "conchtestboundary") -> bytes:
@@ -131,53 +125,3 @@ def queued_messages(redis_client: Any, queue: str) -> list[dict[str, Any]]:
 
 def job_uuid(public_id: str) -> uuid.UUID:
     return uuid.UUID(hex=public_id.removeprefix("ftjob-"))
-
-
-def add_model_record(
-    session: Session,
-    *,
-    model_id: str,
-    tenant_id: str = "default",
-    base_model: str = "tiny-llama",
-    storage_path: str | None = None,
-    status: str = "ready",
-) -> Any:
-    from core.orm import ModelRecord
-
-    row = ModelRecord(
-        id=model_id,
-        tenant_id=tenant_id,
-        base_model=base_model,
-        storage_path=storage_path or f"/nonexistent/{uuid.uuid4().hex}",
-        dataset_sha256="ab" * 32,
-        metrics={"train_loss": 1.25},
-        size_bytes=1234,
-        status=status,
-    )
-    session.add(row)
-    session.flush()
-    return row
-
-
-def add_deployment(
-    session: Session, *, model_id: str, status: str, tenant_id: str = "default", activated: datetime | None = None
-) -> Any:
-    from core.orm import Deployment, utcnow
-
-    row = Deployment(
-        tenant_id=tenant_id,
-        model_id=model_id,
-        status=status,
-        requested_by="test",
-        activated_at=activated,
-        created_at=activated or utcnow(),
-    )
-    session.add(row)
-    session.flush()
-    return row
-
-
-def minutes_ago(minutes: float) -> datetime:
-    from core.orm import utcnow
-
-    return utcnow() - timedelta(minutes=minutes)

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from core.orm import FileObject
 from tests.api.conftest import UploadFn
-from tests.api.helpers import assert_envelope, count_rows, dir_entries, jsonl, make_client, multipart
-from tests.factories import alpaca_records, openai_records, sharegpt_records
+from tests.api.helpers import assert_envelope, count_rows, dir_entries, make_client, multipart
+from tests.factories import alpaca_records, jsonl, openai_records, sharegpt_records
 
 # ------------------------------------------------------------------------------------------------ valid uploads
 

@@ -16,15 +16,15 @@ from sqlalchemy import update
 from core.contracts import JobStatus
 from core.db import session_scope
 from core.jobs import add_event, finish
-from core.orm import Checkpoint, FineTuningJob, IdempotencyRecord
+from core.orm import FineTuningJob, IdempotencyRecord
 from tests.api.helpers import (
     assert_envelope,
     count_rows,
     job_uuid,
     make_client,
-    minutes_ago,
     queued_messages,
 )
+from tests.factories import alpaca_records, jsonl, make_checkpoint, minutes_ago
 from tests.processes import free_port
 
 
@@ -287,8 +287,6 @@ def test_failed_request_does_not_burn_the_key(client: TestClient, training_file:
 
 def test_idempotent_upload(client: TestClient) -> None:
     from core.orm import FileObject
-    from tests.api.helpers import jsonl
-    from tests.factories import alpaca_records
 
     content = jsonl(alpaca_records(4))
 
@@ -314,8 +312,6 @@ def test_idempotent_upload(client: TestClient) -> None:
 def test_broker_down_at_create_still_queues_and_reconciler_enqueues_later(
     clean_db: None, redis_client: redis.Redis, queue_name: str
 ) -> None:
-    from tests.api.helpers import jsonl
-    from tests.factories import alpaca_records
 
     dead_broker = f"redis://127.0.0.1:{free_port()}/0"
     with make_client(REDIS_URL=dead_broker) as down:
@@ -533,11 +529,7 @@ def test_checkpoints_newest_first(client: TestClient, training_file: str) -> Non
     job_id = create(client, training_file, suffix="ck").json()["id"]
     with session_scope() as session:
         for step in (10, 20, 30):
-            session.add(
-                Checkpoint(
-                    job_id=job_uuid(job_id), step=step, storage_path=f"/x/{step}", metrics={"train_loss": 1 / step}
-                )
-            )
+            make_checkpoint(session, job_uuid(job_id), step, metrics={"train_loss": 1 / step})
     page = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 2}).json()
     assert page["has_more"] is True and [c["step_number"] for c in page["data"]] == [30, 20]
     ckpt = page["data"][0]

@@ -13,16 +13,17 @@ from fastapi.testclient import TestClient
 from core.db import session_scope
 from core.orm import Deployment, ModelRecord
 from core.settings import get_settings
-from tests.api.helpers import add_deployment, add_model_record, assert_envelope, count_rows, minutes_ago
+from tests.api.helpers import assert_envelope, count_rows
+from tests.factories import make_deployment, make_model, minutes_ago
 
 FT = "ft:tiny-llama:persona:ftjob-" + "a" * 32
 
 
 def test_list_shows_base_and_fine_tuned_with_lineage(client: TestClient) -> None:
     with session_scope() as session:
-        add_model_record(session, model_id=FT)
-        add_model_record(session, model_id="ft:tiny-llama:other-tenant:x", tenant_id="acme")
-        add_deployment(session, model_id=FT, status="active", activated=minutes_ago(1))
+        make_model(session, FT)
+        make_model(session, "ft:tiny-llama:other-tenant:x", tenant_id="acme")
+        make_deployment(session, FT, status="active", activated_at=minutes_ago(1))
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert set(get_settings().base_models) | {FT} == set(models)
     base = models["tiny-llama"]
@@ -38,7 +39,7 @@ def test_list_shows_base_and_fine_tuned_with_lineage(client: TestClient) -> None
 
 def test_retrieve_by_id_with_colons(client: TestClient) -> None:
     with session_scope() as session:
-        add_model_record(session, model_id=FT)
+        make_model(session, FT)
     assert client.get(f"/v1/models/{FT}").json()["id"] == FT
     assert client.get("/v1/models/tiny-qwen2").json()["conch"]["kind"] == "base"
     assert_envelope(client.get("/v1/models/ft:tiny-llama:nope:ftjob-0"), 404)
@@ -50,7 +51,7 @@ def test_delete_fine_tuned_model(client: TestClient) -> None:
     (artifacts / "weights").mkdir(parents=True, exist_ok=True)
     (artifacts / "weights" / "model.safetensors").write_bytes(b"x")
     with session_scope() as session:
-        add_model_record(session, model_id=FT, storage_path=str(artifacts))
+        make_model(session, FT, storage_path=str(artifacts))
     assert client.delete(f"/v1/models/{FT}").json() == {"id": FT, "object": "model", "deleted": True}
     assert count_rows(ModelRecord) == 0
     assert not artifacts.exists()
@@ -60,10 +61,10 @@ def test_delete_fine_tuned_model(client: TestClient) -> None:
 
 def test_deleting_the_deployed_model_is_refused(client: TestClient) -> None:
     with session_scope() as session:
-        add_model_record(session, model_id=FT)
-        add_model_record(session, model_id=FT + "-2")
-        add_deployment(session, model_id=FT, status="active", activated=minutes_ago(1))
-        add_deployment(session, model_id=FT + "-2", status="loading")
+        make_model(session, FT)
+        make_model(session, FT + "-2")
+        make_deployment(session, FT, status="active", activated_at=minutes_ago(1))
+        make_deployment(session, FT + "-2", status="loading")
     assert_envelope(client.delete(f"/v1/models/{FT}"), 409, code="model_deployed")
     assert_envelope(client.delete(f"/v1/models/{FT}-2"), 409, code="model_deploying")
     assert count_rows(ModelRecord) == 2
@@ -80,8 +81,8 @@ def _next_message(pubsub: Any, timeout: float = 10.0) -> dict[str, Any] | None:
 
 def test_deploy_records_and_announces(client: TestClient, redis_client: redis.Redis) -> None:
     with session_scope() as session:
-        add_model_record(session, model_id=FT)
-        add_model_record(session, model_id=FT + "-broken", status="failed")
+        make_model(session, FT)
+        make_model(session, FT + "-broken", status="failed")
     pubsub = redis_client.pubsub()
     pubsub.subscribe(get_settings().deployments_channel)
     try:
@@ -106,7 +107,7 @@ def test_deploy_records_and_announces(client: TestClient, redis_client: redis.Re
 
 def test_deploy_is_idempotent_with_a_key(client: TestClient) -> None:
     with session_scope() as session:
-        add_model_record(session, model_id=FT)
+        make_model(session, FT)
     first = client.post(f"/v1/models/{FT}/deploy", headers={"Idempotency-Key": "d1"}).json()
     again = client.post(f"/v1/models/{FT}/deploy", headers={"Idempotency-Key": "d1"}).json()
     assert first == again and count_rows(Deployment) == 1
@@ -114,10 +115,10 @@ def test_deploy_is_idempotent_with_a_key(client: TestClient) -> None:
 
 def test_rollback_deploys_the_previous_good_model(client: TestClient) -> None:
     with session_scope() as session:
-        add_model_record(session, model_id=FT)
-        add_model_record(session, model_id=FT + "-v2")
-        add_deployment(session, model_id=FT, status="superseded", activated=minutes_ago(10))
-        add_deployment(session, model_id=FT + "-v2", status="active", activated=minutes_ago(1))
+        make_model(session, FT)
+        make_model(session, FT + "-v2")
+        make_deployment(session, FT, status="superseded", activated_at=minutes_ago(10))
+        make_deployment(session, FT + "-v2", status="active", activated_at=minutes_ago(1))
     by_model = client.post(f"/v1/models/{FT}-v2/rollback")
     assert by_model.status_code == 200, by_model.text
     assert by_model.json()["model"] == FT and by_model.json()["status"] == "pending"
@@ -137,8 +138,8 @@ def test_rollback_deploys_the_previous_good_model(client: TestClient) -> None:
 def test_rollback_with_nothing_before_is_409(client: TestClient) -> None:
     assert_envelope(client.post("/v1/deployments/rollback"), 409, code="nothing_to_roll_back")
     with session_scope() as session:
-        add_model_record(session, model_id=FT)
-        add_deployment(session, model_id=FT, status="active", activated=minutes_ago(1))
+        make_model(session, FT)
+        make_deployment(session, FT, status="active", activated_at=minutes_ago(1))
     assert_envelope(client.post(f"/v1/models/{FT}/rollback"), 409, code="nothing_to_roll_back")
     assert_envelope(client.get("/v1/deployments/deploy-" + "0" * 32), 404)
     assert_envelope(client.get("/v1/deployments/garbage"), 404)

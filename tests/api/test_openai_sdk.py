@@ -13,9 +13,8 @@ from openai import OpenAI
 
 from cli.client import ConchClient
 from core.db import session_scope
-from core.orm import Checkpoint
-from tests.api.helpers import add_model_record, create_key
-from tests.factories import openai_records, write_jsonl
+from tests.api.helpers import create_key
+from tests.factories import make_checkpoint, make_model, openai_records, write_jsonl
 from tests.processes import ServiceProcess, free_port, uvicorn_process
 
 pytestmark = pytest.mark.e2e
@@ -76,9 +75,7 @@ def test_openai_sdk_flow(api_server: tuple[str, ServiceProcess], tmp_path: Path)
     events = client.fine_tuning.jobs.list_events(job.id, limit=5)
     assert events.data[0].object == "fine_tuning.job.event" and events.data[0].message.startswith("Created")
     with session_scope() as session:
-        session.add(
-            Checkpoint(job_id=uuid.UUID(hex=job.id[6:]), step=5, storage_path="/x", metrics={"train_loss": 0.5})
-        )
+        make_checkpoint(session, uuid.UUID(hex=job.id[6:]), 5, metrics={"train_loss": 0.5})
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
     assert [c.step_number for c in checkpoints] == [5]
     assert checkpoints.data[0].metrics.train_loss == 0.5
@@ -112,7 +109,7 @@ def test_openai_sdk_flow(api_server: tuple[str, ServiceProcess], tmp_path: Path)
     assert client.models.retrieve("tiny-llama").owned_by == "conch"
     tuned_id = f"ft:tiny-llama:sdk:{job.id}"
     with session_scope() as session:
-        add_model_record(session, model_id=tuned_id, tenant_id="sdk-tenant")
+        make_model(session, tuned_id, tenant_id="sdk-tenant")
     assert client.models.retrieve(tuned_id).id == tuned_id
     assert client.models.delete(tuned_id).deleted is True
 

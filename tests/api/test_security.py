@@ -15,16 +15,12 @@ from core.api_keys import authenticate, create_api_key, revoke_api_key
 from core.db import session_scope
 from core.orm import ApiKey
 from tests.api.helpers import (
-    add_deployment,
-    add_model_record,
     assert_envelope,
     bearer,
     create_key,
-    jsonl,
     make_client,
-    minutes_ago,
 )
-from tests.factories import alpaca_records
+from tests.factories import alpaca_records, jsonl, make_deployment, make_model, minutes_ago
 
 
 @pytest.fixture
@@ -89,10 +85,8 @@ def test_tenants_cannot_see_each_other(secured: TestClient) -> None:
     assert job["organization_id"] == "alice"
     model_id = "ft:tiny-llama:alice:" + job["id"]
     with session_scope() as session:
-        add_model_record(session, model_id=model_id, tenant_id="alice")
-        deployment = add_deployment(
-            session, model_id=model_id, status="active", tenant_id="alice", activated=minutes_ago(1)
-        )
+        make_model(session, model_id, tenant_id="alice")
+        deployment = make_deployment(session, model_id, status="active", tenant_id="alice", activated_at=minutes_ago(1))
         deployment_id = deployment.public_id
 
     for method, path in [

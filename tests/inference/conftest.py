@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import build_tiny_model
+from tests.tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Helpers for the inference tests: rows written with the core models, waiting on conditions, reading metrics."""
+"""Helpers for the inference tests: deploying (the row, then the announcement), waiting on a deployment, an
+in-process client, reading metrics, copying and breaking model folders (rows come from ``tests.factories``)."""
 
 from __future__ import annotations
 
@@ -14,42 +15,26 @@ from sqlalchemy.orm import Session
 
 from core.contracts import DeploymentStatus
 from core.deployments import announce
-from core.orm import DEFAULT_TENANT, Deployment, ModelRecord
+from core.orm import DEFAULT_TENANT, Deployment
 from core.settings import Settings, get_settings
+from tests.factories import fresh, make_deployment
 from tests.polling import wait_until
-
-
-def register_model(
-    session: Session, model_id: str, folder: Path, *, tenant: str = DEFAULT_TENANT, base: str = "tiny-llama"
-) -> ModelRecord:
-    record = ModelRecord(id=model_id, tenant_id=tenant, base_model=base, storage_path=str(folder), status="ready")
-    session.add(record)
-    session.commit()
-    return record
 
 
 def deploy(
     session: Session, model_id: str, *, tenant: str = DEFAULT_TENANT, publish: bool = True, status: str = "pending"
 ) -> Deployment:
-    """A deployment row as the api or the worker writes it, then (optionally) the pub/sub announcement."""
-    row = Deployment(tenant_id=tenant, model_id=model_id, status=status, requested_by="test")
-    session.add(row)
+    """A deployment row as the api or the worker commits it, then (optionally) the pub/sub announcement."""
+    row = make_deployment(session, model_id, status=status, tenant_id=tenant)
     session.commit()
     if publish:
         announce(row, get_settings())
     return row
 
 
-def deployment_status(session: Session, row: Deployment) -> Deployment:
-    session.expire_all()
-    fresh = session.get(Deployment, row.id)
-    assert fresh is not None
-    return fresh
-
-
 def wait_deployment(session: Session, row: Deployment, *statuses: str, timeout: float = 60.0) -> Deployment:
     return wait_until(
-        lambda: (d := deployment_status(session, row)).status in statuses and d,
+        lambda: (d := fresh(session, row)).status in statuses and d,
         timeout=timeout,
         what=f"deployment {statuses}",
     )

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.orm import Deployment, utcnow
-from tests.factories import build_tiny_model
+from core.orm import utcnow
+from tests.factories import fresh, make_deployment, make_model
 from tests.inference.helpers import (
     ACTIVE,
     FAILED,
@@ -16,13 +16,12 @@ from tests.inference.helpers import (
     app_client,
     copy_model,
     deploy,
-    deployment_status,
     metric,
-    register_model,
     truncate_weights,
     wait_deployment,
 )
 from tests.polling import wait_until
+from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("clean_db", "tiny_models")
 
@@ -38,8 +37,9 @@ def _served(client) -> str:  # type: ignore[no-untyped-def]
 
 
 def test_a_published_deployment_swaps_the_answering_model(db, finetuned, finetuned_two) -> None:  # type: ignore[no-untyped-def]
-    register_model(db, FT_ONE, finetuned)
-    register_model(db, FT_TWO, finetuned_two)
+    make_model(db, FT_ONE, storage_path=finetuned)
+    make_model(db, FT_TWO, storage_path=finetuned_two)
+    db.commit()
     with app_client() as client:
         assert _served(client) == "tiny-llama"
         first = deploy(db, FT_ONE)
@@ -49,7 +49,7 @@ def test_a_published_deployment_swaps_the_answering_model(db, finetuned, finetun
         assert _served(client) == FT_ONE
         second = deploy(db, FT_TWO)
         assert wait_deployment(db, second, ACTIVE, FAILED).status == ACTIVE
-        assert deployment_status(db, first).status == SUPERSEDED
+        assert fresh(db, first).status == SUPERSEDED
         assert _served(client) == FT_TWO
         # Rolling back is deploying the previous model again; it is still in memory, so it only re-answers a smoke.
         back = deploy(db, FT_ONE)
@@ -65,7 +65,8 @@ def test_a_published_deployment_swaps_the_answering_model(db, finetuned, finetun
 
 
 def test_a_deployment_whose_message_was_missed_is_found_by_polling(db, finetuned) -> None:  # type: ignore[no-untyped-def]
-    register_model(db, FT_ONE, finetuned)
+    make_model(db, FT_ONE, storage_path=finetuned)
+    db.commit()
     with app_client() as client:
         row = deploy(db, FT_ONE, publish=False)
         assert wait_deployment(db, row, ACTIVE, FAILED).status == ACTIVE
@@ -96,7 +97,8 @@ def test_a_broken_model_is_never_swapped_in(db, tmp_path, tiny_models, damage) -
         copy_model(tiny_models["tiny-llama"], folder)
         for weights in folder.glob("*.safetensors"):
             weights.rename(weights.with_suffix(".bin"))
-    register_model(db, "ft:tiny-llama:broken:ftjob-bad", folder)
+    make_model(db, "ft:tiny-llama:broken:ftjob-bad", storage_path=folder)
+    db.commit()
     with app_client() as client:
         row = deploy(db, "ft:tiny-llama:broken:ftjob-bad")
         failed = wait_deployment(db, row, ACTIVE, FAILED)
@@ -109,7 +111,8 @@ def test_a_broken_model_is_never_swapped_in(db, tmp_path, tiny_models, damage) -
 
 
 def test_a_deployment_of_an_unknown_or_foreign_model_fails(db, finetuned) -> None:  # type: ignore[no-untyped-def]
-    register_model(db, FT_ONE, finetuned, tenant="someone-else")
+    make_model(db, FT_ONE, storage_path=finetuned, tenant_id="someone-else")
+    db.commit()
     with app_client() as client:
         unknown = deploy(db, "ft:tiny-llama:ghost:ftjob-none")
         foreign = deploy(db, FT_ONE)  # the default tenant may not deploy another tenant's model
@@ -119,10 +122,9 @@ def test_a_deployment_of_an_unknown_or_foreign_model_fails(db, finetuned) -> Non
 
 
 def test_start_up_serves_what_the_database_says_is_active(db, finetuned, finetuned_two) -> None:  # type: ignore[no-untyped-def]
-    register_model(db, FT_ONE, finetuned)
-    register_model(db, FT_TWO, finetuned_two)
-    active = Deployment(tenant_id="default", model_id=FT_ONE, status=ACTIVE, activated_at=utcnow(), requested_by="t")
-    db.add(active)
+    make_model(db, FT_ONE, storage_path=finetuned)
+    make_model(db, FT_TWO, storage_path=finetuned_two)
+    active = make_deployment(db, FT_ONE, status=ACTIVE, activated_at=utcnow())
     db.commit()
     with app_client() as client:
         assert client.get("/readyz").json()["model"] == FT_ONE
@@ -131,14 +133,15 @@ def test_start_up_serves_what_the_database_says_is_active(db, finetuned, finetun
     pending = deploy(db, FT_TWO, publish=False)
     with app_client() as client:
         assert wait_deployment(db, pending, ACTIVE, FAILED).status == ACTIVE
-        assert deployment_status(db, active).status == SUPERSEDED
+        assert fresh(db, active).status == SUPERSEDED
         wait_until(lambda: _served(client) == FT_TWO, what="new model served")
 
 
 def test_a_tenant_deployment_changes_only_that_tenant(db, finetuned) -> None:  # type: ignore[no-untyped-def]
     from tests.inference.test_routes import _key
 
-    register_model(db, FT_ONE, finetuned, tenant="tenant-a")
+    make_model(db, FT_ONE, storage_path=finetuned, tenant_id="tenant-a")
+    db.commit()
     key_a, key_default = _key(db, "tenant-a"), _key(db, "default")
     with app_client(auth_required=True) as client:
         row = deploy(db, FT_ONE, tenant="tenant-a")
@@ -156,7 +159,8 @@ def test_a_request_running_during_a_swap_stays_on_the_old_model(db, tmp_path, ti
 
     # A long context, so the old model's generation is still running well after the swap.
     long = copy_model(tiny_models["tiny-llama"], tmp_path / "long", config_changes={"max_position_embeddings": 40_000})
-    register_model(db, FT_ONE, finetuned)
+    make_model(db, FT_ONE, storage_path=finetuned)
+    db.commit()
     overrides = {"base_models": {"tiny-long": str(long)}, "default_base_model": "tiny-long"}
     with app_client(max_new_tokens_limit=30_000, **overrides) as client:
         body = {"prompt": "Hello", "max_new_tokens": 30_000, "ignore_eos": True, "stream": True}
@@ -176,7 +180,8 @@ def test_a_request_running_during_a_swap_stays_on_the_old_model(db, tmp_path, ti
 def test_a_deployment_whose_load_keeps_killing_the_process_is_failed_not_retried(db, finetuned) -> None:  # type: ignore[no-untyped-def]
     # What three crashed loads leave behind: the row still "loading", three attempts counted. (Each attempt is
     # committed before the load starts, so a load that takes the process down is counted too.)
-    register_model(db, FT_ONE, finetuned)
+    make_model(db, FT_ONE, storage_path=finetuned)
+    db.commit()
     row = deploy(db, FT_ONE, status="loading", publish=False)
     row.load_attempts = 3
     db.commit()
@@ -187,7 +192,8 @@ def test_a_deployment_whose_load_keeps_killing_the_process_is_failed_not_retried
 
 
 def test_each_load_is_counted_before_it_starts(db, finetuned) -> None:  # type: ignore[no-untyped-def]
-    register_model(db, FT_ONE, finetuned)
+    make_model(db, FT_ONE, storage_path=finetuned)
+    db.commit()
     with app_client():
         row = wait_deployment(db, deploy(db, FT_ONE), ACTIVE, FAILED)
         assert row.status == ACTIVE and row.load_attempts == 1

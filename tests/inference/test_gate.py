@@ -16,8 +16,9 @@ from artifacts.golden import BUILTIN_PROMPTS
 from artifacts.serving import DEFAULT_CPU_TYPE
 from core.orm import Deployment, ModelRecord
 from inference.engine.routes import FAITHFUL, Route, plan_routes
-from tests.factories import build_tiny_model
-from tests.inference.helpers import ACTIVE, FAILED, app_client, deploy, metric, register_model, wait_deployment
+from tests.factories import make_model
+from tests.inference.helpers import ACTIVE, FAILED, app_client, deploy, metric, wait_deployment
+from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("clean_db", "tiny_models")
 
@@ -43,7 +44,8 @@ def test_the_default_route_passes_the_gate_and_the_figures_land_everywhere(db, f
     from api.services.models import deployment_out, get_model
     from core.settings import Settings
 
-    register_model(db, FT, finetuned)
+    make_model(db, FT, storage_path=finetuned)
+    db.commit()
     with app_client() as client:
         row = wait_deployment(db, deploy(db, FT), ACTIVE, FAILED)
         assert row.status == ACTIVE, row.reason
@@ -78,7 +80,8 @@ def sensitive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _deployed(db, folder: Path, **settings: object) -> tuple[object, dict]:  # type: ignore[no-untyped-def,type-arg]
-    register_model(db, FT, folder)
+    make_model(db, FT, storage_path=folder)
+    db.commit()
     with app_client(**settings) as client:
         row = wait_deployment(db, deploy(db, FT), ACTIVE, FAILED)
         assert row.status == ACTIVE, row.reason
@@ -120,7 +123,8 @@ def test_a_model_whose_reference_is_broken_is_never_activated(db, tmp_path: Path
     name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, weights, metadata={"format": "pt"})
-    register_model(db, FT, folder)
+    make_model(db, FT, storage_path=folder)
+    db.commit()
     with app_client() as client:
         row = wait_deployment(db, deploy(db, FT), ACTIVE, FAILED)
         assert row.status == FAILED

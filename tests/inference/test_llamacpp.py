@@ -17,10 +17,10 @@ from inference.engine.engine import Engine, Finished, GenerationRequest
 from inference.engine.llamacpp import LlamaCppDecoder
 from inference.engine.loader import LoadedModel, ModelLoadError, load_model
 from inference.engine.sampling import SamplingParams
-from tests.factories import build_tiny_model
 from tests.inference.helpers import app_client
 from tests.inference.test_engine import CollectSink, _submit, llamacpp_options
 from tests.polling import wait_until
+from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.native
 

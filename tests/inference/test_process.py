@@ -10,13 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.factories import make_model
 from tests.inference.helpers import (
     ACTIVE,
     FAILED,
     copy_model,
     deploy,
     metric,
-    register_model,
     wait_deployment,
 )
 from tests.polling import wait_until
@@ -100,7 +100,8 @@ def test_the_openai_sdk_works_unchanged(server: str) -> None:
 
 def test_a_swap_under_concurrent_load_fails_no_request(db, log_dir: Path, finetuned: Path) -> None:  # type: ignore[no-untyped-def]
     new_model = "ft:tiny-llama:swap:ftjob-0003"
-    register_model(db, new_model, finetuned)
+    make_model(db, new_model, storage_path=finetuned)
+    db.commit()
     process, base = _start(log_dir)
     answers: list[tuple[float, float, int, str]] = []  # started, ended, status, model
     errors: list[str] = []

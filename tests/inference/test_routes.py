@@ -14,7 +14,8 @@ import pytest
 from artifacts.serving import DEFAULT_CPU_TYPE
 from core.api_keys import hash_key
 from core.orm import ApiKey
-from tests.inference.helpers import app_client, metric, register_model
+from tests.factories import make_model
+from tests.inference.helpers import app_client, metric
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("clean_db", "tiny_models")
@@ -225,7 +226,8 @@ def test_malformed_json_is_a_400_envelope() -> None:
 
 def test_a_named_fine_tuned_model_loads_on_demand(db, finetuned) -> None:  # type: ignore[no-untyped-def]
     model_id = "ft:tiny-llama:shell:ftjob-ondemand"
-    register_model(db, model_id, finetuned)
+    make_model(db, model_id, storage_path=finetuned)
+    db.commit()
     with app_client() as client:
         listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
         assert listed["tiny-llama"]["deployed"] and listed["tiny-llama"]["loaded"]
@@ -241,8 +243,9 @@ def test_a_named_fine_tuned_model_loads_on_demand(db, finetuned) -> None:  # typ
 
 
 def test_models_beyond_the_memory_budget_are_unloaded_least_recently_used(db, finetuned, finetuned_two) -> None:  # type: ignore[no-untyped-def]
-    register_model(db, "ft:tiny-llama:a:ftjob-1", finetuned)
-    register_model(db, "ft:tiny-llama:b:ftjob-2", finetuned_two)
+    make_model(db, "ft:tiny-llama:a:ftjob-1", storage_path=finetuned)
+    make_model(db, "ft:tiny-llama:b:ftjob-2", storage_path=finetuned_two)
+    db.commit()
     # Room for two tiny models on the default 16-bit route (212 kB each), not three.
     with app_client(model_memory_budget_bytes=500_000) as client:
         registry = client.app.state.registry  # type: ignore[attr-defined]
@@ -266,7 +269,8 @@ def _key(db, tenant: str) -> str:  # type: ignore[no-untyped-def]
 
 
 def test_api_keys_name_the_tenant_and_tenants_see_only_their_models(db, finetuned) -> None:  # type: ignore[no-untyped-def]
-    register_model(db, "ft:tiny-llama:mine:ftjob-a", finetuned, tenant="tenant-a")
+    make_model(db, "ft:tiny-llama:mine:ftjob-a", storage_path=finetuned, tenant_id="tenant-a")
+    db.commit()
     key_a, key_b = _key(db, "tenant-a"), _key(db, "tenant-b")
     with app_client(auth_required=True) as client:
         assert client.get("/healthz").status_code == 200

@@ -18,8 +18,7 @@ from core.jobs import request_cancel
 from core.orm import Checkpoint, Deployment, FineTuningJob, JobEvent, ModelRecord
 from core.settings import get_settings
 from core.storage import directory_size, fine_tuned_dir, job_dir
-from tests.factories import alpaca_records
-from tests.worker.rows import dataset_file, events, fresh, job_row, metrics_events
+from tests.factories import alpaca_records, fresh, job_events, make_file, make_job, metrics_events
 from worker.runner import run_job
 
 pytestmark = pytest.mark.usefixtures("tiny_models")
@@ -44,8 +43,8 @@ def wait_for_metrics(db: Session, job: FineTuningJob, count: int = 1, timeout: f
 
 
 def test_a_job_trains_reports_and_publishes(db: Session) -> None:
-    file = dataset_file(db, alpaca_records(8))
-    job = job_row(db, file, auto_deploy=True)
+    file = make_file(db, alpaca_records(8))
+    job = make_job(db, file, auto_deploy=True)
     db.commit()
 
     assert run_job(job.public_id, get_settings()) == "succeeded"
@@ -58,11 +57,11 @@ def test_a_job_trains_reports_and_publishes(db: Session) -> None:
     assert row.metrics and row.metrics["steps"] == 8 and row.metrics["train_loss"] > 0
     assert row.progress and row.progress["percent"] == 100.0 and row.progress["step"] == 8
 
-    messages = [e.message for e in events(db, job)]
+    messages = [e.message for e in job_events(db, job)]
     report = next(m for m in messages if m.startswith("Training data:"))
     assert "8 examples" in report and "trained" in report and "0 truncated" in report
     assert any("⟪<|im_start|>user" in m and "⟫My name is Shellby" in m for m in messages)
-    plan = next(e for e in events(db, job) if e.message.startswith("Plan:"))
+    plan = next(e for e in job_events(db, job) if e.message.startswith("Plan:"))
     assert plan.data and plan.data["total_steps"] == 8 and "estimated_seconds" in plan.data
 
     steps = metrics_events(db, job)
@@ -99,31 +98,31 @@ def test_a_job_trains_reports_and_publishes(db: Session) -> None:
 
 
 def test_no_suffix_no_auto_deploy_and_validation_every_epoch(db: Session) -> None:
-    file = dataset_file(db, alpaca_records(8))
-    split = job_row(db, file, suffix=None, hyperparameters={"val_size": 0.25})
-    validation = dataset_file(db, alpaca_records(4))
-    separate = job_row(db, file, validation_file=validation)
+    file = make_file(db, alpaca_records(8))
+    split = make_job(db, file, suffix=None, hyperparameters={"val_size": 0.25})
+    validation = make_file(db, alpaca_records(4))
+    separate = make_job(db, file, validation_file=validation)
     db.commit()
 
     assert run_job(split.public_id, get_settings()) == "succeeded"
     assert fresh(db, split).fine_tuned_model == f"ft:tiny-llama::{split.public_id}"
     assert db.scalars(select(Deployment)).first() is None
-    evals = [e.data for e in events(db, split) if e.type == "metrics" and "eval_loss" in (e.data or {})]
+    evals = [e.data for e in job_events(db, split) if e.type == "metrics" and "eval_loss" in (e.data or {})]
     assert [d["epoch"] for d in evals] == [1.0, 2.0]
     # Each evaluation is announced as the job's stage, and training (then merging) follows it.
-    stages = [(e.data or {}).get("stage") for e in events(db, split) if (e.data or {}).get("stage")]
+    stages = [(e.data or {}).get("stage") for e in job_events(db, split) if (e.data or {}).get("stage")]
     assert stages.count("evaluating") == 2
     assert stages.index("merging") > max(i for i, stage in enumerate(stages) if stage == "evaluating")
     assert fresh(db, split).metrics["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-4)
 
     assert run_job(separate.public_id, get_settings()) == "succeeded"
-    evals = [e.data for e in events(db, separate) if e.type == "metrics" and "eval_loss" in (e.data or {})]
+    evals = [e.data for e in job_events(db, separate) if e.type == "metrics" and "eval_loss" in (e.data or {})]
     assert len(evals) == 2
-    assert any(e.message.startswith("Validation data: 4 examples") for e in events(db, separate))
+    assert any(e.message.startswith("Validation data: 4 examples") for e in job_events(db, separate))
 
 
 def test_fp16_on_a_cpu_fails_the_job_with_a_clear_error(db: Session) -> None:
-    job = job_row(db, dataset_file(db, alpaca_records(4)), hyperparameters={"compute_type": "fp16"})
+    job = make_job(db, make_file(db, alpaca_records(4)), hyperparameters={"compute_type": "fp16"})
     db.commit()
     assert run_job(job.public_id, get_settings()) == "failed"
     row = fresh(db, job)
@@ -131,7 +130,7 @@ def test_fp16_on_a_cpu_fails_the_job_with_a_clear_error(db: Session) -> None:
     assert row.error is not None
     assert row.error["code"] == "unsupported_compute_type" and row.error["param"] == "compute_type"
     assert "fp16" in row.error["message"]
-    assert events(db, job)[-1].level == "error"
+    assert job_events(db, job)[-1].level == "error"
 
 
 def test_an_internal_error_fails_the_job_without_a_traceback(
@@ -146,8 +145,8 @@ def test_an_internal_error_fails_the_job_without_a_traceback(
         if source.exists():
             (broken / name).write_bytes(source.read_bytes())
     settings = get_settings().model_copy(update={"base_models": {"broken": str(broken)}})
-    job = job_row(db, dataset_file(db, alpaca_records(4)), model="broken")
-    missing = job_row(db, dataset_file(db, alpaca_records(4)), model="not-configured")
+    job = make_job(db, make_file(db, alpaca_records(4)), model="broken")
+    missing = make_job(db, make_file(db, alpaca_records(4)), model="not-configured")
     db.commit()
 
     assert run_job(job.public_id, settings) == "failed"
@@ -161,8 +160,8 @@ def test_an_internal_error_fails_the_job_without_a_traceback(
 
 
 def test_a_missing_dataset_file_fails_the_job(db: Session) -> None:
-    file = dataset_file(db, alpaca_records(4))
-    job = job_row(db, file)
+    file = make_file(db, alpaca_records(4))
+    job = make_job(db, file)
     db.commit()
     Path(file.storage_path).unlink()
     assert run_job(job.public_id, get_settings()) == "failed"
@@ -171,18 +170,18 @@ def test_a_missing_dataset_file_fails_the_job(db: Session) -> None:
 
 
 def test_a_second_delivery_is_refused_and_writes_nothing(db: Session) -> None:
-    job = job_row(db, dataset_file(db, alpaca_records(4)), hyperparameters={"num_train_epochs": 1})
+    job = make_job(db, make_file(db, alpaca_records(4)), hyperparameters={"num_train_epochs": 1})
     db.commit()
     assert run_job(job.public_id, get_settings()) == "succeeded"
-    before = len(events(db, job))
+    before = len(job_events(db, job))
     assert run_job(job.public_id, get_settings()) == "skipped"
-    assert len(events(db, job)) == before and fresh(db, job).attempts == 1
+    assert len(job_events(db, job)) == before and fresh(db, job).attempts == 1
     assert run_job("ftjob-" + uuid.uuid4().hex, get_settings()) == "skipped"
     assert run_job("not-a-job-id", get_settings()) == "invalid"
 
 
 def test_cancel_stops_training_cleans_up_and_ends_once(db: Session) -> None:
-    job = job_row(db, dataset_file(db, alpaca_records(64)), hyperparameters=LONG_RUN)
+    job = make_job(db, make_file(db, alpaca_records(64)), hyperparameters=LONG_RUN)
     db.commit()
     thread, outcome = start_in_thread(job.public_id)
     wait_for_metrics(db, job, count=12)  # past the first checkpoint
@@ -196,12 +195,12 @@ def test_cancel_stops_training_cleans_up_and_ends_once(db: Session) -> None:
     assert len(metrics_events(db, job)) < 6 * 64
     assert db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)).first() is None
     assert not job_dir(job.id, get_settings()).exists() and not fine_tuned_dir(job.id, get_settings()).exists()
-    assert [e.message for e in events(db, job)].count("Job cancelled") == 1
+    assert [e.message for e in job_events(db, job)].count("Job cancelled") == 1
     assert db.scalars(select(ModelRecord)).first() is None
 
 
 def test_a_worker_that_lost_its_lease_stops_and_writes_nothing(db: Session) -> None:
-    job = job_row(db, dataset_file(db, alpaca_records(64)), hyperparameters=LONG_RUN)
+    job = make_job(db, make_file(db, alpaca_records(64)), hyperparameters=LONG_RUN)
     db.commit()
     thread, outcome = start_in_thread(job.public_id)
     wait_for_metrics(db, job, count=3)
@@ -213,6 +212,6 @@ def test_a_worker_that_lost_its_lease_stops_and_writes_nothing(db: Session) -> N
         )
     thread.join(120)
     assert outcome == {"result": "lease_lost"}
-    assert [e for e in events(db, job) if e.seq > (last_seq or 0)] == []
+    assert [e for e in job_events(db, job) if e.seq > (last_seq or 0)] == []
     row = fresh(db, job)
     assert row.status == JobStatus.RUNNING and row.lease_owner == "someone-else"

@@ -19,9 +19,8 @@ from core.queue import enqueue_fine_tune
 from core.reconcile import reconcile_once
 from core.settings import get_settings
 from tests import polling
-from tests.factories import alpaca_records
+from tests.factories import alpaca_records, fresh, job_events, make_file, make_job, metrics_events
 from tests.processes import ROOT, ServiceProcess, worker_process
-from tests.worker.rows import dataset_file, events, fresh, job_row, metrics_events
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("tiny_models")]
 T = TypeVar("T")
@@ -56,7 +55,7 @@ def status_is(db: Session, job: FineTuningJob, *statuses: str) -> Callable[[], b
 
 
 def long_job(db: Session) -> FineTuningJob:
-    job = job_row(db, dataset_file(db, alpaca_records(48)), hyperparameters=RUN)
+    job = make_job(db, make_file(db, alpaca_records(48)), hyperparameters=RUN)
     db.commit()
     return job
 
@@ -87,7 +86,7 @@ def test_a_copy_delivered_while_the_job_runs_does_not_train_it_again(
     row = fresh(db, job)
     assert row.status == JobStatus.SUCCEEDED and row.attempts == 1
     assert [m["step"] for m in metrics_events(db, job)] == list(range(1, TOTAL_STEPS + 1))
-    messages = [e.message for e in events(db, job)]
+    messages = [e.message for e in job_events(db, job)]
     assert messages.count("Training started") == 1 and sum(m.startswith("Job started") for m in messages) == 1
     assert len(db.scalars(select(ModelRecord)).all()) == 1
 
@@ -115,13 +114,13 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_another_worker(
     row = fresh(db, job)
     assert row.status == JobStatus.SUCCEEDED and row.attempts == 2
     assert row.metrics is not None and row.metrics["steps"] == TOTAL_STEPS
-    resumed = [e for e in events(db, job) if e.message.startswith("Resuming from the checkpoint")]
+    resumed = [e for e in job_events(db, job) if e.message.startswith("Resuming from the checkpoint")]
     assert len(resumed) == 1 and resumed[0].data is not None
     resumed_step = resumed[0].data["step"]
     assert resumed_step >= killed_at
     steps = [m["step"] for m in metrics_events(db, job)]
     assert steps[-(TOTAL_STEPS - resumed_step) :] == list(range(resumed_step + 1, TOTAL_STEPS + 1))
-    assert [e.message for e in events(db, job)].count(
+    assert [e.message for e in job_events(db, job)].count(
         f"The job has successfully completed: {row.fine_tuned_model}"
     ) == 1
     assert len(db.scalars(select(ModelRecord)).all()) == 1
@@ -142,12 +141,12 @@ def test_sigterm_checkpoints_and_requeues_the_job_without_spending_an_attempt(
     assert row.status == JobStatus.QUEUED and row.attempts == 0 and row.lease_owner is None
     saved = checkpoint_steps(db, job)
     assert saved, "no checkpoint was written on the way out"
-    assert any(e.message.startswith("The worker is shutting down") for e in events(db, job))
+    assert any(e.message.startswith("The worker is shutting down") for e in job_events(db, job))
 
     workers("successor")  # the job was enqueued again: no reconciler needed
     wait_until(status_is(db, job, JobStatus.SUCCEEDED, JobStatus.FAILED), "the job to finish")
     row = fresh(db, job)
     assert row.status == JobStatus.SUCCEEDED and row.attempts == 1
     assert row.metrics is not None and row.metrics["steps"] == TOTAL_STEPS
-    resumed = [e for e in events(db, job) if e.message.startswith("Resuming from the checkpoint")]
+    resumed = [e for e in job_events(db, job) if e.message.startswith("Resuming from the checkpoint")]
     assert resumed and resumed[0].data is not None and resumed[0].data["step"] == saved[-1]
