@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -21,6 +21,8 @@ from sqlalchemy.orm import Session
 
 from core.errors import Conflict, ValidationFailed
 from core.orm import IdempotencyRecord
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,8 @@ def remember(
 
 
 def respond_once(
-    session: Session, *, tenant_id: str, key: str | None, route: str, req_hash: str, create: Callable[[], BaseModel]
-) -> BaseModel | JSONResponse:
+    session: Session, *, tenant_id: str, key: str | None, route: str, req_hash: str, create: Callable[[], ModelT]
+) -> ModelT | JSONResponse:
     """Run ``create`` and remember its answer under ``key``; a retry with the same key gets that answer back."""
     if key:
         replay = find_replay(session, tenant_id=tenant_id, key=key, route=route, req_hash=req_hash)

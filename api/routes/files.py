@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
@@ -55,7 +55,7 @@ async def upload_file(
     principal: PrincipalDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
-) -> Any:
+) -> FileOut | JSONResponse:
     check_declared_length(request.headers.get("content-length"), settings.max_upload_bytes)
     folder = files_dir(settings)
     upload = await receive_upload(

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -32,7 +33,7 @@ def create_job(
     principal: PrincipalDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
-) -> Any:
+) -> JobOut | JSONResponse:
     route = f"POST {request.url.path}"
     req_hash = idempotency.request_hash(body.model_dump(mode="json", exclude_unset=True))
     return idempotency.respond_once(

@@ -6,15 +6,17 @@ id is matched with a path converter; the deploy and rollback routes are declared
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
 from api.http import idempotency
 from api.schemas import ERROR_RESPONSES, DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
 from api.services import models as service
 from core.api_keys import Principal
+from core.orm import Deployment
 
 router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
@@ -24,8 +26,8 @@ def _with_idempotency(
     session: SessionDep,
     principal: Principal,
     idempotency_key: str | None,
-    create: Any,
-) -> Any:
+    create: Callable[[], Deployment],
+) -> DeploymentOut | JSONResponse:
     """Deploy-like POSTs have no body: the key, the route and the path identify the request."""
     return idempotency.respond_once(
         session,
@@ -50,7 +52,7 @@ def deploy_model(
     principal: PrincipalDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
-) -> Any:
+) -> DeploymentOut | JSONResponse:
     return _with_idempotency(
         request,
         session,
@@ -74,7 +76,7 @@ def rollback_model(
     principal: PrincipalDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
-) -> Any:
+) -> DeploymentOut | JSONResponse:
     return _with_idempotency(
         request,
         session,
@@ -114,7 +116,7 @@ def rollback_active(
     principal: PrincipalDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
-) -> Any:
+) -> DeploymentOut | JSONResponse:
     return _with_idempotency(
         request,
         session,
