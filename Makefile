@@ -10,7 +10,7 @@ install:
 	bash scripts/bootstrap.sh
 
 lint:
-	.venv/bin/ruff check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
 format:
 	.venv/bin/ruff format . && .venv/bin/ruff check --fix .

@@ -7,6 +7,7 @@ bash scripts/services.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "==> ruff"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "==> mypy"
 .venv/bin/mypy core artifacts api worker inference cli
 echo "==> pytest"
