@@ -222,5 +222,22 @@ def job_events(session: Session, job: FineTuningJob) -> list[JobEvent]:
     return list(session.query(JobEvent).filter(JobEvent.job_id == job.id).order_by(JobEvent.seq))
 
 
+def committed_job(session: Session) -> FineTuningJob:
+    """A job row other connections already see (committed)."""
+    job = make_job(session)
+    session.commit()
+    return job
+
+
+def committed_event_messages(job: FineTuningJob) -> list[str]:
+    """The job's event messages as a fresh connection reads them: what was committed, nothing else."""
+    from sqlalchemy import select
+
+    from core.db import session_scope
+
+    with session_scope() as session:
+        return list(session.scalars(select(JobEvent.message).where(JobEvent.job_id == job.id).order_by(JobEvent.seq)))
+
+
 def metrics_events(session: Session, job: FineTuningJob) -> list[dict[str, Any]]:
     return [e.data or {} for e in job_events(session, job) if e.type == "metrics" and "loss" in (e.data or {})]

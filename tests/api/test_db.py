@@ -6,25 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db import on_commit, on_rollback, request_session
-from core.db import session_scope
 from core.jobs import add_event
-from core.orm import FineTuningJob, JobEvent
-from tests.factories import make_job
-
-
-def _job(db: Session) -> FineTuningJob:
-    job = make_job(db)
-    db.commit()
-    return job
-
-
-def _messages(job: FineTuningJob) -> list[str]:
-    with session_scope() as session:
-        return list(session.scalars(select(JobEvent.message).where(JobEvent.job_id == job.id)))
+from tests.factories import committed_event_messages, committed_job
 
 
 def _start() -> tuple[Iterator[Session], Session]:
@@ -33,11 +19,11 @@ def _start() -> tuple[Iterator[Session], Session]:
 
 
 def test_a_route_that_returns_commits_then_runs_the_commit_callbacks(db: Session) -> None:
-    job = _job(db)
+    job = committed_job(db)
     seen: list[object] = []
     dependency, session = _start()
     add_event(session, job.id, "kept")
-    on_commit(session, lambda: seen.append(_messages(job)))  # sees the committed row
+    on_commit(session, lambda: seen.append(committed_event_messages(job)))  # sees the committed row
     on_commit(session, lambda: 1 / 0)  # a failing callback is logged and does not stop the next one
     on_commit(session, lambda: seen.append("after the failing one"))
     on_rollback(session, lambda: seen.append("rolled back"))
@@ -49,12 +35,12 @@ def test_a_route_that_returns_commits_then_runs_the_commit_callbacks(db: Session
 
 
 def test_a_route_that_raises_rolls_back_then_runs_the_rollback_callbacks(db: Session) -> None:
-    job = _job(db)
+    job = committed_job(db)
     seen: list[object] = []
     dependency, session = _start()
     add_event(session, job.id, "dropped")
     on_commit(session, lambda: seen.append("committed"))
-    on_rollback(session, lambda: seen.append(_messages(job)))
+    on_rollback(session, lambda: seen.append(committed_event_messages(job)))
 
     with pytest.raises(ValueError, match="the route failed"):
         dependency.throw(ValueError("the route failed"))

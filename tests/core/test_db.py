@@ -6,25 +6,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import get_engine, get_sessionmaker, session_scope, transaction
 from core.jobs import add_event
-from core.orm import FineTuningJob, JobEvent
-from tests.factories import make_job
-
-
-def _job(db: Session) -> FineTuningJob:
-    job = make_job(db)
-    db.commit()
-    return job
-
-
-def _messages(job: FineTuningJob) -> list[str]:
-    with session_scope() as session:
-        return list(session.scalars(select(JobEvent.message).where(JobEvent.job_id == job.id)))
+from tests.factories import committed_event_messages, committed_job
 
 
 def _connections_in_use() -> int:
@@ -32,23 +19,23 @@ def _connections_in_use() -> int:
 
 
 def test_the_work_is_committed_and_the_connection_returned(db: Session) -> None:
-    job = _job(db)
+    job = committed_job(db)
     before = _connections_in_use()
     with transaction(get_sessionmaker()) as session:
         add_event(session, job.id, "kept")
-    assert _messages(job) == ["kept"]
+    assert committed_event_messages(job) == ["kept"]
     assert _connections_in_use() == before
 
 
 @pytest.mark.parametrize("error", [ValueError("the work failed"), KeyboardInterrupt()])
 def test_any_error_rolls_the_work_back_and_reaches_the_caller(db: Session, error: BaseException) -> None:
-    job = _job(db)
+    job = committed_job(db)
     before = _connections_in_use()
     with pytest.raises(type(error)), transaction(get_sessionmaker()) as session:
         add_event(session, job.id, "dropped")
         session.flush()  # written to the server, then rolled back
         raise error
-    assert _messages(job) == []
+    assert committed_event_messages(job) == []
     assert _connections_in_use() == before
 
 

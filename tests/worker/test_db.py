@@ -10,14 +10,13 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import SessionFactory, get_sessionmaker, make_engine, session_scope
+from core.db import SessionFactory, get_sessionmaker, make_engine
 from core.jobs import LeaseLost, add_event, update_owned
-from core.orm import FineTuningJob, JobEvent
-from tests.factories import make_job
+from tests.factories import committed_event_messages, committed_job
 from worker.db import is_transient, transact, with_retries
 
 
@@ -27,17 +26,6 @@ def unreachable() -> Iterator[sessionmaker[Session]]:
     engine = make_engine("postgresql://postgres@127.0.0.1:1/conch")
     yield sessionmaker(bind=engine)
     engine.dispose()
-
-
-def _job(db: Session) -> FineTuningJob:
-    job = make_job(db)
-    db.commit()
-    return job
-
-
-def _messages(job: FineTuningJob) -> list[str]:
-    with session_scope() as session:
-        return list(session.scalars(select(JobEvent.message).where(JobEvent.job_id == job.id)))
 
 
 def _down_then_up(down: SessionFactory, failures: int) -> SessionFactory:
@@ -54,7 +42,7 @@ def _down_then_up(down: SessionFactory, failures: int) -> SessionFactory:
 def test_an_outage_is_waited_out_and_the_write_committed_once(
     db: Session, unreachable: sessionmaker[Session], caplog: pytest.LogCaptureFixture
 ) -> None:
-    job = _job(db)
+    job = committed_job(db)
     caplog.set_level(logging.WARNING, logger="conch.worker.db")
 
     def write(session: Session) -> str:
@@ -62,7 +50,7 @@ def test_an_outage_is_waited_out_and_the_write_committed_once(
         return "done"
 
     assert transact(_down_then_up(unreachable, failures=2), write, what="test.write") == "done"
-    assert _messages(job) == ["written through an outage"]
+    assert committed_event_messages(job) == ["written through an outage"]
     retries = [r for r in caplog.records if r.getMessage() == "db.retry"]
     assert [getattr(r, "operation", None) for r in retries] == ["test.write", "test.write"]
 
@@ -80,7 +68,7 @@ def test_an_outage_longer_than_the_patience_raises_the_database_error(unreachabl
 
 
 def test_an_error_of_the_work_rolls_back_and_is_not_retried(db: Session) -> None:
-    job = _job(db)
+    job = committed_job(db)
     attempts = 0
 
     def write_under_a_lease_we_do_not_hold(session: Session) -> None:
@@ -91,11 +79,11 @@ def test_an_error_of_the_work_rolls_back_and_is_not_retried(db: Session) -> None
 
     with pytest.raises(LeaseLost):
         transact(get_sessionmaker(), write_under_a_lease_we_do_not_hold, what="test.lease")
-    assert attempts == 1 and _messages(job) == []
+    assert attempts == 1 and committed_event_messages(job) == []
 
 
 def test_a_constraint_violation_is_not_transient(db: Session) -> None:
-    job = _job(db)
+    job = committed_job(db)
     attempts = 0
 
     def write_an_event_of_no_job(session: Session) -> None:
@@ -106,4 +94,4 @@ def test_a_constraint_violation_is_not_transient(db: Session) -> None:
 
     with pytest.raises(IntegrityError) as raised:
         transact(get_sessionmaker(), write_an_event_of_no_job, what="test.constraint")
-    assert attempts == 1 and not is_transient(raised.value) and _messages(job) == []
+    assert attempts == 1 and not is_transient(raised.value) and committed_event_messages(job) == []
