@@ -16,11 +16,14 @@ from core.http.errors import ErrorResponse
 
 Auto = Literal["auto"]
 MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
 _SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # JSON parsers accept Infinity and NaN; no field takes them, and a JSON column could not store them.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -80,21 +83,33 @@ class HyperparametersIn(RequestModel):
     """OpenAI's three knobs (each may be "auto") and LLaMA-Factory's names; all optional, all range-checked."""
 
     n_epochs: int | Auto | None = None
-    batch_size: int | Auto | None = None
+    batch_size: int | Auto | None = Field(
+        None, description="examples per optimiser step: per_device_train_batch_size x gradient_accumulation_steps"
+    )
     learning_rate_multiplier: float | Auto | None = None
 
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float | None = None
-    lora_target: LoraTarget | None = None
-    cutoff_len: int | None = None
+    lora_target: LoraTarget | None = Field(
+        None,
+        description="'all' (every decoder layer's linear modules), or module names of the base model's architecture "
+        "(a list or one comma-separated string, at most 64), e.g. ['q_proj', 'v_proj']",
+    )
+    cutoff_len: int | None = Field(
+        None, description="tokens per example; per_device_train_batch_size x cutoff_len <= MAX_TOKENS_PER_STEP"
+    )
     learning_rate: float | None = None
     num_train_epochs: float | None = None
     per_device_train_batch_size: int | None = None
     gradient_accumulation_steps: int | None = None
     max_grad_norm: float | None = None
     max_samples: int | None = None
-    val_size: float | None = None
+    val_size: float | None = Field(
+        None,
+        description="fraction (<1) or count (>=1) of the training file held out for evaluation; must leave "
+        "examples to train on",
+    )
     lr_scheduler_type: SchedulerName | None = None
     warmup_ratio: float | None = None
     compute_type: ComputeType | None = None
@@ -139,10 +154,10 @@ class JobCreate(RequestModel):
         if len(value) > MAX_METADATA_PAIRS:
             raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
         for key, item in value.items():
-            if not key or len(key) > 64:
-                raise ValueError("keys are 1-64 characters")
-            if len(item) > 512:
-                raise ValueError("values are at most 512 characters")
+            if not key or len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"keys are 1-{MAX_METADATA_KEY_CHARS} characters")
+            if len(item) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"values are at most {MAX_METADATA_VALUE_CHARS} characters")
         return value
 
 
@@ -176,7 +191,11 @@ class JobOut(BaseModel):
     fine_tuned_model: str | None
     organization_id: str
     result_files: list[str]
-    status: str
+    status: str = Field(
+        description="queued -> running -> succeeded | failed | cancelled, with cancelling while a cancel is in "
+        "flight. Files are validated at upload and the job's knobs against them at creation, so a job never "
+        "waits in OpenAI's validating_files."
+    )
     validation_file: str | None
     training_file: str
     hyperparameters: OpenAIHyperparameters

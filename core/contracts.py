@@ -71,7 +71,8 @@ TemplateName = Literal["auto", "chatml", "llama3", "qwen", "deepseekr1"]
 class Hyperparameters(BaseModel):
     """LoRA fine-tuning knobs, named as LLaMA-Factory names them. Defaults teach a small dataset something."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN are not numbers a run can use, and JSON columns cannot store them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lora_rank: int = Field(8, ge=1, le=512)
     lora_alpha: float | None = Field(None, gt=0, le=4096, description="default: 2 x lora_rank")
@@ -104,6 +105,14 @@ class Hyperparameters(BaseModel):
     @property
     def effective_lora_alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+
+def held_out_examples(val_size: float, examples: int) -> int:
+    """How many of ``examples`` training examples ``val_size`` holds out for evaluation: a fraction below 1
+    (at least one example), or a whole count. The api checks at creation that some are left to train on."""
+    if val_size <= 0:
+        return 0
+    return max(1, round(examples * val_size)) if val_size < 1 else int(val_size)
 
 
 class FineTuneTask(BaseModel):

@@ -57,10 +57,26 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = 30.0
     visibility_timeout_seconds: int = 7 * 24 * 3600
     max_concurrent_jobs_per_tenant: int = 4
+    max_tokens_per_step: int = Field(
+        default=16384,
+        ge=8,
+        description="most tokens one training step may hold (per_device_train_batch_size x cutoff_len); a job "
+        "above it is refused at creation instead of running out of memory in the worker",
+    )
 
     # Security.
     auth_required: bool = False
     rate_limit_per_minute: int = 600
+    # Request size, checked before a body is parsed or a caller authenticated (both services).
+    max_request_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="largest request body (a file upload has MAX_UPLOAD_BYTES instead); larger ones get 413 unread",
+    )
+    max_chat_messages: int = Field(default=512, ge=1, description="most messages one generation request may carry")
+    max_message_chars: int = Field(
+        default=200_000, ge=1, description="longest text of one message, prompt or message name, in characters"
+    )
 
     # Inference.
     inference_url: str = "http://127.0.0.1:8001"

@@ -9,11 +9,14 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, exists, func, select
 from sqlalchemy.orm import Session
 
 from api.db import on_commit
 from api.schemas import (
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE_CHARS,
     CheckpointList,
     CheckpointOut,
     EventList,
@@ -61,7 +64,7 @@ def _training_file(session: Session, tenant_id: str, public_id: str, param: str)
     return row
 
 
-def _hyperparameters(body: JobCreate) -> Hyperparameters:
+def _hyperparameters(body: JobCreate, settings: Settings) -> hparams.Resolved:
     in_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
     if body.hyperparameters is not None and in_method is not None:
         raise InvalidRequest(
@@ -70,8 +73,8 @@ def _hyperparameters(body: JobCreate) -> Hyperparameters:
             code="conflicting_parameters",
         )
     if in_method is not None:
-        return hparams.resolve(in_method, param_prefix="method.supervised.hyperparameters")
-    return hparams.resolve(body.hyperparameters, param_prefix="hyperparameters")
+        return hparams.resolve(in_method, param_prefix="method.supervised.hyperparameters", settings=settings)
+    return hparams.resolve(body.hyperparameters, param_prefix="hyperparameters", settings=settings)
 
 
 def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: Settings) -> FineTuningJob:
@@ -81,11 +84,15 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: S
             param="model",
             code="model_not_found",
         )
-    hp = _hyperparameters(body)
+    resolved = _hyperparameters(body, settings)
+    hparams.check_lora_modules(resolved, body.model, settings)
     training = _training_file(session, tenant_id, body.training_file, "training_file")
     validation = (
         _training_file(session, tenant_id, body.validation_file, "validation_file") if body.validation_file else None
     )
+    if validation is None:  # with a validation file the worker evaluates on it and holds nothing out
+        hparams.check_val_size(resolved, training.num_examples)
+    hp = resolved.hp
     now = utcnow()
     job = FineTuningJob(
         id=uuid.uuid4(),
@@ -98,7 +105,8 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: S
         user_metadata=body.metadata,
         hyperparameters=hp.model_dump(mode="json"),
         auto_deploy=body.auto_deploy,
-        # Files are validated at upload, so a new job is ready to run.
+        # Files are validated at upload and the knobs against them above, so a new job is ready to run: it never
+        # shows OpenAI's validating_files.
         status=JobStatus.QUEUED.value,
         enqueued_at=now,
         created_at=now,
@@ -211,8 +219,10 @@ def list_jobs(
     stmt = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id)
     if status is not None:
         stmt = stmt.where(FineTuningJob.status == status.value)
+    check_metadata_filter(metadata)
+    sqlite = session.get_bind().dialect.name == "sqlite"
     for key, value in metadata.items():
-        stmt = stmt.where(FineTuningJob.user_metadata[key].as_string() == value)
+        stmt = stmt.where(_metadata_equals(key, value, sqlite=sqlite))
     cursor: tuple[Any, ...] | None = None
     if after:
         try:
@@ -224,6 +234,38 @@ def list_jobs(
         session, stmt, keys=[FineTuningJob.created_at, FineTuningJob.id], after=cursor, limit=limit
     )
     return JobList(data=[job_out(j) for j in rows], has_more=has_more)
+
+
+def check_metadata_filter(metadata: dict[str, str]) -> None:
+    """Filters beyond what a job can carry could never match; refusing them also keeps the query small."""
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(
+            f"At most {MAX_METADATA_PAIRS} metadata[key] filters (a job carries at most {MAX_METADATA_PAIRS} pairs).",
+            param="metadata",
+            code="too_many_metadata_filters",
+        )
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidRequest(
+                f"metadata[{key[:MAX_METADATA_KEY_CHARS]}]: keys are 1-{MAX_METADATA_KEY_CHARS} characters and "
+                f"values at most {MAX_METADATA_VALUE_CHARS}.",
+                param=f"metadata[{key[:MAX_METADATA_KEY_CHARS]}]",
+                code="invalid_metadata_filter",
+            )
+
+
+def _metadata_equals(key: str, value: str, *, sqlite: bool) -> ColumnElement[bool]:
+    """The job's metadata has ``key`` set to ``value``, whatever characters the key holds.
+
+    Postgres takes the key as a bound parameter (``->>``). SQLite's JSON functions take a path, which a key
+    with quotes or dots cannot be spelled in safely, so there the key is compared as a value of ``json_each``.
+    """
+    if not sqlite:
+        return FineTuningJob.user_metadata[key].as_string() == value
+    pairs = func.json_each(FineTuningJob.user_metadata).table_valued("key", "value", "type")
+    return exists(
+        select(1).select_from(pairs).where(pairs.c.key == key, pairs.c.type == "text", pairs.c.value == value)
+    )
 
 
 def cancel_job(session: Session, tenant_id: str, public_id: str) -> FineTuningJob:
