@@ -3,6 +3,7 @@ the ``Idempotency-Key`` header and page parameters."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
@@ -15,7 +16,9 @@ from core.http.auth import invalid_key, required_bearer_token
 from core.http.errors import TooManyRequests
 from core.settings import Settings
 
-MAX_PAGE_LIMIT = 100
+# OpenAI's files list takes 1-10,000 (its one documented ceiling; the fine-tuning lists document none), and
+# clients ask for that much: every list accepts it, and a page is still bounded.
+MAX_PAGE_LIMIT = 10_000
 
 
 def app_settings(request: Request) -> Settings:
@@ -62,12 +65,28 @@ IdempotencyKey = Annotated[
 ]
 
 
-def page_limit(
-    settings: SettingsDep,
-    limit: Annotated[int | None, Query(ge=1, le=MAX_PAGE_LIMIT, description="page size")] = None,
-) -> int:
-    return limit or min(settings.default_page_limit, MAX_PAGE_LIMIT)
+def _page_limit(default: int | None) -> Callable[..., int]:
+    """A ``limit`` query parameter, 1 to MAX_PAGE_LIMIT; ``default`` None: DEFAULT_PAGE_LIMIT."""
+    shown = f"default {default}" if default is not None else "default DEFAULT_PAGE_LIMIT"
+
+    def page_limit(
+        settings: SettingsDep,
+        limit: Annotated[
+            int | None, Query(ge=1, le=MAX_PAGE_LIMIT, description=f"page size, 1-{MAX_PAGE_LIMIT:,} ({shown})")
+        ] = None,
+    ) -> int:
+        if limit is not None:
+            return limit
+        return default if default is not None else min(settings.default_page_limit, MAX_PAGE_LIMIT)
+
+    return page_limit
 
 
-LimitDep = Annotated[int, Depends(page_limit)]
+# OpenAI's defaults per list, so a client written against OpenAI gets the page it expects.
+FilesLimit = Annotated[int, Depends(_page_limit(10_000))]
+JobsLimit = Annotated[int, Depends(_page_limit(20))]
+EventsLimit = Annotated[int, Depends(_page_limit(20))]
+CheckpointsLimit = Annotated[int, Depends(_page_limit(10))]
+# Conch's own lists (deployments).
+LimitDep = Annotated[int, Depends(_page_limit(None))]
 After = Annotated[str | None, Query(max_length=128, description="id of the last object of the previous page")]

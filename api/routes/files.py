@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
+from api.deps import After, FilesLimit, IdempotencyKey, PrincipalDep, SessionDep, SettingsDep
 from api.http import idempotency
 from api.http.uploads import check_declared_length, receive_upload
 from api.schemas import ERROR_RESPONSES, FileDeleted, FileList, FileOut
@@ -118,7 +118,7 @@ async def upload_file(
 def list_files(
     session: SessionDep,
     principal: PrincipalDep,
-    limit: LimitDep,
+    limit: FilesLimit,
     after: After = None,
     purpose: Annotated[str | None, Query(max_length=32)] = None,
     order: Literal["asc", "desc"] = "desc",

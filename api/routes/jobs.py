@@ -12,7 +12,16 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
+from api.deps import (
+    After,
+    CheckpointsLimit,
+    EventsLimit,
+    IdempotencyKey,
+    JobsLimit,
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+)
 from api.http import idempotency
 from api.schemas import ERROR_RESPONSES, CheckpointList, EventList, JobCreate, JobList, JobOut
 from api.services import jobs as service
@@ -62,9 +71,15 @@ def list_jobs(
     request: Request,
     session: SessionDep,
     principal: PrincipalDep,
-    limit: LimitDep,
+    limit: JobsLimit,
     after: After = None,
-    status: JobStatus | None = None,
+    status: Annotated[
+        JobStatus | None,
+        Query(
+            description="validating_files is accepted, as OpenAI lists it, and matches no job: Conch validates "
+            "files at upload and a job's knobs against them at creation, so a job starts queued"
+        ),
+    ] = None,
 ) -> JobList:
     return service.list_jobs(
         session, principal.tenant_id, after=after, limit=limit, status=status, metadata=_metadata_filter(request)
@@ -83,7 +98,7 @@ def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> Job
 
 @router.get("/{job_id}/events", response_model=EventList, summary="List a job's events, newest first")
 def list_events(
-    job_id: str, session: SessionDep, principal: PrincipalDep, limit: LimitDep, after: After = None
+    job_id: str, session: SessionDep, principal: PrincipalDep, limit: EventsLimit, after: After = None
 ) -> EventList:
     return service.list_events(session, principal.tenant_id, job_id, after=after, limit=limit)
 
@@ -132,6 +147,6 @@ def stream_events(
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="List a job's checkpoints")
 def list_checkpoints(
-    job_id: str, session: SessionDep, principal: PrincipalDep, limit: LimitDep, after: After = None
+    job_id: str, session: SessionDep, principal: PrincipalDep, limit: CheckpointsLimit, after: After = None
 ) -> CheckpointList:
     return service.list_checkpoints(session, principal.tenant_id, job_id, after=after, limit=limit)
