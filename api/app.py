@@ -14,6 +14,7 @@ from api.metrics import Metrics
 from api.reconciler import ReconcilerThread
 from api.routes import files, health, jobs, models
 from core.http.handlers import install_error_handlers
+from core.http.limits import BodyLimitMiddleware
 from core.http.observability import ObservabilityMiddleware
 from core.logging import configure_logging
 from core.pubsub import redis_client
@@ -69,6 +70,9 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool | None 
     app.state.metrics = Metrics(settings, app.state.broker_redis)
 
     install_error_handlers(app)
+    # Inside the observability middleware, so a 413 is counted and logged with its request id. The upload route
+    # streams its body to disk, counting it against MAX_UPLOAD_BYTES itself, after the key is checked.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes, limits={"/v1/files": None})
     app.add_middleware(
         ObservabilityMiddleware, metrics=app.state.metrics.http, access_log=logging.getLogger("conch.api.access")
     )

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from core.http.limits import BodyLimitMiddleware
 from core.http.observability import ObservabilityMiddleware
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
@@ -66,6 +67,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.state.service = InferenceService(registry, settings)
     app.state.authenticator = Authenticator(settings)
     install_error_handlers(app)
+    # Inside the observability middleware, so a 413 is counted and logged with its request id.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(
         ObservabilityMiddleware, metrics=metrics.http, access_log=logging.getLogger("conch.inference.access")
     )
