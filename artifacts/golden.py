@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from core.templates import Message, render_prompt
+from core.control_tokens import ControlTokens
+from core.templates import Message, render_prompt, template_text
 
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "What is your name?",
@@ -132,10 +133,11 @@ def encode_prompts(tokenizer: Any, template: str, conversations: Sequence[Sequen
     encoded = []
     for messages in conversations:
         try:
-            text = render_prompt(tokenizer, list(messages), template)
+            control = ControlTokens(tokenizer, template_text(template, tokenizer))
+            text = render_prompt(tokenizer, control.mark(messages), template)
         except Exception as exc:  # a broken template: whatever the library raises
             raise ReferenceError(f"the chat template does not render a golden prompt: {exc}") from exc
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = control.encode(text)  # message text stays text, as serving encodes it
         if ids and len(ids) <= MAX_PROMPT_TOKENS:
             encoded.append(ids)
     if not encoded:

@@ -197,8 +197,27 @@ def conversation_segments(
 
 
 def render_prompt(tokenizer: ChatTokenizer | None, messages: list[Message], template: str = "auto") -> str:
-    """The text a model continues to answer ``messages``: everything up to and including the generation prompt."""
-    return "".join(s.text for s in conversation_segments(tokenizer, messages, template, add_generation_prompt=True))
+    """The text a model continues to answer ``messages``: everything up to and including the generation prompt.
+
+    Rendered once: the segments' growing prefixes (which training needs to mask the prompt) would cost one render
+    per assistant turn, each as long as the conversation so far, i.e. quadratic in the number of turns."""
+    name = resolve_template(template, tokenizer)
+    if name == "auto":
+        assert tokenizer is not None
+        return _render_own(tokenizer, messages, add_generation_prompt=True)
+    return "".join(s.text for s in _named_segments(_NAMED[name], name, messages, add_generation_prompt=True))
+
+
+def template_text(template: str, tokenizer: ChatTokenizer | None) -> str:
+    """The template's own text (its markers among it): the named template's parts, or the model's Jinja source."""
+    name = resolve_template(template, tokenizer)
+    if name in _NAMED:
+        named = _NAMED[name]
+        return "".join((named.prefix, named.system, named.user, named.assistant_open, named.assistant_close))
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):  # several named templates in one tokenizer
+        return "".join(str(v) for v in source.values())
+    return str(source or "")
 
 
 def stop_strings(template: str, tokenizer: ChatTokenizer | None) -> list[str]:

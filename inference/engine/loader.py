@@ -12,10 +12,12 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from core.templates import Message, render_prompt, stop_strings
+from core.control_tokens import ControlTokens
+from core.templates import Message, render_prompt, stop_strings, template_text
 from inference.engine.backends import (
     Decoder,
     DecoderInputs,
@@ -71,13 +73,20 @@ class LoadedModel:
     def quant(self) -> str:
         return str(getattr(self.decoder, "quant", "none"))
 
+    @cached_property
+    def control_tokens(self) -> ControlTokens:
+        return ControlTokens(self.tokenizer, template_text(self.template, self.tokenizer))
+
     def render_chat(self, messages: list[Message]) -> str:
         # The same code the training pipeline renders examples with, so the model sees what it learned.
         return render_prompt(self.tokenizer, messages, self.template)
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        # The rendered text already holds its special tokens; adding the tokenizer's would double them.
-        return list(self.tokenizer(self.render_chat(messages), add_special_tokens=False)["input_ids"])
+        """Only the template's own markers become control tokens; a ``<|im_end|>`` typed in a message is text
+        (``core.control_tokens``). The rendered text already holds its special tokens; adding the tokenizer's
+        would double them."""
+        control = self.control_tokens
+        return control.encode(self.render_chat(control.mark(messages)))
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from core.contracts import Hyperparameters
-from core.templates import Segment, conversation_segments, resolve_template
+from core.control_tokens import ControlTokens
+from core.templates import Segment, conversation_segments, resolve_template, template_text
 from worker.pipeline.errors import PipelineError
 
 IGNORE = -100
@@ -79,12 +80,12 @@ class PreparedData:
 # ------------------------------------------------------------------------------------------------ tokenizing
 
 
-def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def _encode_many(control: ControlTokens, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
-    # One batched call: fast tokenizers encode in parallel in Rust. Special tokens come from the template text.
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [list(ids) for ids in encoded]
+    # One batched call for the texts without a control token in message text: fast tokenizers encode in parallel
+    # in Rust. Special tokens come from the template text only.
+    return control.encode_many(texts)
 
 
 def tokenize_conversations(
@@ -95,11 +96,15 @@ def tokenize_conversations(
     cutoff_len: int,
     train_on_prompt: bool,
 ) -> tuple[list[Example], SplitStats]:
-    """Tokenize every conversation segment by segment so each token knows whether it is trained."""
+    """Tokenize every conversation segment by segment so each token knows whether it is trained.
+
+    Dataset text is text, as at serving: a control token inside a message (``<|im_end|>`` in an answer) is
+    trained as those characters, never as a turn boundary (``core.control_tokens``)."""
     stats = SplitStats()
-    all_segments = [conversation_segments(tokenizer, conv, template) for conv in conversations]
+    control = ControlTokens(tokenizer, template_text(template, tokenizer))
+    all_segments = [conversation_segments(tokenizer, control.mark(conv), template) for conv in conversations]
     flat = [segment.text for segments in all_segments for segment in segments]
-    ids_flat = iter(_encode_many(tokenizer, flat))
+    ids_flat = iter(_encode_many(control, flat))
     examples: list[Example] = []
     for segments in all_segments:
         input_ids: list[int] = []
