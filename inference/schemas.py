@@ -20,25 +20,55 @@ from core.http.errors import ErrorResponse
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
+# One rule for every field of a generation request, OpenAI's or any other:
+# - the fields declared on the models below are honoured (``name`` on a message and ``user`` are declared hints,
+#   accepted and not used);
+# - ACCEPTED_HINTS are metadata that cannot change the answer: accepted and ignored;
+# - any other field is refused with 400 ``unsupported`` naming it (``logit_bias``, ``tools``, ``logprobs``,
+#   ``response_format``, ``suffix``, ``tool_calls`` on a message, a field this server has never heard of ...), unless
+#   it is null or holds the value that asks for nothing (NEUTRAL_VALUES), which clients often send by default.
+# Extra fields are therefore allowed by the models and judged in ``inference.serving.openai.refuse_unsupported``.
+ACCEPTED_HINTS = frozenset(
+    {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "parallel_tool_calls"}
+)
+NEUTRAL_VALUES: dict[str, tuple[object, ...]] = {
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "function_call": ("none",),
+    "tool_calls": ([],),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "best_of": (1,),
+    "suffix": ("",),
+}
+
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["text"] = "text"
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, description="accepted, not used")
 
-    def as_template_message(self) -> dict[str, str]:
+    @property
+    def text(self) -> str:
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text for part in content)
+            return "".join(part.text for part in content)
+        return content or ""
+
+    def as_template_message(self) -> dict[str, str]:
         # OpenAI's "developer" role is what older models call "system".
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
 def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
@@ -52,9 +82,9 @@ def _check_stops(value: str | list[str] | None) -> str | list[str] | None:
 
 class SamplingFields(BaseModel):
     """Knobs every generation route takes. Unset ones fall back to the model's defaults (greedy unless its
-    generation config samples), and to MAX_NEW_TOKENS_DEFAULT for the length."""
+    generation config samples), and to MAX_NEW_TOKENS_DEFAULT for the length. Other fields: see the rule above."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = Field(
         default=None, max_length=512, description="a model id; unset or 'default': the deployed one"
@@ -101,7 +131,7 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    user: str | None = None
+    user: str | None = Field(default=None, description="accepted, not used")
 
     @property
     def include_usage(self) -> bool:
@@ -112,17 +142,11 @@ class OpenAIFields(SamplingFields):
 class ChatCompletionBody(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionBody(OpenAIFields):
     prompt: str | list[str] | list[int]
     echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
 
 
 # ------------------------------------------------------------------------------------------- responses
@@ -279,6 +303,6 @@ SSE_EVENT = {
 SSE_CONTENT = {"text/event-stream": {"schema": SSE_EVENT}}
 GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": SSE_CONTENT, "headers": {"x-conch-model": {"schema": {"type": "string"}}}},
-    **error_responses(400, 401, 404, 422, 500, 503),
+    **error_responses(400, 401, 404, 413, 422, 500, 503),
 }
 READ_RESPONSES = error_responses(401, 404, 422)

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from core.errors import InvalidRequest
 from inference.engine.engine import TextChunk
 from inference.engine.loader import LoadedModel
 from inference.schemas import (
@@ -32,11 +31,14 @@ from inference.serving.generation import (
     start_generation,
     usage_of,
 )
-from inference.serving.openai import Stamp, refuse_several_choices
+from inference.serving.limits import check_messages
+from inference.serving.openai import Stamp, refuse_several_choices, refuse_unsupported
 
 
 async def start(service: InferenceService, tenant: str, body: ChatCompletionBody) -> Generation:
-    _refuse_unsupported(body)
+    refuse_several_choices(body)
+    refuse_unsupported(body, body.messages)
+    check_messages(body.messages, service.settings)
 
     def prepare(model: LoadedModel) -> Prompt:
         ids = encode_chat(model, [m.as_template_message() for m in body.messages])
@@ -86,13 +88,3 @@ async def respond(
                     )
 
     return await collect_or_stream(generation, request, response, stream=body.stream, answer=answer, chunks=chunks)
-
-
-def _refuse_unsupported(body: ChatCompletionBody) -> None:
-    refuse_several_choices(body)
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported", param="logprobs", code="unsupported")
-    if body.tools:
-        raise InvalidRequest("tools are not supported", param="tools", code="unsupported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise InvalidRequest("only text responses are supported", param="response_format", code="unsupported")

@@ -22,11 +22,17 @@ from inference.schemas import (
 from inference.service import InferenceService
 from inference.serving.answer import collect_or_stream
 from inference.serving.generation import Generation, Prompt, Result, finish_reason_of, start_generation, usage_of
-from inference.serving.openai import Stamp, refuse_several_choices
+from inference.serving.limits import check_text
+from inference.serving.openai import Stamp, refuse_several_choices, refuse_unsupported
 
 
 async def start(service: InferenceService, tenant: str, body: CompletionBody) -> Generation:
-    _refuse_unsupported(body)
+    refuse_several_choices(body)
+    refuse_unsupported(body)
+    if isinstance(body.prompt, str):
+        check_text(body.prompt, "prompt", service.settings)
+    elif body.prompt and isinstance(body.prompt[0], str):
+        check_text(str(body.prompt[0]), "prompt[0]", service.settings)
 
     def prepare(model: LoadedModel) -> Prompt:
         ids, text = _encode_prompt(model, body.prompt)
@@ -95,13 +101,3 @@ def _encode_prompt(model: LoadedModel, prompt: str | list[str] | list[int]) -> t
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
     return ids, text
-
-
-def _refuse_unsupported(body: CompletionBody) -> None:
-    refuse_several_choices(body)
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported", param="logprobs", code="unsupported")
-    if body.suffix:
-        raise InvalidRequest("suffix is not supported", param="suffix", code="unsupported")
-    if body.best_of not in (None, 1):
-        raise InvalidRequest("only best_of=1 is supported", param="best_of", code="unsupported")

@@ -24,13 +24,18 @@ from inference.serving.generation import (
     start_generation,
     usage_of,
 )
+from inference.serving.limits import check_messages, check_text
+from inference.serving.openai import refuse_unsupported
 
 
 async def start(service: InferenceService, tenant: str, body: GenerateBody) -> Generation:
+    refuse_unsupported(body, body.messages or ())
     messages: list[Message]
     if body.prompt is not None:
+        check_text(body.prompt, "prompt", service.settings)
         messages = [{"role": "user", "content": body.prompt}]
     else:
+        check_messages(body.messages or [], service.settings)
         messages = [m.as_template_message() for m in body.messages or []]
 
     def prepare(model: LoadedModel) -> Prompt:

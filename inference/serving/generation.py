@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from core.errors import InvalidRequest
@@ -137,11 +138,15 @@ async def _watch_disconnect(request: Request | None, sink: AsyncSink) -> None:
 async def start_generation(
     service: InferenceService, tenant: str, requested: str | None, prepare: Callable[[LoadedModel], Prompt]
 ) -> Generation:
-    """Acquire the model ``requested`` names (the tenant's deployed one if none), ``prepare`` the request on it and
-    start the generation. Until the Generation owns the hold, an error while preparing gives it back."""
+    """Acquire the model ``requested`` names (the tenant's deployed one if none), ``prepare`` the request on it (in a
+    worker thread) and start the generation. Until the Generation owns the hold, an error while preparing gives it
+    back."""
     hold = await service.acquire(tenant, requested)
     try:
-        return Generation(hold, prepare(hold.handle.model)).start()
+        # Rendering and tokenizing take time in proportion to the request: in a worker thread, so one large
+        # request never holds up the event loop every other request (and /healthz) is answered on.
+        prompt = await run_in_threadpool(prepare, hold.handle.model)
+        return Generation(hold, prompt).start()
     except BaseException:
         hold.release()  # a no-op if the Generation released it already
         raise
