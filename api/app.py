@@ -15,6 +15,7 @@ from api.reconciler import ReconcilerThread
 from api.routes import files, health, jobs, models
 from core.http.handlers import install_error_handlers
 from core.http.limits import BodyLimitMiddleware
+from core.http.listen import refuse_unsafe_start
 from core.http.observability import ObservabilityMiddleware
 from core.logging import configure_logging
 from core.pubsub import redis_client
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool | None 
     """Build the api. ``run_reconciler`` defaults to on when RECONCILE_INTERVAL_SECONDS is positive."""
     settings = settings or get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
+    refuse_unsafe_start(settings, service="api")
     reconcile = settings.reconcile_interval_seconds > 0 if run_reconciler is None else run_reconciler
 
     @asynccontextmanager

@@ -63,6 +63,8 @@ def _environment(api_port: int, inference_port: int) -> dict[str, str]:
             "MODEL_STORE": str(MODEL_STORE),
             "API_URL": f"http://127.0.0.1:{api_port}",
             "INFERENCE_URL": f"http://127.0.0.1:{inference_port}",
+            # Single-tenant on loopback, whatever a .env copied from .env.example (auth on) says.
+            "AUTH_REQUIRED": "false",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from core.http.limits import BodyLimitMiddleware
+from core.http.listen import refuse_unsafe_start
 from core.http.observability import ObservabilityMiddleware
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     ``app.state.deployer`` and closes ``app.state.registry`` (tests that run the lifespan many times)."""
     settings = settings or get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
+    refuse_unsafe_start(settings, service="inference")
     # A crash in native code (llama.cpp, a torch kernel) ends the process; this leaves the Python stacks of every
     # thread on stderr first, so the log says where. The supervisor (``conch up``, compose) starts it again.
     faulthandler.enable()
