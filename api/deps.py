@@ -69,11 +69,13 @@ def _page_limit(default: int | None) -> Callable[..., int]:
     """A ``limit`` query parameter, 1 to MAX_PAGE_LIMIT; ``default`` None: DEFAULT_PAGE_LIMIT."""
     shown = f"default {default}" if default is not None else "default DEFAULT_PAGE_LIMIT"
 
+    # The Query is a default, not in the annotation: annotations are strings here, and FastAPI resolves them in
+    # the module's globals, where this closure's ``shown`` does not exist.
     def page_limit(
         settings: SettingsDep,
-        limit: Annotated[
-            int | None, Query(ge=1, le=MAX_PAGE_LIMIT, description=f"page size, 1-{MAX_PAGE_LIMIT:,} ({shown})")
-        ] = None,
+        limit: int | None = Query(
+            None, ge=1, le=MAX_PAGE_LIMIT, description=f"page size, 1-{MAX_PAGE_LIMIT:,} ({shown})"
+        ),
     ) -> int:
         if limit is not None:
             return limit
