@@ -149,8 +149,9 @@ def build_children(
                     "flower",
                     f"--port={flower_port}",
                     "--address=127.0.0.1",
-                    # Flower shows task arguments and can control workers: never without authentication.
-                    f"--basic-auth={flower_basic_auth}",
+                    # Flower shows task arguments and can control workers: never without authentication. It reads
+                    # FLOWER_BASIC_AUTH from the environment itself, so the password is not on a command line that
+                    # every user of the host can read in the process list.
                 ),
                 log_dir / "flower.log",
             )
