@@ -3,6 +3,9 @@
 The worker claims a job with one UPDATE ... WHERE (queued, or running with an expired lease), holds it with a
 lease that a heartbeat renews, and every later write names the lease owner: a worker that lost its lease (a
 duplicate delivery, or one presumed dead) can no longer change the job.
+
+Every time written here comes from the database's clock (``db_now``), never the host's: a lease is set by one
+host and judged expired by another, and hosts' clocks drift apart.
 """
 
 from __future__ import annotations
@@ -15,8 +18,39 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core.contracts import TERMINAL_STATUSES, JobStatus
-from core.orm import FineTuningJob, JobEvent, utcnow
+from core.orm import FineTuningJob, JobEvent
 from core.settings import get_settings
+
+# First key of the two-key Postgres advisory locks Conch takes (the second names what is locked), so they cannot
+# collide with another application's locks on a shared server.
+LOCK_NAMESPACE = 0x434F4E  # "CON"
+TENANT_LOCK = "tenant:"
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def db_now(session: Session) -> datetime:
+    """The database's current time (UTC, aware): the one clock every host agrees on.
+
+    Postgres: ``clock_timestamp()`` (the moment of the call, not the transaction's start, so a long sweep does
+    not judge leases by a stale instant). SQLite is a file on this host, so its clock is this host's; it is read
+    through SQLite anyway so that both paths say the same thing.
+    """
+    if is_postgres(session):
+        moment: datetime = session.execute(select(func.clock_timestamp())).scalar_one()
+        return moment.astimezone(UTC)
+    raw = session.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now"))).scalar_one()
+    return datetime.strptime(str(raw), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialise, until this transaction ends, the decisions that count a tenant's jobs (claiming under the
+    running cap, admitting under the queued cap). Without it two claims at once each count the other's job as
+    not yet running and both pass. SQLite needs nothing: it runs one writing transaction at a time."""
+    if is_postgres(session):
+        session.execute(select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, func.hashtext(TENANT_LOCK + tenant_id))))
 
 
 class LeaseLost(RuntimeError):
@@ -41,8 +75,15 @@ def claim(
     session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float, *, max_running_per_tenant: int | None = None
 ) -> FineTuningJob | None:
     """Take the job if it is queued, or running under an expired lease. None: someone else has it, it ended, or
-    its tenant already runs ``max_running_per_tenant`` jobs (it then stays queued; the reconciler rings again)."""
-    now = utcnow()
+    its tenant already runs ``max_running_per_tenant`` jobs (it then stays queued; the reconciler rings again).
+
+    The cap holds under concurrent claims: the tenant's lock is taken first, so the count below sees every claim
+    committed before ours (each statement reads afresh under READ COMMITTED)."""
+    tenant_id = session.execute(select(FineTuningJob.tenant_id).where(FineTuningJob.id == job_id)).scalar_one_or_none()
+    if tenant_id is None:
+        return None
+    lock_tenant(session, tenant_id)
+    now = db_now(session)
     cap = get_settings().max_concurrent_jobs_per_tenant if max_running_per_tenant is None else max_running_per_tenant
     other = aliased(FineTuningJob)
     tenant_running = (
@@ -74,6 +115,8 @@ def claim(
             attempts=FineTuningJob.attempts + 1,
             started_at=now,
             updated_at=now,
+            rings=0,
+            next_ring_at=None,
         )
         .execution_options(synchronize_session=False)
     )
@@ -84,7 +127,7 @@ def claim(
 
 def renew_lease(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> bool:
     """Extend the lease; returns whether cancel was requested. Raises LeaseLost if the job is no longer ours."""
-    now = utcnow()
+    now = db_now(session)
     result = session.execute(
         update(FineTuningJob)
         .where(
@@ -110,7 +153,7 @@ def update_owned(session: Session, job_id: uuid.UUID, owner: str, **values: Any)
             FineTuningJob.lease_owner == owner,
             FineTuningJob.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING]),
         )
-        .values(updated_at=utcnow(), **values)
+        .values(updated_at=db_now(session), **values)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -127,15 +170,19 @@ def finish(
     error: dict[str, Any] | None = None,
     **values: Any,
 ) -> bool:
-    """Move a live job to a terminal status exactly once. False if it had already ended (or is not ours)."""
+    """Move a live job to a terminal status exactly once. False if it had already ended (or is not ours), or, for
+    ``succeeded``, if a cancel was requested first: a cancel the api answered ``cancelling`` is honoured until the
+    success commits (the point of no return), and refused with 409 after it (see ``request_cancel``)."""
     assert status in TERMINAL_STATUSES
     conditions = [
         FineTuningJob.id == job_id,
         FineTuningJob.status.not_in([s.value for s in TERMINAL_STATUSES]),
     ]
+    if status == JobStatus.SUCCEEDED:
+        conditions.append(FineTuningJob.cancel_requested.is_(False))
     if owner is not None:
         conditions.append(FineTuningJob.lease_owner == owner)
-    now = utcnow()
+    now = db_now(session)
     result = session.execute(
         update(FineTuningJob)
         .where(*conditions)
@@ -164,13 +211,15 @@ def finish(
 
 def release_to_queue(session: Session, job_id: uuid.UUID, owner: str, *, refund_attempt: bool, message: str) -> bool:
     """Give a running job back to the queue (graceful shutdown); optionally without spending an attempt."""
-    now = utcnow()
+    now = db_now(session)
     values: dict[str, Any] = {
         "status": JobStatus.QUEUED,
         "lease_owner": None,
         "lease_expires_at": None,
         "enqueued_at": now,
         "updated_at": now,
+        "rings": 0,
+        "next_ring_at": None,
     }
     if refund_attempt:
         values["attempts"] = FineTuningJob.attempts - 1
@@ -190,13 +239,20 @@ def release_to_queue(session: Session, job_id: uuid.UUID, owner: str, *, refund_
     return True
 
 
-def request_cancel(session: Session, job_id: uuid.UUID) -> None:
-    """Cancel: a job that has not started ends now; a running one is flagged and stops at its next step.
+def cancel_was_requested(session: Session, job_id: uuid.UUID) -> bool:
+    return bool(
+        session.execute(select(FineTuningJob.cancel_requested).where(FineTuningJob.id == job_id)).scalar_one_or_none()
+    )
+
+
+def request_cancel(session: Session, job_id: uuid.UUID) -> bool:
+    """Cancel: a job that has not started ends now; a running one is flagged and stops at its next step (at the
+    latest, its publish sees the flag and ends it cancelled). False: the job had already ended, so nothing changed.
 
     Both branches are conditional updates, so a cancel racing a claim or a completion leaves exactly one
     terminal status: whichever update the database serialises first wins and the other matches no row.
     """
-    now = utcnow()
+    now = db_now(session)
     ended = session.execute(
         update(FineTuningJob)
         .where(
@@ -208,7 +264,7 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> None:
     )
     if ended.rowcount == 1:  # type: ignore[attr-defined]
         add_event(session, job_id, "Job cancelled before it started", data={"status": JobStatus.CANCELLED.value})
-        return
+        return True
     flagged = session.execute(
         update(FineTuningJob)
         .where(FineTuningJob.id == job_id, FineTuningJob.status == JobStatus.RUNNING)
@@ -222,6 +278,10 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> None:
             "Cancellation requested; the job stops at its next step",
             data={"status": JobStatus.CANCELLING.value},
         )
+        return True
+    # Already cancelling (a repeated cancel) counts as accepted; an ended job does not.
+    status = session.execute(select(FineTuningJob.status).where(FineTuningJob.id == job_id)).scalar_one_or_none()
+    return status == JobStatus.CANCELLING
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -65,6 +66,10 @@ class ApiKey(TimestampMixin, Base):
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     revoked_at: Mapped[datetime | None]
+    # May manage keys (``/v1/keys``) and read the probes' details and ``/metrics`` when AUTH_REQUIRED is on.
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Last request made with the key, to the nearest minute or so (``core.api_keys.LAST_USED_RESOLUTION``).
+    last_used_at: Mapped[datetime | None]
 
 
 class IdempotencyRecord(TimestampMixin, Base):
@@ -132,6 +137,10 @@ class FineTuningJob(TimestampMixin, Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]
+    # Re-rings by the reconciler since the job was last enqueued or claimed, and when the next one is due: the
+    # wait doubles each time, so a backlog that cannot run yet is not rung again on every sweep.
+    rings: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_ring_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -57,6 +57,25 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = 30.0
     visibility_timeout_seconds: int = 7 * 24 * 3600
     max_concurrent_jobs_per_tenant: int = 4
+    max_queued_jobs_per_tenant: int = Field(
+        default=100,
+        ge=1,
+        description="most jobs one tenant may have waiting to run; a new job beyond it is refused with 429",
+    )
+    requeue_max_backoff_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="longest wait between two re-rings of one queued job (the wait doubles from "
+        "REQUEUE_AFTER_SECONDS each time the job is rung again and still not claimed)",
+    )
+    reconcile_batch_size: int = Field(
+        default=200, ge=1, description="most jobs one reconciler sweep recovers, and most it re-rings"
+    )
+    worker_reconciler: bool = Field(
+        default=True,
+        description="every worker also runs the reconciler (one sweeps at a time, under a database lock), so "
+        "dead workers' jobs are recovered while the api is down",
+    )
     max_tokens_per_step: int = Field(
         default=16384,
         ge=8,
@@ -67,6 +86,12 @@ class Settings(BaseSettings):
     # Security.
     auth_required: bool = False
     rate_limit_per_minute: int = 600
+    auth_failures_per_minute: int = Field(
+        default=30,
+        ge=0,
+        description="bad API keys one client address may send per minute before it gets 429 without a lookup "
+        "(0 = no limit)",
+    )
     # Request size, checked before a body is parsed or a caller authenticated (both services).
     max_request_body_bytes: int = Field(
         default=4 * 1024 * 1024,

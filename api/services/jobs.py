@@ -32,10 +32,10 @@ from api.services import hyperparameters as hparams
 from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from api.services.files import DELETED, PURPOSE
 from core.contracts import TERMINAL_STATUSES, Hyperparameters, JobStatus, fine_tuned_model_id
-from core.errors import Conflict, InvalidRequest, NotFound
+from core.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from core.ids import Prefix, parse_event_id, parse_public_id, public_id
-from core.jobs import add_event, request_cancel
-from core.orm import Checkpoint, FileObject, FineTuningJob, JobEvent, utcnow
+from core.jobs import add_event, db_now, lock_tenant, request_cancel
+from core.orm import Checkpoint, FileObject, FineTuningJob, JobEvent
 from core.queue import enqueue_fine_tune
 from core.settings import Settings
 
@@ -77,6 +77,26 @@ def _hyperparameters(body: JobCreate, settings: Settings) -> hparams.Resolved:
     return hparams.resolve(body.hyperparameters, param_prefix="hyperparameters", settings=settings)
 
 
+def _check_queued_cap(session: Session, tenant_id: str, settings: Settings) -> None:
+    """One tenant's backlog must not crowd out everyone else's: at most MAX_QUEUED_JOBS_PER_TENANT waiting jobs.
+    Counted under the tenant's lock, so concurrent creations cannot all slip under the cap."""
+    lock_tenant(session, tenant_id)
+    waiting = session.execute(
+        select(func.count())
+        .select_from(FineTuningJob)
+        .where(
+            FineTuningJob.tenant_id == tenant_id,
+            FineTuningJob.status.in_([JobStatus.QUEUED, JobStatus.VALIDATING_FILES]),
+        )
+    ).scalar_one()
+    if waiting >= settings.max_queued_jobs_per_tenant:
+        raise RateLimited(
+            f"Too many jobs waiting to run ({waiting}; the limit is {settings.max_queued_jobs_per_tenant}); "
+            "create more once some have started, or cancel some.",
+            code="too_many_queued_jobs",
+        )
+
+
 def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: Settings) -> FineTuningJob:
     if body.model not in settings.base_models:
         raise InvalidRequest(
@@ -92,8 +112,9 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: S
     )
     if validation is None:  # with a validation file the worker evaluates on it and holds nothing out
         hparams.check_val_size(resolved, training.num_examples)
+    _check_queued_cap(session, tenant_id, settings)
     hp = resolved.hp
-    now = utcnow()
+    now = db_now(session)  # the reconciler judges enqueued_at by the database's clock, not this host's
     job = FineTuningJob(
         id=uuid.uuid4(),
         tenant_id=tenant_id,
@@ -272,9 +293,12 @@ def cancel_job(session: Session, tenant_id: str, public_id: str) -> FineTuningJo
     job = get_job(session, tenant_id, public_id)
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Conflict(f"{public_id} has already {job.status}; there is nothing to cancel.", code="job_finished")
-    request_cancel(session, job.id)
+    accepted = request_cancel(session, job.id)
     session.flush()
     session.refresh(job)
+    if not accepted and job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        # It ended between the check above and the update: a publish that committed is past the point of no return.
+        raise Conflict(f"{public_id} has already {job.status}; there is nothing to cancel.", code="job_finished")
     log.info("job.cancel_requested", extra={"job_id": public_id, "status": job.status})
     return job
 
