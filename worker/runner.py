@@ -25,7 +25,7 @@ from core.jobs import LeaseLost, add_event, claim, finish, release_to_queue
 from core.orm import Checkpoint
 from core.queue import enqueue_fine_tune
 from core.settings import Settings
-from core.storage import job_dir
+from core.storage import fine_tuned_dir, job_dir
 from worker.db import transact
 from worker.heartbeat import JobControl, install_sigterm_handler
 from worker.spec import JobSpec
@@ -161,6 +161,7 @@ def _end_cancelled(spec: JobSpec, owner: str, sessions: SessionFactory, settings
     if not transact(sessions, end_cancelled, what="job.cancel"):
         return "lease_lost"
     shutil.rmtree(job_dir(spec.job_id, settings), ignore_errors=True)
+    shutil.rmtree(fine_tuned_dir(spec.job_id, settings), ignore_errors=True)  # merged before the cancel was seen
     log.info("job.cancelled", extra={"job_id": spec.public_id})
     return "cancelled"
 

@@ -13,11 +13,12 @@ from sqlalchemy.orm import Session
 from core.contracts import JobStage, JobStatus, ModelStatus
 from core.db import SessionFactory
 from core.deployments import announce, request_deployment
-from core.jobs import LeaseLost, add_event, finish
+from core.jobs import LeaseLost, add_event, cancel_was_requested, finish
 from core.orm import Deployment, ModelRecord
 from core.settings import Settings
 from core.storage import directory_size
 from worker.db import transact
+from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.merge import ADAPTER_SUBDIR
 from worker.spec import JobSpec
 
@@ -64,7 +65,12 @@ def register_model(
             progress=progress,
             stage=(JobStage.DEPLOYING if spec.auto_deploy else JobStage.PUBLISHING).value,
         )
-        if not finished:  # cancelled-and-ended by the reconciler, or taken over: not ours to publish (rolled back)
+        if not finished:
+            if cancel_was_requested(session, spec.job_id):
+                # The cancel committed before this transaction's success: honour it (nothing is published, the
+                # transaction rolls back, the runner ends the job cancelled and removes the merged folder).
+                raise TrainingStopped("cancel")
+            # Cancelled-and-ended by the reconciler, or taken over: not ours to publish (rolled back).
             raise LeaseLost(str(spec.job_id))
         if not spec.auto_deploy:
             return None

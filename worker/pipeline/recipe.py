@@ -167,6 +167,7 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
             "Serving files written: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in files.seconds.items()),
             data={"stage": JobStage.MERGING.value, "serving_files": files.seconds},
         )
+    reporter.check_stop()  # a cancel that arrived while merging is honoured before anything is published
     reporter.stage(JobStage.PUBLISHING, f"Publishing {model_id}")
     reporter.control.finishing.set()
     register_model(
