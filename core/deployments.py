@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -50,18 +52,44 @@ def pending_deployments(session: Session) -> list[Deployment]:
     )
 
 
-def previous_good_model(session: Session, tenant_id: str, current_model_id: str) -> str | None:
-    """The model that was active before the current one (rollback target)."""
-    rows = session.scalars(
-        select(Deployment)
+# A deployment requested by a rollback says so in ``requested_by``: the history then steps back instead of forward.
+ROLLBACK_PREFIX = "rollback:"
+
+
+def serving_history(session: Session, tenant_id: str, base_model: str) -> list[str]:
+    """The models that served this tenant, oldest first, as a stack: ``base_model`` (what serves before any
+    deployment) at the bottom, each activation pushed on top, and each activated rollback popping back down to the
+    model it returned to. Repeated rollbacks therefore walk back through history rather than toggle between the
+    last two models."""
+    rows = session.execute(
+        select(Deployment.model_id, Deployment.requested_by)
         .where(
             Deployment.tenant_id == tenant_id,
             Deployment.status.in_([DeploymentStatus.ACTIVE, DeploymentStatus.SUPERSEDED]),
             Deployment.activated_at.is_not(None),
         )
-        .order_by(Deployment.activated_at.desc())
-    )
-    for row in rows:
-        if row.model_id != current_model_id:
-            return row.model_id
+        .order_by(Deployment.activated_at.asc(), Deployment.created_at.asc())
+    ).all()
+    stack = [base_model]
+    for model_id, requested_by in rows:
+        if (requested_by or "").startswith(ROLLBACK_PREFIX) and model_id in stack:
+            last = len(stack) - 1 - stack[::-1].index(model_id)
+            del stack[last + 1 :]
+        elif stack[-1] != model_id:
+            stack.append(model_id)
+    return stack
+
+
+def rollback_target(
+    session: Session, tenant_id: str, current_model_id: str, *, base_model: str, servable: Callable[[str], bool]
+) -> str | None:
+    """The model that served before ``current_model_id`` and can still serve (``servable``: not deleted), or None
+    when ``current_model_id`` never served or nothing servable came before it."""
+    stack = serving_history(session, tenant_id, base_model)
+    if current_model_id not in stack:
+        return None
+    last = len(stack) - 1 - stack[::-1].index(current_model_id)
+    for model_id in reversed(stack[:last]):
+        if model_id != current_model_id and servable(model_id):
+            return model_id
     return None

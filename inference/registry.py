@@ -15,10 +15,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
+
 from artifacts import llamacpp as native
 from artifacts.golden import Reference, ReferenceError
+from core.contracts import ModelStatus
+from core.db import session_scope
 from core.hostload import training_on_this_host
-from core.orm import DEFAULT_TENANT
+from core.orm import DEFAULT_TENANT, ModelRecord
 from core.settings import Settings
 from inference.catalog import ModelSource
 from inference.engine.device import choose_device, configure_threads, generation_threads
@@ -47,6 +51,7 @@ class ModelHandle:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     in_use: int = 0
+    retired: bool = False  # no longer in the registry; stopped once the last hold is released
 
     @property
     def name(self) -> str:
@@ -155,6 +160,9 @@ class Registry:
     def _release(self, handle: ModelHandle) -> None:
         with self._lock:
             handle.in_use -= 1
+            stop = handle.retired and handle.in_use == 0
+        if stop:  # dropped (its model was deleted) while this request ran on it
+            self._unload(handle)
 
     def loaded(self, name: str) -> ModelHandle | None:
         return self._handles.get(name)
@@ -354,7 +362,9 @@ class Registry:
 
     def maintain(self) -> None:
         """Drop models whose generation thread died (the next request or reconcile loads them again), and probe
-        engines whose last step failed: an idle engine has no next step to clear its error."""
+        engines whose last step failed: an idle engine has no next step to clear its error. Fine-tuned models
+        deleted from the database are dropped too, so they answer 404 from the next poll on."""
+        self.drop_deleted()
         with self._lock:
             dead = [h for h in self._handles.values() if not h.engine.alive]
             for handle in dead:
@@ -371,6 +381,37 @@ class Registry:
                 smoke_test(handle.engine, handle.model)  # a good step clears the error
             except (ModelLoadError, EngineUnavailable) as exc:
                 log.error("model.engine_failing", extra={"model": handle.name, "error": str(exc)})
+
+    def drop_deleted(self) -> None:
+        """Forget loaded fine-tuned models whose row is gone (or is no longer ready): new requests then resolve
+        them from the database and get 404. A model still held by a running request stops when released."""
+        tuned = {h.name for h in self._handles.values() if h.source.owner is not None}
+        if not tuned:
+            return  # base models only: no query
+        with session_scope() as session:
+            ready = set(
+                session.scalars(
+                    select(ModelRecord.id).where(ModelRecord.id.in_(tuned), ModelRecord.status == ModelStatus.READY)
+                )
+            )
+        gone = tuned - ready
+        if not gone:
+            return
+        idle: list[ModelHandle] = []
+        with self._lock:
+            for name in gone:
+                handle = self._handles.pop(name, None)
+                if handle is None:
+                    continue
+                self.problems.pop(name, None)
+                self._failed_at.pop(name, None)
+                handle.retired = True
+                if handle.in_use == 0:
+                    idle.append(handle)
+        for handle in idle:
+            log.info("model.deleted_unloaded", extra={"model": handle.name})
+            self._unload(handle)
+        self._report()
 
     def _report(self) -> None:
         handles = list(self._handles.values())

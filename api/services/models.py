@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api.db import on_commit
@@ -15,11 +15,12 @@ from api.schemas import DeploymentList, DeploymentOut, ModelDeleted, ModelList, 
 from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from core.base_models import base_model_path, is_prepared
 from core.contracts import DeploymentStatus, ModelStatus
-from core.deployments import active_deployment, announce, previous_good_model, request_deployment
+from core.deployments import ROLLBACK_PREFIX, active_deployment, announce, request_deployment, rollback_target
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.ids import Prefix, parse_public_id, public_id
-from core.orm import Deployment, ModelRecord
+from core.orm import Checkpoint, Deployment, ModelRecord
 from core.settings import Settings
+from core.storage import job_dir
 
 log = logging.getLogger("conch.api.models")
 
@@ -122,6 +123,17 @@ def _remove_artifacts(paths: list[Path], root: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
+def _remove_exports(folder: Path, settings: Settings) -> None:
+    """The llama.cpp exports and reference answers inference cached for this model folder (named after it)."""
+    cache = settings.gguf_cache_dir
+    # A published folder is named by its job's 32-hex key, so the prefix cannot match a base model's cache.
+    if not folder.is_relative_to(settings.artifacts) or len(folder.name) != 32 or not cache.is_dir():
+        return
+    for cached in cache.glob(f"{folder.name}-*"):
+        if cached.is_file():
+            cached.unlink(missing_ok=True)
+
+
 def delete_model(session: Session, tenant_id: str, model_id: str, settings: Settings) -> ModelDeleted:
     if model_id in settings.base_models:
         raise InvalidRequest("Base models come from configuration and cannot be deleted.", param="model")
@@ -140,9 +152,22 @@ def delete_model(session: Session, tenant_id: str, model_id: str, settings: Sett
     if in_flight is not None:
         raise Conflict(f"{model_id} is being deployed; wait for that to finish.", code="model_deploying")
     paths = [Path(p) for p in (row.storage_path, row.adapter_path) if p]
+    if row.job_id is not None:
+        # The job's checkpoints (and the rows that list them) go with the model they were trained into.
+        paths.append(job_dir(row.job_id, settings))
+        paths += [
+            Path(p) for p in session.scalars(select(Checkpoint.storage_path).where(Checkpoint.job_id == row.job_id))
+        ]
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == row.job_id))
     root = settings.artifacts
+    folder = Path(row.storage_path)
     session.delete(row)
-    on_commit(session, lambda: _remove_artifacts(paths, root))
+
+    def remove() -> None:
+        _remove_artifacts(paths, root)
+        _remove_exports(folder, settings)
+
+    on_commit(session, remove)
     log.info("model.deleted", extra={"model_id": model_id, "tenant_id": tenant_id})
     return ModelDeleted(id=model_id, deleted=True)
 
@@ -169,7 +194,13 @@ def deployment_out(row: Deployment) -> DeploymentOut:
 def _check_deployable(session: Session, tenant_id: str, model_id: str, settings: Settings) -> None:
     if model_id in settings.base_models:
         return
-    row = _fine_tuned(session, tenant_id, model_id)
+    # FOR SHARE until this transaction ends: a concurrent delete (FOR UPDATE on the same row) either commits
+    # first, and this finds no row, or waits and then sees this deployment in flight and refuses.
+    row = session.scalars(
+        select(ModelRecord)
+        .where(ModelRecord.id == model_id, ModelRecord.tenant_id == tenant_id)
+        .with_for_update(read=True)
+    ).first()
     if row is None:
         raise NotFound(f"No such model: {model_id}", param="model")
     if row.status != ModelStatus.READY:
@@ -186,22 +217,37 @@ def deploy(session: Session, *, tenant_id: str, model_id: str, actor: str, setti
     return deployment
 
 
+def _servable(session: Session, tenant_id: str, model_id: str, settings: Settings) -> bool:
+    if model_id in settings.base_models:
+        return True
+    row = _fine_tuned(session, tenant_id, model_id)
+    return row is not None and row.status == ModelStatus.READY
+
+
 def rollback(
     session: Session, *, tenant_id: str, current_model: str | None, actor: str, settings: Settings
 ) -> Deployment:
-    """Deploy the model that was serving before ``current_model`` (default: the active one)."""
+    """Deploy the model that served before ``current_model`` (default: the active one), skipping deleted models;
+    before the first deployment the default base model served. Repeated rollbacks keep walking back."""
     if current_model is None:
         active = active_deployment(session, tenant_id)
         if active is None:
             raise Conflict("No model is deployed, so there is nothing to roll back.", code="nothing_to_roll_back")
         current_model = active.model_id
-    target = previous_good_model(session, tenant_id, current_model)
+    target = rollback_target(
+        session,
+        tenant_id,
+        current_model,
+        base_model=settings.default_base_model,
+        servable=lambda model_id: _servable(session, tenant_id, model_id, settings),
+    )
     if target is None:
         raise Conflict(
-            f"No model served before {current_model}; there is nothing to roll back to.",
+            f"No model that can still serve was deployed before {current_model}; there is nothing to roll back to.",
             code="nothing_to_roll_back",
         )
-    return deploy(session, tenant_id=tenant_id, model_id=target, actor=f"rollback:{actor}"[:64], settings=settings)
+    requested_by = f"{ROLLBACK_PREFIX}{actor}"[:64]
+    return deploy(session, tenant_id=tenant_id, model_id=target, actor=requested_by, settings=settings)
 
 
 def get_deployment(session: Session, tenant_id: str, public_id: str) -> Deployment:

@@ -140,6 +140,9 @@ def test_rollback_with_nothing_before_is_409(client: TestClient) -> None:
     with session_scope() as session:
         make_model(session, FT)
         make_deployment(session, FT, status="active", activated_at=minutes_ago(1))
-    assert_envelope(client.post(f"/v1/models/{FT}/rollback"), 409, code="nothing_to_roll_back")
+    # Before the first deployment the default base model served: that is what a first rollback returns to.
+    assert client.post(f"/v1/models/{FT}/rollback").json()["model"] == "tiny-llama"
+    assert_envelope(client.post("/v1/models/tiny-llama/rollback"), 409, code="nothing_to_roll_back")
+    assert_envelope(client.post(f"/v1/models/{FT}-never-served/rollback"), 409, code="nothing_to_roll_back")
     assert_envelope(client.get("/v1/deployments/deploy-" + "0" * 32), 404)
     assert_envelope(client.get("/v1/deployments/garbage"), 404)

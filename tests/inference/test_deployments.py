@@ -197,3 +197,26 @@ def test_each_load_is_counted_before_it_starts(db, finetuned) -> None:  # type: 
     with app_client():
         row = wait_deployment(db, deploy(db, FT_ONE), ACTIVE, FAILED)
         assert row.status == ACTIVE and row.load_attempts == 1
+
+
+def test_a_deleted_model_stops_answering_at_the_next_poll(db, finetuned) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import delete
+
+    from core.orm import ModelRecord
+
+    make_model(db, FT_ONE, storage_path=finetuned)
+    db.commit()
+    ask = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "model": FT_ONE}
+    with app_client(deployment_poll_seconds=0.5) as client:
+        first = client.post("/v1/chat/completions", json=ask)
+        assert first.status_code == 200 and first.json()["model"] == FT_ONE  # loaded on demand
+        assert client.app.state.registry.loaded(FT_ONE) is not None  # type: ignore[attr-defined]
+        db.execute(delete(ModelRecord).where(ModelRecord.id == FT_ONE))  # what DELETE /v1/models/{id} commits
+        db.commit()
+        wait_until(
+            lambda: client.post("/v1/chat/completions", json=ask).status_code == 404,
+            what="the deleted model answering 404",
+            timeout=10,
+        )
+        assert client.app.state.registry.loaded(FT_ONE) is None  # type: ignore[attr-defined]
+        assert _served(client) == "tiny-llama"
