@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI
 
-from api.http.ratelimit import RateLimiter
+from api.http.ratelimit import AuthThrottle, RateLimiter
 from api.metrics import Metrics
 from api.reconciler import ReconcilerThread
-from api.routes import files, health, jobs, models
+from api.routes import files, health, jobs, keys, models
 from core.http.handlers import install_error_handlers
 from core.http.limits import BodyLimitMiddleware
 from core.http.listen import refuse_unsafe_start
@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool | None 
     app.state.rate_limiter = RateLimiter(
         settings.rate_limit_per_minute, client=app.state.redis, namespace=settings.namespace
     )
+    app.state.auth_throttle = AuthThrottle(
+        RateLimiter(settings.auth_failures_per_minute, client=app.state.redis, namespace=f"{settings.namespace}:api")
+    )
     app.state.metrics = Metrics(settings, app.state.broker_redis)
 
     install_error_handlers(app)
@@ -78,6 +81,6 @@ def create_app(settings: Settings | None = None, *, run_reconciler: bool | None 
     app.add_middleware(
         ObservabilityMiddleware, metrics=app.state.metrics.http, access_log=logging.getLogger("conch.api.access")
     )
-    for router in (files.router, jobs.router, models.router, health.router):
+    for router in (files.router, jobs.router, models.router, keys.router, health.router):
         app.include_router(router)
     return app

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.contracts import ComputeType, LoraTarget, SchedulerName, TemplateName
 from core.http.errors import ErrorResponse
+from core.redact import hide_paths
 
 Auto = Literal["auto"]
 MAX_METADATA_PAIRS = 16
@@ -295,6 +296,12 @@ class DeploymentOut(BaseModel):
         description="next-token agreement and largest per-token KL of the route against the fp32 reference on "
         "the golden prompts, the threshold, and the routes it fell back from",
     )
+
+    @field_validator("reason")
+    @classmethod
+    def _no_server_paths(cls, value: str | None) -> str | None:
+        # Stored reasons quote the inference service's load errors, which name the model's folder.
+        return hide_paths(value) if value is not None else None
 
 
 class DeploymentList(BaseModel):

@@ -281,14 +281,64 @@ def generate(
 
 
 @keys_app.command("create")
-def keys_create(tenant: str, name: str = "default") -> None:
+def keys_create(
+    tenant: str,
+    name: str = "default",
+    admin: Annotated[bool, typer.Option(help="may manage keys and read /metrics and the probes' details")] = False,
+) -> None:
     """Create an API key for a tenant; the key is shown once and stored only as a hash."""
     from core.api_keys import create_api_key
     from core.db import session_scope
 
-    with session_scope() as session:
-        key = create_api_key(session, tenant, name)
+    try:
+        with session_scope() as session:
+            key = create_api_key(session, tenant, name, admin=admin)
+    except ValueError as exc:
+        _fail(exc)
     console.print(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
+    revoked: Annotated[bool, typer.Option("--revoked", help="also list revoked keys")] = False,
+) -> None:
+    """List API keys: id, tenant, name, visible prefix, admin, created, last used, revoked (never the key)."""
+    from core.api_keys import list_api_keys
+    from core.db import session_scope
+
+    table = Table("id", "tenant", "name", "prefix", "admin", "created", "last used", "revoked")
+    with session_scope() as session:
+        for key in list_api_keys(session, tenant_id=tenant, include_revoked=revoked):
+            table.add_row(
+                str(key.id),
+                key.tenant_id,
+                key.name,
+                key.prefix,
+                "yes" if key.is_admin else "",
+                _when(key.created_at),
+                _when(key.last_used_at),
+                _when(key.revoked_at),
+            )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="the key's id, or its visible prefix")]) -> None:
+    """Revoke an API key (final; the inference service's cache forgets it within seconds)."""
+    from core.api_keys import find_api_key, revoke_key
+    from core.db import session_scope
+
+    with session_scope() as session:
+        found = find_api_key(session, key)
+        if len(found) != 1:
+            _fail(ValueError(f"{len(found)} keys match {key!r}; give the key's id"))
+        revoke_key(session, found[0])
+        console.print(f"revoked {found[0].id} ({found[0].prefix}, tenant {found[0].tenant_id})")
+
+
+def _when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M") if moment is not None else ""
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from core.orm import DEFAULT_TENANT, ApiKey, utcnow
@@ -25,7 +28,10 @@ KEY_PREFIX = "conch-"
 MAX_KEY_LENGTH = 256
 # Enough of the key to recognise it in a listing without being able to use it.
 VISIBLE_PREFIX_LENGTH = 12
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# ``last_used_at`` is written at most this often per key: one short UPDATE a minute, not one per request.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_TENANT_RE = re.compile(TENANT_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class Principal:
     tenant_id: str
     key_id: str | None = None
     key_prefix: str | None = None
+    is_admin: bool = False
 
     @property
     def actor(self) -> str:
@@ -53,40 +60,99 @@ def could_be_key(plaintext: str) -> bool:
     return plaintext.startswith(KEY_PREFIX) and len(plaintext) <= MAX_KEY_LENGTH
 
 
-def create_api_key(session: Session, tenant_id: str, name: str = "default") -> str:
-    """Store a new key for ``tenant_id`` and return its plaintext (the only time it exists outside the caller)."""
+def create_api_key(session: Session, tenant_id: str, name: str = "default", *, admin: bool = False) -> str:
+    """Store a new key for ``tenant_id`` and return its plaintext (the only time it exists outside the caller).
+    ``admin``: the key may also manage keys and read the probes' details and ``/metrics``."""
+    return issue_api_key(session, tenant_id, name, admin=admin)[1]
+
+
+def issue_api_key(
+    session: Session, tenant_id: str, name: str = "default", *, admin: bool = False
+) -> tuple[ApiKey, str]:
+    """``create_api_key``, also returning the stored row."""
     if not _TENANT_RE.match(tenant_id):
         raise ValueError("tenant id: 1-64 characters of letters, digits, '_', '-' or '.'")
     if not name or len(name) > 128:
         raise ValueError("key name: 1-128 characters")
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(
-        ApiKey(
-            tenant_id=tenant_id,
-            name=name,
-            prefix=plaintext[:VISIBLE_PREFIX_LENGTH],
-            key_hash=hash_key(plaintext),
-        )
+    key = ApiKey(
+        tenant_id=tenant_id,
+        name=name,
+        prefix=plaintext[:VISIBLE_PREFIX_LENGTH],
+        key_hash=hash_key(plaintext),
+        is_admin=admin,
     )
+    session.add(key)
     session.flush()
-    return plaintext
+    return key, plaintext
+
+
+def list_api_keys(session: Session, *, tenant_id: str | None = None, include_revoked: bool = False) -> Sequence[ApiKey]:
+    """Keys, oldest first (what a listing may show: never a hash, never a plaintext)."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return session.scalars(query).all()
+
+
+def find_api_key(session: Session, key_id_or_prefix: str) -> list[ApiKey]:
+    """The keys an operator means by ``key_id_or_prefix``: the key with that id, else those with that prefix."""
+    try:
+        key_id = uuid.UUID(key_id_or_prefix)
+    except ValueError:
+        return list(session.scalars(select(ApiKey).where(ApiKey.prefix == key_id_or_prefix)).all())
+    key = session.get(ApiKey, key_id)
+    return [key] if key is not None else []
+
+
+def revoke_key(session: Session, key: ApiKey) -> ApiKey:
+    """Revoke ``key`` (a no-op for one already revoked: its first revocation time stays)."""
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
 
 
 def revoke_api_key(session: Session, prefix: str) -> int:
     """Revoke every live key whose visible prefix is ``prefix``; returns how many were revoked."""
-    keys = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))).all()
-    for key in keys:
-        key.revoked_at = utcnow()
-    session.flush()
+    keys = [revoke_key(session, key) for key in find_api_key(session, prefix) if key.revoked_at is None]
     return len(keys)
 
 
+def record_use(session: Session, key_id: uuid.UUID) -> None:
+    """Set the key's ``last_used_at`` to now unless it was set within ``LAST_USED_RESOLUTION``. The condition is in
+    the UPDATE, so concurrent requests write it once; call it in a short transaction of its own, not a request's
+    (the row stays locked until the transaction ends)."""
+    now = utcnow()
+    session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.id == key_id,
+            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - LAST_USED_RESOLUTION),
+        )
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def principal_for_hash(session: Session, key_hash: str) -> Principal | None:
-    """The principal of the live key with this hash, or None if it is unknown or revoked."""
+    """The principal of the live key with this hash, or None if it is unknown or revoked. Records the use when
+    ``last_used_at`` is stale, so pass a short-lived session (one of its own, not a whole request's)."""
     key = session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))).first()
     if key is None:
         return None
-    return Principal(tenant_id=key.tenant_id, key_id=str(key.id), key_prefix=key.prefix)
+    last_used = key.last_used_at
+    if last_used is not None and last_used.tzinfo is None:  # SQLite hands back naive datetimes (UTC)
+        last_used = last_used.replace(tzinfo=UTC)
+    if last_used is None or last_used < utcnow() - LAST_USED_RESOLUTION:
+        record_use(session, key.id)
+    return principal_of(key)
+
+
+def principal_of(key: ApiKey) -> Principal:
+    return Principal(tenant_id=key.tenant_id, key_id=str(key.id), key_prefix=key.prefix, is_admin=key.is_admin)
 
 
 def authenticate(session: Session, plaintext: str) -> Principal | None:

@@ -43,10 +43,15 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     deployer = Deployer(registry, settings, metrics)
     listener = Listener(settings, deployer)
 
+    authenticator = Authenticator(settings)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if not background:  # the caller drives deployments and owns the models' lifetime
-            yield
+            try:
+                yield
+            finally:
+                authenticator.close()
             return
         listener.start()
         try:
@@ -54,6 +59,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         finally:
             listener.stop()
             registry.close()
+            authenticator.close()
 
     app = FastAPI(
         title="Conch inference",
@@ -67,7 +73,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.state.deployer = deployer
     app.state.listener = listener
     app.state.service = InferenceService(registry, settings)
-    app.state.authenticator = Authenticator(settings)
+    app.state.authenticator = authenticator
     install_error_handlers(app)
     # Inside the observability middleware, so a 413 is counted and logged with its request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)

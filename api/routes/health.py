@@ -6,11 +6,12 @@ import logging
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from api.deps import ProbeDetailsDep, metrics_reader
 from api.metrics import Metrics
 from core.db import get_engine
 from core.http.probes import readiness_response
@@ -52,7 +53,8 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: database and broker", responses={503: {"description": "Not ready"}})
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request, details: ProbeDetailsDep) -> JSONResponse:
+    """Status and reason for anyone; each check's result only for an admin key (or without AUTH_REQUIRED)."""
     settings: Settings = request.app.state.settings
     checks = {
         "database": await _run_check(_check_database),
@@ -60,11 +62,16 @@ async def readyz(request: Request) -> JSONResponse:
     }
     failing = ", ".join(k for k, v in checks.items() if v != "ok")
     return readiness_response(
-        {"checks": checks}, unready_reason=f"Not ready: {failing} unavailable" if failing else None
+        {"checks": checks} if details else {}, unready_reason=f"Not ready: {failing} unavailable" if failing else None
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (with AUTH_REQUIRED: an admin key as bearer token)",
+    response_class=Response,
+    dependencies=[Depends(metrics_reader)],
+)
 def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,10 +6,31 @@ too (``could_be_key``), so both services refuse the same tokens with the same an
 
 from __future__ import annotations
 
-from core.errors import Unauthorized
+from core.errors import ConchError, Unauthorized
+from core.http.errors import TooManyRequests
 
 MISSING_KEY_MESSAGE = "Send an API key as 'Authorization: Bearer <key>'."
 INVALID_KEY_MESSAGE = "The API key is not valid."
+
+
+class Forbidden(ConchError):
+    """A valid key that may not do this (a tenant key on an admin route)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "forbidden"
+
+
+def admin_required() -> Forbidden:
+    return Forbidden("This needs an admin API key (`conch keys create TENANT --admin`).")
+
+
+def too_many_failures(retry_after: int) -> TooManyRequests:
+    """The 429 for an address that has sent too many bad keys; sent before its key is looked up."""
+    return TooManyRequests(
+        f"Too many requests with invalid API keys from this address; retry in {retry_after}s.",
+        retry_after=retry_after,
+    )
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -21,6 +21,7 @@ from core.errors import ConchError, Unauthorized, error_body
 from core.http.errors import TooManyRequests, error_response
 from core.http.observability import REQUEST_ID_HEADER
 from core.http.routing import allowed_methods
+from core.redact import hide_paths
 
 log = logging.getLogger("conch.http")
 
@@ -66,7 +67,10 @@ async def conch_error_handler(_request: Request, exc: Exception) -> JSONResponse
         headers["Retry-After"] = str(exc.retry_after)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return error_response(exc.status_code, exc.to_dict(), headers or None)
+    body = exc.to_dict()
+    if exc.status_code >= 500:  # a server-side failure's message may quote an exception naming a folder
+        body["message"] = hide_paths(body["message"])
+    return error_response(exc.status_code, body, headers or None)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -61,8 +62,9 @@ def test_auth_required_on_every_v1_route(secured: TestClient) -> None:
     assert_envelope(secured.get("/v1/models", headers={"Authorization": "Basic abc"}), 401)
     key = create_key("acme")
     assert secured.get("/v1/models", headers=bearer(key)).status_code == 200
-    # Health endpoints stay open for probes.
-    assert secured.get("/healthz").status_code == 200 and secured.get("/metrics").status_code == 200
+    # Liveness and readiness stay open for probes (readiness without details); metrics need an admin key.
+    assert secured.get("/healthz").status_code == 200 and secured.get("/readyz").json() == {"status": "ready"}
+    assert_envelope(secured.get("/metrics"), 401)
 
 
 def test_revoked_key_is_refused(secured: TestClient) -> None:
@@ -152,3 +154,63 @@ def test_rate_limiter_falls_back_to_process_counter_without_redis() -> None:
         assert limiter.hit("other", now) is None
         assert limiter.hit("k", now + 60) is None  # a new window
     assert RateLimiter(0, client=None, namespace="unit").hit("k") is None
+
+
+def _api_key_queries(statements: list[str]) -> int:
+    return sum(1 for statement in statements if "FROM api_keys" in statement)
+
+
+def test_invalid_keys_are_throttled_per_address_before_any_lookup(clean_db: None) -> None:
+    from sqlalchemy import event
+
+    from core.db import get_engine
+
+    # A namespace of its own: the run's other tests sent bad keys from the same address this minute.
+    fresh_namespace = f"{get_namespace()}-{uuid.uuid4().hex[:8]}"
+    with make_client(AUTH_REQUIRED="true", AUTH_FAILURES_PER_MINUTE="3", NAMESPACE=fresh_namespace) as throttled:
+        key = create_key("acme")
+        statements: list[str] = []
+
+        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            statements.append(statement)
+
+        event.listen(get_engine(), "before_cursor_execute", record)
+        try:
+            # Bad keys are answered 401 until this address has sent three in one window (seven span at most
+            # two windows, so one of them sees a fourth)...
+            statuses: list[int] = []
+            for attempt in range(7):
+                statements.clear()
+                refused = throttled.get("/v1/models", headers=bearer(f"conch-guess-{attempt}"))
+                statuses.append(refused.status_code)
+                if refused.status_code == 429:
+                    break
+            assert statuses[-1] == 429 and set(statuses[:-1]) == {401}
+            # ...and then it gets 429 without a database query, whatever key it sends.
+            error = assert_envelope(refused, 429, code="rate_limit_exceeded")
+            assert "invalid API keys" in error["message"] and 1 <= int(refused.headers["Retry-After"]) <= 60
+            assert _api_key_queries(statements) == 0
+            assert_envelope(throttled.get("/v1/models", headers=bearer(key)), 429)
+            # A request with no key at all costs no lookup and is still told to send one.
+            assert_envelope(throttled.get("/v1/models"), 401)
+        finally:
+            event.remove(get_engine(), "before_cursor_execute", record)
+
+
+def test_single_tenant_mode_is_rate_limited_per_address(clean_db: None, queue_name: str) -> None:
+    with make_client(RATE_LIMIT_PER_MINUTE="3", NAMESPACE=f"{get_namespace()}-{uuid.uuid4().hex[:8]}") as limited:
+        # A presented key is ignored in this mode (loopback only), but the limit still counts.
+        statuses = [limited.get("/v1/models", headers=bearer("conch-anything")).status_code for _ in range(7)]
+        assert 429 in statuses and set(statuses) <= {200, 429}
+
+
+def test_deployment_reasons_name_no_server_folder(client: TestClient) -> None:
+    with session_scope() as session:
+        make_model(session, "ft:tiny-llama:default:ftjob-x")
+        row = make_deployment(session, "ft:tiny-llama:default:ftjob-x", status="failed")
+        row.reason = "ModelLoadError: /srv/conch/var/models/ft-x/config.json is unreadable"
+        deployment_id = row.public_id
+    shown = client.get(f"/v1/deployments/{deployment_id}").json()
+    assert shown["reason"] == "ModelLoadError: config.json is unreadable"
+    listed = client.get("/v1/deployments").json()["data"]
+    assert "/srv/" not in str(listed)
