@@ -3,6 +3,9 @@
 Start it with ``celery -A worker.app:celery_app worker -Q <TRAINING_QUEUE> -c 1 --pool prefork``. Nothing here
 imports torch: the parent process stays small and never touches an accelerator; each training task runs in a
 fresh child (``worker_max_tasks_per_child=1``) that gives all its memory back when the task ends.
+
+Each worker also runs the reconciler (``worker.reconciler``) as a small process beside it, so jobs whose worker
+died are recovered even while the api is down (WORKER_RECONCILER=false turns it off).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 from celery import Celery, signals
@@ -66,3 +71,33 @@ def _stop_running_training(sig: str = "", how: str = "", **_: Any) -> None:
         if child.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signal.SIGTERM)
+
+
+_reconciler: subprocess.Popen[bytes] | None = None
+
+
+@signals.worker_ready.connect
+def _start_reconciler(**_: Any) -> None:
+    """A separate process, not a thread: the pool forks children from this process, and forking while another
+    thread holds a lock (a database pool's, say) can leave the child stuck on it."""
+    global _reconciler
+    settings = get_settings()
+    if not settings.worker_reconciler or settings.reconcile_interval_seconds <= 0 or _reconciler is not None:
+        return
+    argv = [sys.executable, "-m", "worker.reconciler", "--parent", str(os.getpid())]
+    _reconciler = subprocess.Popen(argv)
+    log.info("worker.reconciler_started", extra={"pid": _reconciler.pid})
+
+
+@signals.worker_shutdown.connect
+def _stop_reconciler(**_: Any) -> None:
+    global _reconciler
+    process, _reconciler = _reconciler, None
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
