@@ -14,12 +14,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from core.settings import Settings, get_settings
+
 Format = Literal["alpaca", "sharegpt", "openai"]
 FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "openai")
 Message = dict[str, Any]
 Conversation = list[Message]
 
 MAX_REPORTED_ERRORS = 20
+JSON_TOO_LARGE = "json_too_large"
+
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """The size and shape limits a dataset file is read under; the api (upload) and the worker (training) both take
+    them from the settings, so a file accepted at upload is never refused later for a different number."""
+
+    max_line_bytes: int = 8 * 1024 * 1024
+    max_json_depth: int = 64
+    max_json_array_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DatasetLimits:
+        return cls(
+            max_line_bytes=settings.max_line_bytes,
+            max_json_depth=settings.max_json_depth,
+            max_json_array_bytes=settings.max_json_array_bytes,
+        )
+
+
+def too_deep(value: Any, max_depth: int) -> bool:
+    """Whether ``value`` nests objects and arrays deeper than ``max_depth`` (a flat object is depth 1). Walks with
+    an explicit stack, so a hostile nesting costs no recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > max_depth:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 @dataclass
@@ -275,8 +314,17 @@ def normalise(record: Any, fmt: Format, mapping: ColumnMapping | None = None) ->
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _records(path: Path, report: DatasetReport, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
-    """Yield (line or index, parsed record); parse errors go to the report."""
+def _records(path: Path, report: DatasetReport, limits: DatasetLimits) -> Iterator[tuple[int, Any]]:
+    """Yield (line or index, parsed record); parse errors and records nested too deeply go to the report."""
+    for position, record in _parsed(path, report, limits):
+        if too_deep(record, limits.max_json_depth):
+            report.add_error(position, "too_deep", f"the example is nested deeper than {limits.max_json_depth} levels")
+            continue
+        yield position, record
+
+
+def _parsed(path: Path, report: DatasetReport, limits: DatasetLimits) -> Iterator[tuple[int, Any]]:
+    max_line_bytes = limits.max_line_bytes
     with path.open("rb") as handle:
         head = handle.read(4096)
         handle.seek(0)
@@ -289,6 +337,17 @@ def _records(path: Path, report: DatasetReport, max_line_bytes: int) -> Iterator
             return
         if stripped.startswith(b"["):
             report.container = "json"
+            # A JSON array is parsed whole (several times its size in memory), so it has its own, smaller cap;
+            # datasets beyond it must be JSONL, which is read one line at a time.
+            size = path.stat().st_size
+            if size > limits.max_json_array_bytes:
+                report.add_error(
+                    0,
+                    JSON_TOO_LARGE,
+                    f"a JSON-array dataset may be at most {limits.max_json_array_bytes} bytes (this one is {size});"
+                    " send larger datasets as JSONL, one example per line",
+                )
+                return
             data = handle.read()
             try:
                 parsed = json.loads(data.decode("utf-8-sig"))
@@ -338,14 +397,14 @@ def scan_dataset(
     *,
     fmt: Format | None = None,
     mapping: ColumnMapping | None = None,
-    max_line_bytes: int = 8 * 1024 * 1024,
+    limits: DatasetLimits | None = None,
     keep_examples: bool = False,
 ) -> tuple[DatasetReport, list[Conversation]]:
     """Validate every example of a JSON or JSONL file; return the report and (optionally) the conversations."""
     report = DatasetReport()
     examples: list[Conversation] = []
     fmt = fmt or (mapping.formatting if mapping else None)
-    for position, record in _records(path, report, max_line_bytes):
+    for position, record in _records(path, report, limits or DatasetLimits()):
         try:
             if fmt is None:
                 fmt = detect_format(record)
@@ -367,10 +426,19 @@ def scan_dataset(
     return report, examples
 
 
-def load_conversations(path: Path, fmt: Format, mapping: dict[str, Any] | None = None) -> list[Conversation]:
-    """Read a validated file for training; raises ValueError if it no longer validates."""
+def load_conversations(
+    path: Path, fmt: Format, mapping: dict[str, Any] | None = None, *, limits: DatasetLimits | None = None
+) -> list[Conversation]:
+    """Read a validated file for training; raises ValueError if it no longer validates. The limits default to the
+    settings', the same ones the upload was checked under."""
+    if limits is None:
+        limits = DatasetLimits.from_settings(get_settings())
     report, examples = scan_dataset(
-        path, fmt=fmt, mapping=ColumnMapping.from_json(mapping) if mapping else None, keep_examples=True
+        path,
+        fmt=fmt,
+        mapping=ColumnMapping.from_json(mapping) if mapping else None,
+        limits=limits,
+        keep_examples=True,
     )
     if not report.ok:
         raise ValueError(f"dataset no longer validates: {report.errors[:3]}")

@@ -45,7 +45,22 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_line_bytes: int = 8 * 1024 * 1024
-    max_json_depth: int = 64
+    max_json_depth: int = Field(
+        default=64, ge=1, description="deepest nesting of one example (upload and worker); deeper ones are refused"
+    )
+    # A JSON array file is parsed whole (JSONL is read a line at a time), so it has its own, smaller cap.
+    max_json_array_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="largest dataset in JSON-array form (413); larger datasets must be JSONL, read line by line",
+    )
+    # Live event streams (SSE): each holds a connection and polls the database.
+    event_streams_per_key: int = Field(
+        default=4, ge=1, description="live job event streams one API key (or client address) may hold at once (429)"
+    )
+    event_stream_poll_seconds: float = Field(
+        default=1.0, ge=0.1, le=60.0, description="how often a live event stream looks for new events, at most"
+    )
     default_page_limit: int = 20
 
     # Job dispatch and recovery.

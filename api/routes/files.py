@@ -13,7 +13,8 @@ from api.http import idempotency
 from api.http.uploads import check_declared_length, receive_upload
 from api.schemas import ERROR_RESPONSES, FileDeleted, FileList, FileOut
 from api.services import files as service
-from core.datasets import ColumnMapping, scan_dataset
+from core.datasets import JSON_TOO_LARGE, ColumnMapping, DatasetLimits, scan_dataset
+from core.errors import PayloadTooLarge
 from core.storage import files_dir
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
@@ -46,7 +47,7 @@ _UPLOAD_BODY: dict[str, Any] = {
     "",
     response_model=FileOut,
     openapi_extra=_UPLOAD_BODY,
-    responses={413: {"description": "File larger than MAX_UPLOAD_BYTES"}},
+    responses={413: {"description": "File larger than MAX_UPLOAD_BYTES (a JSON array: MAX_JSON_ARRAY_BYTES)"}},
     summary="Upload a dataset",
 )
 async def upload_file(
@@ -85,8 +86,15 @@ async def upload_file(
             upload.path,
             fmt=options.format,
             mapping=options.mapping or ColumnMapping(),
-            max_line_bytes=settings.max_line_bytes,
+            limits=DatasetLimits.from_settings(settings),
         )
+        if report.error_counts.get(JSON_TOO_LARGE):
+            # Refused for its size, like an upload over MAX_UPLOAD_BYTES: a 413 that names the file.
+            raise PayloadTooLarge(
+                f"A JSON-array dataset may be at most {settings.max_json_array_bytes} bytes; "
+                "send larger datasets as JSONL, one example per line.",
+                param="file",
+            )
         if not report.ok:
             raise service.invalid_dataset(report)
         row = await run_in_threadpool(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.datasets import ColumnMapping, scan_dataset
+from core.datasets import ColumnMapping, DatasetLimits, scan_dataset
 from tests.factories import alpaca_records, openai_records, sharegpt_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_long_line_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
         + json.dumps(alpaca_records(1)[0]).encode()
         + b"\n"
     )
-    report, _ = scan_dataset(path, max_line_bytes=1_000_000)
+    report, _ = scan_dataset(path, limits=DatasetLimits(max_line_bytes=1_000_000))
     assert report.error_counts == {"line_too_long": 1} and report.num_examples == 1
     assert report.errors[0]["line"] == 1
 
