@@ -160,7 +160,27 @@ class Settings(BaseSettings):
         description="GGUF types the worker writes next to a published model: auto (the default CPU route's on "
         "this host), none, or a comma-separated list such as bf16,q8_0",
     )
-    model_memory_budget_bytes: int = 4 * 1024**3
+    model_memory_budget_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1,
+        description="hard limit on loaded models' weights: idle models are evicted to make room, and a model "
+        "that still does not fit is refused (503) rather than loaded",
+    )
+    max_queued_requests: int = Field(
+        default=64,
+        ge=1,
+        description="generation requests the inference service takes at once (running or queued for an "
+        "engine); beyond it 503 service_saturated with Retry-After",
+    )
+    max_concurrent_requests_per_tenant: int = Field(
+        default=16, ge=1, description="generation requests one tenant may have at once; beyond it 429 with Retry-After"
+    )
+    model_load_threads: int = Field(
+        default=2,
+        ge=1,
+        description="threads that load models (and that requests waiting on a load wait in), apart from the "
+        "threads that answer health checks and authentication",
+    )
     deployment_poll_seconds: float = 1.0
 
     log_level: LogLevel = "INFO"

@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             try:
                 yield
             finally:
+                _app.state.service.close()
                 authenticator.close()
             return
         listener.start()
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             yield
         finally:
             listener.stop()
+            _app.state.service.close()
             registry.close()
             authenticator.close()
 

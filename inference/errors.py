@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 
 from core.errors import ConchError, ServiceUnavailable, error_body
 from core.http.errors import error_response
+from core.http.handlers import conch_error_handler
 from core.http.handlers import install_error_handlers as install_shared_error_handlers
 
 
@@ -21,6 +22,22 @@ class EngineBusy(ServiceUnavailable):
     default_code = "engine_unavailable"
 
 
+class RetryLater(ServiceUnavailable):
+    """A 503 that tells the client when to try again (``Retry-After``): the service is full, not broken."""
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class ServiceSaturated(RetryLater):
+    default_code = "service_saturated"
+
+
+class ModelDoesNotFit(RetryLater):
+    default_code = "model_does_not_fit"
+
+
 class ClientGone(Exception):
     """The client disconnected; its generation was cancelled and nobody reads the answer."""
 
@@ -31,6 +48,14 @@ async def _client_gone(_request: Request, _exc: Exception) -> JSONResponse:
     return error_response(499, body)
 
 
+async def _retry_later(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RetryLater)
+    response = await conch_error_handler(request, exc)
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     install_shared_error_handlers(app)
+    app.add_exception_handler(RetryLater, _retry_later)
     app.add_exception_handler(ClientGone, _client_gone)

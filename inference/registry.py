@@ -8,11 +8,16 @@ and nobody gets by default.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -30,6 +35,7 @@ from inference.engine.engine import Engine, EngineUnavailable, Failed, Finished,
 from inference.engine.loader import LlamaCppOptions, LoadedModel, ModelLoadError, load_model
 from inference.engine.routes import Route, plan_routes
 from inference.engine.sampling import SamplingParams
+from inference.errors import ModelDoesNotFit
 from inference.gate import GateResult, reference_for, run_gate
 from inference.metrics import Metrics
 
@@ -40,6 +46,8 @@ SMOKE_TIMEOUT_SECONDS = 120.0
 # A model that failed to load is not retried on every request (each try costs seconds of CPU) for this long;
 # a deployment naming it tries again at once.
 RETRY_FAILED_LOAD_SECONDS = 10.0
+RETRY_NO_ROOM_SECONDS = 5  # a model refused for want of room: held models are released within seconds
+MAX_SAFETENSORS_HEADER = 100 * 1024**2  # the format's own limit
 
 
 @dataclass
@@ -58,6 +66,45 @@ class ModelHandle:
         return self.source.name
 
 
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f}"
+
+
+# Bytes per weight on each route, at least (block scales come on top): a lower bound, so that the estimate made
+# before a load never refuses a model that would fit.
+_BYTES_PER_WEIGHT = {"f32": 4.0, "fp32": 4.0, "int8": 1.0, "q8_0": 1.0, "int4": 0.5, "q4_0": 0.5, "q4_1": 0.5}
+_BYTES_PER_WEIGHT["iq4_nl"] = 0.5
+
+
+def _route_bytes_per_weight(route: Route) -> float:
+    if route.backend == "llamacpp":
+        return _BYTES_PER_WEIGHT.get(route.quant, 2.0)
+    if route.quant != "none":
+        return _BYTES_PER_WEIGHT.get(route.quant, 0.5)
+    return _BYTES_PER_WEIGHT.get(route.dtype, 2.0)  # auto is 16-bit or wider
+
+
+def estimate_bytes(folder: Path, routes: list[Route]) -> int:
+    """A lower bound of the memory ``folder``'s weights take once loaded on the cheapest of ``routes``: the
+    weight count from the safetensors headers (no tensor is read). 0 when it cannot be told."""
+    weights = 0
+    try:
+        for path in folder.glob("*.safetensors"):
+            with path.open("rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > MAX_SAFETENSORS_HEADER:
+                    return 0
+                header = json.loads(handle.read(length))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    weights += math.prod(int(n) for n in entry["shape"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return 0  # a broken folder: its load fails with the loader's own message
+    if not routes:
+        return 0
+    return int(weights * min(_route_bytes_per_weight(route) for route in routes))
+
+
 class Hold:
     """A request's hold on a model (a held model is never evicted); released exactly once, however the request
     ends."""
@@ -66,11 +113,20 @@ class Hold:
         self._registry = registry
         self.handle = handle
         self._released = False
+        self._also: list[Callable[[], None]] = []
+
+    def also_release(self, release: Callable[[], None]) -> None:
+        """Run ``release`` too when the hold goes back (the request's admission ticket rides along)."""
+        self._also.append(release)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._registry._release(self.handle)
+            try:
+                self._registry._release(self.handle)
+            finally:
+                for release in self._also:
+                    release()
 
 
 class _WaitSink:
@@ -115,6 +171,7 @@ class Registry:
         self._defaults: dict[str, str] = {}
         self.problems: dict[str, str] = {}  # model -> why it is not loaded (shown by /readyz)
         self._failed_at: dict[str, float] = {}
+        self._sizes: dict[Path, int] = {}  # model folder -> bytes it took when last loaded (the budget's estimate)
         self.synced = False  # set once the deployments table has been read
         self.threads = configure_threads(
             generation_threads(settings.inference_threads, training_on_this_host(settings))
@@ -172,11 +229,13 @@ class Registry:
 
     # ------------------------------------------------------------------------------- loading
 
-    def ensure(self, source: ModelSource, *, deploying: bool = False) -> ModelHandle:
+    def ensure(self, source: ModelSource, *, deploying: bool = False, on_demand: bool = False) -> ModelHandle:
         """Load (once, however many callers ask at the same time), probe, smoke-test and install ``source``.
 
         ``deploying``: smoke-test again a model already in memory (it must answer now), and ignore the back-off
-        after a failed load."""
+        after a failed load. ``on_demand``: a request's load, held to the memory budget: idle models are evicted
+        to make room, and if it still does not fit it is refused (``ModelDoesNotFit``) rather than loaded. A
+        deployment is the operator's choice and is installed regardless (then the budget only evicts)."""
         with self._lock:
             handle = self._handles.get(source.name)
             if handle is not None and handle.engine.alive and handle.source.folder == source.folder:
@@ -198,7 +257,9 @@ class Registry:
                 smoke_test(handle.engine, handle.model)
                 result = handle
             else:
-                result = self._load(source)
+                if on_demand:
+                    self._make_room(source)
+                result = self._load(source, hard=on_demand)
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -208,7 +269,7 @@ class Registry:
             with self._lock:
                 self._loading.pop(source.name, None)
 
-    def _load(self, source: ModelSource) -> ModelHandle:
+    def _load(self, source: ModelSource, *, hard: bool = False) -> ModelHandle:
         settings = self.settings
         engine: Engine | None = None
         try:
@@ -228,11 +289,19 @@ class Registry:
             self._failed_at[source.name] = time.monotonic()
             raise
         handle = ModelHandle(source=source, model=model, engine=engine, gate=gate)
-        self.metrics.fidelity(source.name, gate)
         with self._lock:
-            replaced = self._handles.get(source.name)
-            self._handles[source.name] = handle
-            evicted = self._over_budget(keep=source.name)
+            self._sizes[source.folder] = model.size_bytes
+            # The estimate before the load is a lower bound: the real size decides, before anyone can use it.
+            fits = not hard or self._room_for(source.name, model.size_bytes)[1]
+            if fits:
+                replaced = self._handles.get(source.name)
+                self._handles[source.name] = handle
+                evicted = self._over_budget(keep=source.name)
+        if not fits:
+            engine.stop()
+            self.metrics.loads.labels("refused").inc()
+            raise self._does_not_fit(source.name, model.size_bytes)
+        self.metrics.fidelity(source.name, gate)
         self.problems.pop(source.name, None)
         self._failed_at.pop(source.name, None)
         self.metrics.loads.labels("ok").inc()
@@ -334,6 +403,51 @@ class Registry:
         for handle in evicted:
             self._unload(handle)
         self._report()
+
+    def _room_for(self, name: str, size: int) -> tuple[list[ModelHandle], bool]:
+        """The idle models to evict (least recently used first) for ``name`` to take ``size`` bytes, and whether
+        it then fits the budget (caller holds the lock; nothing is evicted yet). A model in use or another
+        tenant's default is never a victim."""
+        budget = self.settings.model_memory_budget_bytes
+        total = size + sum(h.model.size_bytes for h in self._handles.values() if h.name != name)
+        protected = self._protected() | {name}
+        candidates = sorted(
+            (h for h in self._handles.values() if h.in_use == 0 and h.name not in protected),
+            key=lambda h: h.last_used,
+        )
+        victims: list[ModelHandle] = []
+        while total > budget and candidates:
+            victim = candidates.pop(0)
+            total -= victim.model.size_bytes
+            victims.append(victim)
+        return victims, total <= budget
+
+    def _does_not_fit(self, name: str, size: int) -> ModelDoesNotFit:
+        budget = self.settings.model_memory_budget_bytes
+        return ModelDoesNotFit(
+            f"model {name!r} needs about {_mib(size)} MiB and the memory budget ({_mib(budget)} MiB) cannot make "
+            "room for it while the models in memory are in use or deployed; retry later",
+            retry_after=RETRY_NO_ROOM_SECONDS,
+        )
+
+    def _make_room(self, source: ModelSource) -> None:
+        """Before an on-demand load: evict idle models so that the model's estimated size fits, or refuse it."""
+        estimate = self._sizes.get(source.folder) or estimate_bytes(source.folder, self.routes)
+        if not estimate:
+            return  # unknown: the check after the load decides
+        with self._lock:
+            victims, fits = self._room_for(source.name, estimate)
+            if fits:
+                for victim in victims:
+                    del self._handles[victim.name]
+                    self.metrics.evictions.inc()
+        if not fits:
+            self.metrics.loads.labels("refused").inc()
+            raise self._does_not_fit(source.name, estimate)
+        for victim in victims:
+            self._unload(victim)
+        if victims:
+            self._report()
 
     def _over_budget(self, keep: str | None) -> list[ModelHandle]:
         """Pick least recently used models to unload until the budget holds (caller holds the lock)."""

@@ -4,6 +4,8 @@ budget), and the request's knobs turned into sampling parameters within the mode
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from core.db import session_scope
 from core.errors import InvalidRequest
 from core.settings import Settings
+from inference.admission import Admission
 from inference.catalog import ModelNotReady, ModelSource, resolve
 from inference.engine.loader import LoadedModel, ModelLoadError
 from inference.engine.sampling import SamplingParams
@@ -26,6 +29,10 @@ class InferenceService:
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
+        self.admission = Admission(settings.max_queued_requests, settings.max_concurrent_requests_per_tenant)
+        # Loads (and requests waiting on one) get threads of their own: a slow load or a crowd waiting on it
+        # never takes the shared pool's threads that authentication, the database and health checks run on.
+        self.loads = ThreadPoolExecutor(max_workers=settings.model_load_threads, thread_name_prefix="model-load")
 
     def model_name(self, tenant: str, requested: str | None) -> str:
         if requested is None or requested.strip() in DEFAULT_ALIASES:
@@ -37,6 +44,18 @@ class InferenceService:
             return resolve(session, name, tenant, self.settings)
 
     async def acquire(self, tenant: str, requested: str | None) -> Hold:
+        """A hold on the model that answers, for an admitted request (429 past the tenant's limit, 503 past the
+        service's): the admission's place goes back with the hold, or at once if no hold is had."""
+        ticket = self.admission.admit(tenant)
+        try:
+            hold = await self._acquire(tenant, requested)
+        except BaseException:
+            ticket.release()
+            raise
+        hold.also_release(ticket.release)
+        return hold
+
+    async def _acquire(self, tenant: str, requested: str | None) -> Hold:
         """A hold on the model that answers: loaded on demand (within the memory budget) if it is not in memory."""
         name = self.model_name(tenant, requested)
         hold = self.registry.hold(name, tenant)
@@ -45,13 +64,19 @@ class InferenceService:
         source = await run_in_threadpool(self._resolve, name, tenant)
         for _ in range(ACQUIRE_ATTEMPTS):
             try:
-                await run_in_threadpool(self.registry.ensure, source)
+                await asyncio.get_running_loop().run_in_executor(self.loads, self._ensure, source)
             except ModelLoadError as exc:
                 raise ModelNotReady(f"model {name!r} could not be loaded: {exc}", param="model") from exc
             hold = self.registry.hold(name, tenant)
             if hold is not None:
                 return hold
         raise ModelNotReady(f"model {name!r} is being swapped out; retry", param="model")
+
+    def _ensure(self, source: ModelSource) -> None:
+        self.registry.ensure(source, on_demand=True)
+
+    def close(self) -> None:
+        self.loads.shutdown(wait=False, cancel_futures=True)
 
     def sampling(
         self,
