@@ -10,6 +10,7 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import (
@@ -25,12 +26,13 @@ from api.deps import (
 from api.http import idempotency
 from api.schemas import ERROR_RESPONSES, CheckpointList, EventList, JobCreate, JobList, JobOut
 from api.services import jobs as service
+from api.services.event_streams import registry_for
 from core.contracts import JobStatus
 from core.db import session_scope
+from core.http.ratelimit import client_address
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
 
-STREAM_POLL_SECONDS = 0.5
 STREAM_PING_SECONDS = 15
 
 
@@ -116,33 +118,50 @@ def _poll(job_uuid: Any, cursor: int) -> tuple[list[dict[str, Any]], int, bool]:
 )
 def stream_events(
     job_id: str,
+    request: Request,
     session: SessionDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
     after: After = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=128)] = None,
-    poll_seconds: Annotated[float, Query(ge=0.05, le=10.0, description="how often to look for new events")] = (
-        STREAM_POLL_SECONDS
-    ),
+    poll_seconds: Annotated[
+        float | None,
+        Query(
+            ge=0.1,
+            le=60.0,
+            description="how often to look for new events; never more often than EVENT_STREAM_POLL_SECONDS",
+        ),
+    ] = None,
 ) -> EventSourceResponse:
     job = service.get_job(session, principal.tenant_id, job_id)
     job_uuid = job.id
     # A reconnecting EventSource sends Last-Event-ID; it wins over the query parameter.
     start = service.start_cursor(last_event_id or after)
+    # A client may poll less often than the setting, never more: each poll is a database query.
+    interval = max(poll_seconds or 0.0, settings.event_stream_poll_seconds)
+    identity = f"key:{principal.key_id}" if principal.key_id else f"addr:{client_address(request.client)}"
+    slot = registry_for(request.app).acquire(identity, settings.event_streams_per_key)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        cursor = start
-        while True:
-            batch, cursor, ended = await run_in_threadpool(_poll, job_uuid, cursor)
-            for event in batch:
-                yield ServerSentEvent(data=json.dumps(event), id=event["id"], event=event["object"])
-            if ended:
-                yield ServerSentEvent(data="[DONE]", event="done")
-                return
-            if not batch:
-                await anyio.sleep(poll_seconds)
+        try:
+            cursor = start
+            while True:
+                # Only the query itself runs in the threadpool; the wait between polls holds no thread.
+                batch, cursor, ended = await run_in_threadpool(_poll, job_uuid, cursor)
+                for event in batch:
+                    yield ServerSentEvent(data=json.dumps(event), id=event["id"], event=event["object"])
+                if ended:
+                    yield ServerSentEvent(data="[DONE]", event="done")
+                    return
+                if not batch:
+                    await anyio.sleep(interval)
+        finally:
+            slot.release()
 
     # The stream runs after this function returns, so it reads with its own short sessions, not the request's.
-    return EventSourceResponse(events(), ping=STREAM_PING_SECONDS)
+    # The background task gives the slot back too, for a stream cut off before its first poll (release is
+    # idempotent).
+    return EventSourceResponse(events(), ping=STREAM_PING_SECONDS, background=BackgroundTask(slot.release))
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="List a job's checkpoints")
