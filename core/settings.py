@@ -167,13 +167,13 @@ class Settings(BaseSettings):
         "that still does not fit is refused (503) rather than loaded",
     )
     max_queued_requests: int = Field(
-        default=64,
+        default=256,
         ge=1,
         description="generation requests the inference service takes at once (running or queued for an "
         "engine); beyond it 503 service_saturated with Retry-After",
     )
     max_concurrent_requests_per_tenant: int = Field(
-        default=16, ge=1, description="generation requests one tenant may have at once; beyond it 429 with Retry-After"
+        default=64, ge=1, description="generation requests one tenant may have at once; beyond it 429 with Retry-After"
     )
     model_load_threads: int = Field(
         default=2,
