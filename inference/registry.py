@@ -404,13 +404,12 @@ class Registry:
             self._unload(handle)
         self._report()
 
-    def _room_for(self, name: str, size: int) -> tuple[list[ModelHandle], bool]:
-        """The idle models to evict (least recently used first) for ``name`` to take ``size`` bytes, and whether
-        it then fits the budget (caller holds the lock; nothing is evicted yet). A model in use or another
-        tenant's default is never a victim."""
+    def _lru_victims(self, total: int, keep: set[str]) -> tuple[list[ModelHandle], int]:
+        """Idle models to evict, least recently used first, until ``total`` bytes fit the budget, and the total
+        after evicting them (caller holds the lock; nothing is evicted yet). A model in use, a tenant's default
+        and the models in ``keep`` are never victims."""
         budget = self.settings.model_memory_budget_bytes
-        total = size + sum(h.model.size_bytes for h in self._handles.values() if h.name != name)
-        protected = self._protected() | {name}
+        protected = self._protected() | keep
         candidates = sorted(
             (h for h in self._handles.values() if h.in_use == 0 and h.name not in protected),
             key=lambda h: h.last_used,
@@ -420,7 +419,13 @@ class Registry:
             victim = candidates.pop(0)
             total -= victim.model.size_bytes
             victims.append(victim)
-        return victims, total <= budget
+        return victims, total
+
+    def _room_for(self, name: str, size: int) -> tuple[list[ModelHandle], bool]:
+        """The idle models to evict for ``name`` to take ``size`` bytes, and whether it then fits the budget."""
+        total = size + sum(h.model.size_bytes for h in self._handles.values() if h.name != name)
+        victims, total = self._lru_victims(total, {name})
+        return victims, total <= self.settings.model_memory_budget_bytes
 
     def _does_not_fit(self, name: str, size: int) -> ModelDoesNotFit:
         budget = self.settings.model_memory_budget_bytes
@@ -453,17 +458,9 @@ class Registry:
         """Pick least recently used models to unload until the budget holds (caller holds the lock)."""
         budget = self.settings.model_memory_budget_bytes
         total = sum(h.model.size_bytes for h in self._handles.values())
-        protected = self._protected() | ({keep} if keep else set())
-        candidates = sorted(
-            (h for h in self._handles.values() if h.in_use == 0 and h.name not in protected),
-            key=lambda h: h.last_used,
-        )
-        evicted: list[ModelHandle] = []
-        while total > budget and candidates:
-            victim = candidates.pop(0)
+        evicted, total = self._lru_victims(total, {keep} if keep else set())
+        for victim in evicted:
             del self._handles[victim.name]
-            total -= victim.model.size_bytes
-            evicted.append(victim)
             self.metrics.evictions.inc()
         if total > budget:
             log.warning("registry.over_budget", extra={"bytes": total, "budget": budget})
