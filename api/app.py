@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI
 
-from api.http.ratelimit import AuthThrottle, RateLimiter
 from api.metrics import Metrics
 from api.reconciler import ReconcilerThread
 from api.routes import files, health, jobs, keys, models
@@ -17,6 +16,7 @@ from core.http.handlers import install_error_handlers
 from core.http.limits import BodyLimitMiddleware
 from core.http.listen import refuse_unsafe_start
 from core.http.observability import ObservabilityMiddleware
+from core.http.ratelimit import AuthThrottle, RateLimiter
 from core.logging import configure_logging
 from core.pubsub import redis_client
 from core.reconcile import reconcile_once

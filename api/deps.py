@@ -10,11 +10,11 @@ from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session
 
 from api.db import request_session
-from api.http.ratelimit import AuthThrottle, RateLimiter, client_address
 from core.api_keys import ANONYMOUS, Principal, authenticate
 from core.db import session_scope
 from core.http.auth import admin_required, bearer_token, invalid_key, required_bearer_token, too_many_failures
 from core.http.errors import TooManyRequests
+from core.http.ratelimit import AuthThrottle, RateLimiter, client_address
 from core.settings import Settings
 
 # OpenAI's files list takes 1-10,000 (its one documented ceiling; the fine-tuning lists document none), and

@@ -18,6 +18,17 @@ log = logging.getLogger("conch.ratelimit")
 WINDOW_SECONDS = 60
 
 
+def _window(now: float | None) -> tuple[float, int]:
+    """The time and the number of its fixed window."""
+    now = time.time() if now is None else now
+    return now, int(now // WINDOW_SECONDS)
+
+
+def _until_next(window: int, now: float) -> int:
+    """Whole seconds until ``window`` ends (at least 1: a Retry-After of 0 invites an immediate retry)."""
+    return max(1, math.ceil((window + 1) * WINDOW_SECONDS - now))
+
+
 class RateLimiter:
     def __init__(self, limit_per_window: int, *, client: redis.Redis | None, namespace: str) -> None:
         self.limit = limit_per_window
@@ -34,34 +45,31 @@ class RateLimiter:
         """Count one request; None if allowed, else the seconds until the window resets (for Retry-After)."""
         if not self.enabled:
             return None
-        now = time.time() if now is None else now
-        window = int(now // WINDOW_SECONDS)
+        now, window = _window(now)
         count = self._count_redis(identity, window)
         if count is None:
             count = self._count_local(identity, window)
-        if count <= self.limit:
-            return None
-        return max(1, math.ceil((window + 1) * WINDOW_SECONDS - now))
+        return None if count <= self.limit else _until_next(window, now)
 
     def exceeded(self, identity: str, now: float | None = None) -> int | None:
         """Without counting: the seconds until the window resets if ``identity`` has used up its limit, else None."""
         if not self.enabled:
             return None
-        now = time.time() if now is None else now
-        window = int(now // WINDOW_SECONDS)
+        now, window = _window(now)
         count = self._read_redis(identity, window)
         if count is None:
             with self._lock:
                 count = self._local.get((identity, window), 0)
-        if count < self.limit:
-            return None
-        return max(1, math.ceil((window + 1) * WINDOW_SECONDS - now))
+        return None if count < self.limit else _until_next(window, now)
+
+    def _key(self, identity: str, window: int) -> str:
+        return f"{self.namespace}:ratelimit:{identity}:{window}"
 
     def _read_redis(self, identity: str, window: int) -> int | None:
         if self.client is None:
             return None
         try:
-            value = self.client.get(f"{self.namespace}:ratelimit:{identity}:{window}")
+            value = self.client.get(self._key(identity, window))
         except redis.RedisError as exc:
             log.warning("ratelimit.redis_unavailable", extra={"error_class": type(exc).__name__})
             return None
@@ -70,7 +78,7 @@ class RateLimiter:
     def _count_redis(self, identity: str, window: int) -> int | None:
         if self.client is None:
             return None
-        key = f"{self.namespace}:ratelimit:{identity}:{window}"
+        key = self._key(identity, window)
         try:
             pipe = self.client.pipeline()
             pipe.incr(key)

@@ -11,9 +11,9 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api.http.ratelimit import RateLimiter
 from core.api_keys import authenticate, create_api_key, revoke_api_key
 from core.db import session_scope
+from core.http.ratelimit import RateLimiter
 from core.orm import ApiKey
 from tests.api.helpers import (
     assert_envelope,
