@@ -131,9 +131,10 @@ def golden_conversations(validation: Sequence[Sequence[Message]] | None = None) 
 def encode_prompts(tokenizer: Any, template: str, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
     """Token ids of each prompt, rendered exactly as serving renders a chat request."""
     encoded = []
+    control: ControlTokens | None = None  # built once: its private text encoder copies the tokenizer's backend
     for messages in conversations:
         try:
-            control = ControlTokens(tokenizer, template_text(template, tokenizer))
+            control = control or ControlTokens(tokenizer, template_text(template, tokenizer))
             text = render_prompt(tokenizer, control.mark(messages), template)
         except Exception as exc:  # a broken template: whatever the library raises
             raise ReferenceError(f"the chat template does not render a golden prompt: {exc}") from exc
