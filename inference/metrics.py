@@ -64,7 +64,11 @@ class Metrics:
         self.loads = Counter("conch_inference_model_loads", "Model loads by result", ["result"], registry=r)
         self.evictions = Counter("conch_inference_evictions", "Models unloaded to fit the memory budget", registry=r)
         self.loaded_models = Gauge("conch_inference_loaded_models", "Models in memory", registry=r)
-        self.loaded_bytes = Gauge("conch_inference_loaded_bytes", "Weight bytes of the models in memory", registry=r)
+        self.loaded_bytes = Gauge(
+            "conch_inference_loaded_bytes",
+            "Bytes the models in memory take: weights plus the KV cache each can fill",
+            registry=r,
+        )
         self.ready = Gauge("conch_inference_ready", "1 when /readyz answers 200", registry=r)
         self.agreement = Gauge(
             "conch_inference_fidelity_agreement",

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import select
@@ -30,9 +31,10 @@ from core.hostload import training_on_this_host
 from core.orm import DEFAULT_TENANT, ModelRecord
 from core.settings import Settings
 from inference.catalog import ModelSource
+from inference.engine.cache import KV_CACHE_BYTES_LLAMACPP, kv_values_per_token
 from inference.engine.device import choose_device, configure_threads, generation_threads
 from inference.engine.engine import Engine, EngineUnavailable, Failed, Finished, GenerationRequest, TextChunk
-from inference.engine.loader import LlamaCppOptions, LoadedModel, ModelLoadError, load_model
+from inference.engine.loader import MAX_CONTEXT, LlamaCppOptions, LoadedModel, ModelLoadError, load_model
 from inference.engine.routes import Route, plan_routes
 from inference.engine.sampling import SamplingParams
 from inference.errors import ModelDoesNotFit
@@ -84,9 +86,25 @@ def _route_bytes_per_weight(route: Route) -> float:
     return _BYTES_PER_WEIGHT.get(route.dtype, 2.0)  # auto is 16-bit or wider
 
 
-def estimate_bytes(folder: Path, routes: list[Route]) -> int:
-    """A lower bound of the memory ``folder``'s weights take once loaded on the cheapest of ``routes``: the
-    weight count from the safetensors headers (no tensor is read). 0 when it cannot be told."""
+@dataclass(frozen=True)
+class CacheShape:
+    """How the service sizes a model's KV cache: rows at once, and llama.cpp's context per row."""
+
+    rows: int
+    llamacpp_context_per_row: int
+
+
+def _route_cache_tokens(route: Route, shape: CacheShape, max_positions: int) -> tuple[int, float]:
+    """The KV cache tokens ``route`` can hold for a model, and bytes per cached value."""
+    if route.backend == "llamacpp":
+        return shape.rows * shape.llamacpp_context_per_row, KV_CACHE_BYTES_LLAMACPP
+    return shape.rows * min(max_positions, MAX_CONTEXT), _BYTES_PER_WEIGHT.get(route.dtype, 2.0)
+
+
+def estimate_bytes(folder: Path, routes: list[Route], shape: CacheShape) -> int:
+    """A lower bound of the memory ``folder`` takes once loaded on the cheapest of ``routes``: weights (their
+    count from the safetensors headers, no tensor is read) plus the KV cache its engine can fill (from
+    config.json). 0 when it cannot be told."""
     weights = 0
     try:
         for path in folder.glob("*.safetensors"):
@@ -98,11 +116,18 @@ def estimate_bytes(folder: Path, routes: list[Route]) -> int:
             for key, entry in header.items():
                 if key != "__metadata__":
                     weights += math.prod(int(n) for n in entry["shape"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        config = json.loads((folder / "config.json").read_text())
+        per_token = kv_values_per_token(SimpleNamespace(**config.get("text_config", config)))
+        max_positions = int(config.get("max_position_embeddings") or 4096)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, struct.error):
         return 0  # a broken folder: its load fails with the loader's own message
     if not routes:
         return 0
-    return int(weights * min(_route_bytes_per_weight(route) for route in routes))
+    sizes = []
+    for route in routes:
+        tokens, bytes_per_value = _route_cache_tokens(route, shape, max_positions)
+        sizes.append(weights * _route_bytes_per_weight(route) + tokens * per_token * bytes_per_value)
+    return int(min(sizes))
 
 
 class Hold:
@@ -369,9 +394,13 @@ class Registry:
             backend_setting=route.backend,
             quant_setting=route.quant,
             llamacpp=self._llamacpp_options() if route.backend == "llamacpp" else None,
+            cache_rows=settings.max_batch_size,
         )
         model.route = route.name
         return model
+
+    def _cache_shape(self) -> CacheShape:
+        return CacheShape(self.settings.max_batch_size, self.settings.llamacpp_context_tokens)
 
     def _llamacpp_options(self) -> LlamaCppOptions:
         settings = self.settings
@@ -437,7 +466,7 @@ class Registry:
 
     def _make_room(self, source: ModelSource) -> None:
         """Before an on-demand load: evict idle models so that the model's estimated size fits, or refuse it."""
-        estimate = self._sizes.get(source.folder) or estimate_bytes(source.folder, self.routes)
+        estimate = self._sizes.get(source.folder) or estimate_bytes(source.folder, self.routes, self._cache_shape())
         if not estimate:
             return  # unknown: the check after the load decides
         with self._lock:
@@ -557,6 +586,7 @@ class Registry:
                 "dtype": h.model.dtype,
                 "quant": h.model.quant,
                 "bytes": h.model.size_bytes,
+                "cache_bytes": h.model.cache_bytes,
                 "healthy": h.engine.healthy,
                 "in_use": h.in_use,
                 "queue_depth": h.engine.queue_depth,

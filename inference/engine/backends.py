@@ -18,7 +18,7 @@ import torch
 from artifacts.gguf import ExportError, exported_gguf
 from artifacts.llamacpp import LlamaCppUnavailable, quantize
 from artifacts.serving import read_serving_files
-from inference.engine.cache import RowCache
+from inference.engine.cache import RowCache, kv_values_per_token
 from inference.engine.lean import LeanDecoder, unsupported_reason
 from inference.engine.llamacpp import LlamaCppDecoder, file_type_for
 from inference.engine.llamacpp import check_quant as check_llamacpp_quant
@@ -37,6 +37,11 @@ class Decoder(Protocol[CacheT]):
 
     @property
     def parameter_bytes(self) -> int: ...
+
+    def cache_bytes(self, rows: int, tokens_per_row: int) -> int:
+        """The most memory its KV cache takes serving ``rows`` sequences of up to ``tokens_per_row`` tokens (a
+        backend that allocates its cache once at load answers that allocation, whatever is asked)."""
+        ...
 
     def new_cache(self, batch: int, capacity: int) -> CacheT: ...
 
@@ -190,6 +195,7 @@ def _llamacpp_decoder(inputs: DecoderInputs, options: LlamaCppOptions) -> LlamaC
             batch_threads=options.batch_threads,
             batch_tokens=options.batch_tokens,
             file_type=file_type,
+            kv_values_per_token=kv_values_per_token(inputs.config),
             gpu=inputs.device.type == "cuda",
         )
     except (LlamaCppUnavailable, ExportError) as exc:

@@ -8,9 +8,21 @@ preallocated and grows by doubling, so a decode step writes one column instead o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 import torch
+
+KV_CACHE_BYTES_LLAMACPP = 2  # llama.cpp keeps keys and values in f16 on every route (see llamacpp.py)
+
+
+def kv_values_per_token(config: Any) -> int:
+    """Keys plus values one token adds to the cache over every layer: what a model's KV cache costs per token, in
+    values (times the element size for bytes). ``config`` is a transformers config or any object with its fields."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim
 
 
 class RowCache(Protocol):

@@ -131,6 +131,11 @@ class LeanDecoder:
         unique = {t.data_ptr(): t for t in tensors}  # tied embeddings count once
         return sum(t.numel() * t.element_size() for t in unique.values())
 
+    def cache_bytes(self, rows: int, tokens_per_row: int) -> int:
+        # The engine's cache grows with the batch's longest row; at most every row holds a full context.
+        per_token = 2 * self.layers_count * self.kv_heads * self.head_dim
+        return rows * tokens_per_row * per_token * torch.finfo(self.dtype).bits // 8
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache.empty(
             self.layers_count, batch, self.kv_heads, self.head_dim, capacity, dtype=self.dtype, device=self.device

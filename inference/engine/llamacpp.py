@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from artifacts.llamacpp import GGUF_TYPES, buffer_types, capture_native_log, library, model_params
+from inference.engine.cache import KV_CACHE_BYTES_LLAMACPP
 
 log = logging.getLogger("conch.inference.llamacpp")
 
@@ -95,6 +96,7 @@ class LlamaCppDecoder:
         batch_tokens: int,
         file_type: str,
         gpu: bool = False,
+        kv_values_per_token: int = 0,
     ) -> None:
         lib = self._lib = library()
         self.path = gguf_path
@@ -128,7 +130,9 @@ class LlamaCppDecoder:
         if not self._ctx:
             lib.llama_model_free(self._model)
             raise RuntimeError(f"llama.cpp could not create a context for {gguf_path}")
-        self.context_per_sequence = int(lib.llama_n_ctx(self._ctx)) // self.max_sequences
+        self.context_tokens = int(lib.llama_n_ctx(self._ctx))
+        self.context_per_sequence = self.context_tokens // self.max_sequences
+        self.kv_values_per_token = kv_values_per_token
         self._memory = lib.llama_get_memory(self._ctx)
         self.vocab_size = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
         self._batch = lib.llama_batch_init(self.batch_tokens, 0, 1)
@@ -142,6 +146,10 @@ class LlamaCppDecoder:
     @property
     def parameter_bytes(self) -> int:
         return int(self._lib.llama_model_size(self._model))
+
+    def cache_bytes(self, rows: int, tokens_per_row: int) -> int:
+        # Allocated whole when the context was made: every sequence's share, used or not.
+        return self.context_tokens * self.kv_values_per_token * KV_CACHE_BYTES_LLAMACPP
 
     # ------------------------------------------------------------------------------- sequences
 

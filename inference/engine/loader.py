@@ -60,10 +60,21 @@ class LoadedModel:
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     load_seconds: float = 0.0
     route: str = ""  # the registry's name for the route serving it, e.g. llamacpp:bf16
+    cache_rows: int = 1  # the sequences its engine runs at once (the service's MAX_BATCH_SIZE)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.decoder.parameter_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        """The most its KV cache can take: every row of the engine's batch at the full context."""
+        return self.decoder.cache_bytes(self.cache_rows, self.max_positions)
 
     @property
     def size_bytes(self) -> int:
-        return self.decoder.parameter_bytes
+        """What the memory budget counts: the weights and the KV cache."""
+        return self.weight_bytes + self.cache_bytes
 
     @property
     def dtype(self) -> str:
@@ -171,7 +182,9 @@ def load_model(
     backend_setting: str = "auto",
     quant_setting: str = "none",
     llamacpp: LlamaCppOptions | None = None,
+    cache_rows: int = 1,
 ) -> LoadedModel:
+    """``cache_rows``: the sequences the model's engine will run at once, for the size its KV cache can reach."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -227,6 +240,7 @@ def load_model(
         stop_token_ids=frozenset(stop_ids),
         stop_texts=tuple(stop_texts),
         sampling_defaults=_sampling_defaults(generation),
+        cache_rows=max(1, cache_rows),
     )
     loaded.load_seconds = time.perf_counter() - started
     log.info(
@@ -239,6 +253,7 @@ def load_model(
             "quant": quant,
             "device": str(device),
             "bytes": loaded.size_bytes,
+            "cache_bytes": loaded.cache_bytes,
             "seconds": round(loaded.load_seconds, 3),
             **built.notes,
         },

@@ -31,6 +31,11 @@ class ReferenceDecoder:
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+    def cache_bytes(self, rows: int, tokens_per_row: int) -> int:
+        # The engine's cache grows with the batch's longest row; at most every row holds a full context.
+        per_token = 2 * self.layers_count * self.kv_heads * self.head_dim
+        return rows * tokens_per_row * per_token * torch.finfo(self.dtype).bits // 8
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache.empty(
             self.layers_count, batch, self.kv_heads, self.head_dim, capacity, dtype=self.dtype, device=self.device

@@ -23,6 +23,8 @@ from tests.processes import free_port, uvicorn_process
 pytestmark = pytest.mark.usefixtures("clean_db", "tiny_models")
 
 HI = {"prompt": "Hi", "max_new_tokens": 2}
+# One engine row of 64 tokens: the tiny models' KV cache stays small beside their weights.
+SMALL_CACHE: dict[str, Any] = {"max_batch_size": 1, "llamacpp_context_tokens": 64}
 
 
 def _key(db, tenant: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -77,8 +79,9 @@ def test_a_saturated_service_answers_503_with_retry_after() -> None:
 def test_a_model_that_does_not_fit_the_budget_is_refused_before_it_is_loaded(db, finetuned) -> None:  # type: ignore[no-untyped-def]
     make_model(db, "ft:tiny-llama:a:ftjob-1", storage_path=finetuned)
     db.commit()
-    # Room for the deployed tiny model (212 kB on the default 16-bit route), not for a second one.
-    with app_client(model_memory_budget_bytes=300_000) as client:
+    # Room for the deployed tiny model (212 kB on the default 16-bit route, and a KV cache of one row of 64
+    # tokens), not for a second one.
+    with app_client(model_memory_budget_bytes=400_000, **SMALL_CACHE) as client:
         registry = client.app.state.registry  # type: ignore[attr-defined]
         refused = client.post("/generate", json={**HI, "model": "ft:tiny-llama:a:ftjob-1"})
         _assert_retry_later(refused, 503, "model_does_not_fit")
@@ -91,11 +94,44 @@ def test_a_model_that_does_not_fit_the_budget_is_refused_before_it_is_loaded(db,
         assert client.post("/generate", json=HI).status_code == 200  # the deployed model still answers
 
 
+def test_the_budget_counts_the_kv_cache_each_model_can_fill(db, finetuned) -> None:  # type: ignore[no-untyped-def]
+    make_model(db, "ft:tiny-llama:a:ftjob-1", storage_path=finetuned)
+    db.commit()
+    # Two tiny models' weights (212 kB each) fit 2 MB; with the default cache (8 rows x 2,048 tokens x 256 bytes a
+    # token on llama.cpp, about 4 MiB) not even one does: the deployed one is installed regardless, the other is
+    # refused before it is loaded.
+    with app_client(model_memory_budget_bytes=2_000_000) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        (deployed,) = registry.handles()
+        per_token = 2 * 2 * 2 * 16  # keys and values x layers x key/value heads x head size
+        assert deployed.model.cache_bytes >= 8 * 2048 * per_token * 2  # f16 cache, every row's full context
+        assert deployed.model.size_bytes == deployed.model.weight_bytes + deployed.model.cache_bytes
+        text = client.get("/metrics").text
+        assert metric(text, "conch_inference_loaded_bytes") == deployed.model.size_bytes
+        refused = client.post("/generate", json={**HI, "model": "ft:tiny-llama:a:ftjob-1"})
+        _assert_retry_later(refused, 503, "model_does_not_fit")
+        assert metric(client.get("/metrics").text, "conch_inference_model_loads_total", result="refused") == 1
+        assert {h.name for h in registry.handles()} == {"tiny-llama"}
+    # A smaller cache makes the same budget room for both.
+    with app_client(model_memory_budget_bytes=2_000_000, **SMALL_CACHE) as client:
+        assert client.post("/generate", json={**HI, "model": "ft:tiny-llama:a:ftjob-1"}).status_code == 200
+
+
+def test_a_torch_route_counts_every_row_at_the_full_context() -> None:
+    # The lean decoder's cache grows with use: the budget counts the most it can reach.
+    with app_client(inference_backend="lean", max_batch_size=2) as client:
+        (deployed,) = client.app.state.registry.handles()  # type: ignore[attr-defined]
+        model = deployed.model
+        value_bytes = model.decoder.dtype.itemsize
+        assert model.cache_bytes == 2 * model.max_positions * (2 * 2 * 2 * 16) * value_bytes
+        assert model.max_positions == 1024  # the tiny models' context
+
+
 def test_idle_models_are_evicted_to_make_room_and_held_ones_are_not(db, finetuned, finetuned_two) -> None:  # type: ignore[no-untyped-def]
     make_model(db, "ft:tiny-llama:a:ftjob-1", storage_path=finetuned)
     make_model(db, "ft:tiny-llama:b:ftjob-2", storage_path=finetuned_two)
     db.commit()
-    with app_client(model_memory_budget_bytes=500_000) as client:  # two tiny models, not three
+    with app_client(model_memory_budget_bytes=600_000, **SMALL_CACHE) as client:  # two tiny models, not three
         registry = client.app.state.registry  # type: ignore[attr-defined]
         assert client.post("/generate", json={**HI, "model": "ft:tiny-llama:a:ftjob-1"}).status_code == 200
         hold = registry.hold("ft:tiny-llama:a:ftjob-1", DEFAULT_TENANT)  # a request still running on it

@@ -246,8 +246,9 @@ def test_models_beyond_the_memory_budget_are_unloaded_least_recently_used(db, fi
     make_model(db, "ft:tiny-llama:a:ftjob-1", storage_path=finetuned)
     make_model(db, "ft:tiny-llama:b:ftjob-2", storage_path=finetuned_two)
     db.commit()
-    # Room for two tiny models on the default 16-bit route (212 kB each), not three.
-    with app_client(model_memory_budget_bytes=500_000) as client:
+    # Room for two tiny models on the default 16-bit route (212 kB each, and a KV cache of one row of 64 tokens),
+    # not three.
+    with app_client(model_memory_budget_bytes=600_000, max_batch_size=1, llamacpp_context_tokens=64) as client:
         registry = client.app.state.registry  # type: ignore[attr-defined]
         for model_id in ("ft:tiny-llama:a:ftjob-1", "ft:tiny-llama:b:ftjob-2"):
             assert (
