@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.contracts import ComputeType, LoraTarget, SchedulerName, TemplateName
+from core.contracts import ComputeType, LoraTarget, Quantization, SchedulerName, TemplateName
+from core.device_classes import DEVICE_CLASS_PATTERN
 from core.http.errors import ErrorResponse
 from core.redact import hide_paths
 
@@ -118,15 +119,39 @@ class HyperparametersIn(RequestModel):
     logging_steps: int | None = None
     train_on_prompt: bool | None = None
     template: TemplateName | None = None
+    quantization: Quantization | None = Field(
+        None, description="'4bit': QLoRA (bitsandbytes NF4, double quantization; a CUDA device class only)"
+    )
+    quantization_bit: int | None = Field(None, description="LLaMA-Factory's spelling: 4 is quantization '4bit'")
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute each layer's activations in the backward pass: less memory, slower steps"
+    )
+    num_devices: int | None = Field(
+        None, description="training processes (GPUs) for the job, at most TRAINING_DEVICES_MAX; each takes "
+        "per_device_train_batch_size examples per micro-batch"
+    )
 
 
 class SupervisedIn(RequestModel):
     hyperparameters: HyperparametersIn | None = None
 
 
+class DpoHyperparametersIn(HyperparametersIn):
+    """OpenAI's DPO knobs: ``beta`` on top of the supervised ones (and the same LoRA knobs)."""
+
+    beta: float | Auto | None = Field(
+        None, description="DPO temperature: higher keeps the model closer to the base (default 0.1)"
+    )
+
+
+class DpoIn(RequestModel):
+    hyperparameters: DpoHyperparametersIn | None = None
+
+
 class MethodIn(RequestModel):
-    type: Literal["supervised"]
+    type: Literal["supervised", "dpo"]
     supervised: SupervisedIn | None = None
+    dpo: DpoIn | None = None
 
 
 class JobCreate(RequestModel):
@@ -139,6 +164,11 @@ class JobCreate(RequestModel):
     hyperparameters: HyperparametersIn | None = None
     method: MethodIn | None = None
     auto_deploy: bool = True
+    device_class: str | None = Field(
+        None,
+        pattern=DEVICE_CLASS_PATTERN,
+        description="the device class to train on (its workers' queue); default DEFAULT_DEVICE_CLASS, else any",
+    )
 
     @field_validator("suffix")
     @classmethod
@@ -172,9 +202,20 @@ class SupervisedOut(BaseModel):
     hyperparameters: OpenAIHyperparameters
 
 
+class OpenAIDpoHyperparameters(OpenAIHyperparameters):
+    beta: float
+
+
+class DpoOut(BaseModel):
+    hyperparameters: OpenAIDpoHyperparameters
+
+
 class MethodOut(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedOut
+    """As OpenAI reports it: the type and, under its name, that method's hyperparameters."""
+
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: SupervisedOut | None = None
+    dpo: DpoOut | None = None
 
 
 class JobError(BaseModel):
@@ -215,6 +256,7 @@ class JobOut(BaseModel):
     attempts: int
     auto_deploy: bool
     conch_hyperparameters: dict[str, Any]
+    device_class: str | None = None
 
 
 class JobList(BaseModel):

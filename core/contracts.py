@@ -66,6 +66,9 @@ SchedulerName = Literal[
 ]
 ComputeType = Literal["auto", "fp32", "fp16", "bf16"]
 TemplateName = Literal["auto", "chatml", "llama3", "qwen", "deepseekr1"]
+Quantization = Literal["none", "4bit"]
+# How a job trains: supervised fine-tuning on conversations, or DPO on preference pairs (OpenAI's method.type).
+MethodType = Literal["supervised", "dpo"]
 
 
 class Hyperparameters(BaseModel):
@@ -93,6 +96,17 @@ class Hyperparameters(BaseModel):
     logging_steps: int = Field(1, ge=1, le=100_000)
     train_on_prompt: bool = False
     template: TemplateName = "auto"
+    # Memory on small GPUs: QLoRA (bitsandbytes NF4 with double quantization, CUDA only) and recomputing each
+    # layer's activations in the backward pass instead of keeping them.
+    quantization: Quantization = "none"
+    gradient_checkpointing: bool = False
+    # Training processes the job runs on, one per GPU (on CPU only where TRAINING_CPU_PROCESSES allows it);
+    # None: the worker's TRAINING_DEVICES_DEFAULT. Each process takes per_device_train_batch_size examples per
+    # micro-batch, so the effective batch is per_device x gradient_accumulation_steps x num_devices.
+    num_devices: int | None = Field(None, ge=1, le=1024)
+    # Stored with the knobs (no column of its own): rows written before DPO existed read back as supervised.
+    method: MethodType = "supervised"
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO only: how far the policy may move from the base")
 
     @model_validator(mode="after")
     def _check(self) -> Hyperparameters:
@@ -136,3 +150,11 @@ def fine_tuned_model_id(base_model: str, suffix: str | None, job_public_id: str)
 def checkpoint_model_id(model_id: str, step: int) -> str:
     """A checkpoint is addressable as its job's model id plus the step, as OpenAI names checkpoints."""
     return f"{model_id}:ckpt-step-{step}"
+
+
+def parse_checkpoint_model_id(name: str) -> tuple[str, int] | None:
+    """``<model id>:ckpt-step-<N>`` -> (model id, N); None for any other name."""
+    model_id, sep, step = name.rpartition(":ckpt-step-")
+    if not sep or not model_id or not step.isdigit() or len(step) > 9:
+        return None
+    return model_id, int(step)

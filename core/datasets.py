@@ -1,8 +1,11 @@
-"""Dataset formats: detect, validate and normalise Alpaca, ShareGPT and OpenAI chat files.
+"""Dataset formats: detect, validate and normalise Alpaca, ShareGPT and OpenAI chat files, and their preference
+(DPO) variants.
 
-Every format becomes the same thing: a conversation, a list of ``{"role", "content"}`` messages with roles
-``system``, ``user`` and ``assistant`` (assistant messages may carry ``"train": False``). The api validates
-with it at upload time and the worker reads training examples with it, so both agree on what a file means.
+Every supervised format becomes the same thing: a conversation, a list of ``{"role", "content"}`` messages with
+roles ``system``, ``user`` and ``assistant`` (assistant messages may carry ``"train": False``). Every preference
+format becomes a ``PreferencePair``: the prompt conversation (ending on a user turn) and the preferred and the
+rejected assistant reply. The api validates with it at upload time and the worker reads training examples with
+it, so both agree on what a file means.
 """
 
 from __future__ import annotations
@@ -16,10 +19,34 @@ from typing import Any, Literal
 
 from core.settings import Settings, get_settings
 
-Format = Literal["alpaca", "sharegpt", "openai"]
-FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "openai")
+Format = Literal["alpaca", "sharegpt", "openai", "openai_preference", "alpaca_preference", "sharegpt_preference"]
+SUPERVISED_FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "openai")
+# OpenAI's DPO file (input.messages, preferred_output, non_preferred_output) and LLaMA-Factory's ranking datasets
+# (Alpaca or ShareGPT with chosen/rejected).
+PREFERENCE_FORMATS: tuple[Format, ...] = ("openai_preference", "alpaca_preference", "sharegpt_preference")
+FORMATS: tuple[Format, ...] = SUPERVISED_FORMATS + PREFERENCE_FORMATS
 Message = dict[str, Any]
 Conversation = list[Message]
+
+
+def is_preference_format(fmt: str | None) -> bool:
+    """Whether files of this format hold preference pairs (for DPO) rather than conversations (for SFT)."""
+    return fmt in PREFERENCE_FORMATS
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference example: the prompt conversation (ends with a user message) and two assistant replies."""
+
+    prompt: Conversation
+    chosen: str
+    rejected: str
+
+    def conversation(self, *, preferred: bool = True) -> Conversation:
+        """The prompt followed by the preferred (or rejected) reply, as a supervised conversation."""
+        reply = self.chosen if preferred else self.rejected
+        return [*self.prompt, {"role": "assistant", "content": reply}]
+
 
 MAX_REPORTED_ERRORS = 20
 JSON_TOO_LARGE = "json_too_large"
@@ -68,24 +95,30 @@ class ColumnMapping:
     formatting: Format | None = None
     columns: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    ranking: bool = False  # LLaMA-Factory's flag for a preference dataset (chosen/rejected columns)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ColumnMapping:
         if not isinstance(raw, dict):
             raise ValueError("column mapping must be a JSON object")
         formatting = raw.get("formatting")
-        if formatting is not None and formatting not in ("alpaca", "sharegpt", "openai"):
-            raise ValueError("formatting must be alpaca, sharegpt or openai")
+        if formatting is not None and formatting not in FORMATS:
+            raise ValueError(f"formatting must be one of {', '.join(FORMATS)}")
+        ranking = raw.get("ranking", False)
+        if not isinstance(ranking, bool):
+            raise ValueError("ranking must be true or false")
+        if ranking and formatting in ("alpaca", "sharegpt"):
+            formatting = f"{formatting}_preference"
         columns = raw.get("columns") or {}
         tags = raw.get("tags") or {}
         if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
             raise ValueError("columns must map names to strings")
         if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
             raise ValueError("tags must map names to strings")
-        return cls(formatting=formatting, columns=dict(columns), tags=dict(tags))
+        return cls(formatting=formatting, columns=dict(columns), tags=dict(tags), ranking=ranking)
 
     def to_json(self) -> dict[str, Any]:
-        return {"formatting": self.formatting, "columns": self.columns, "tags": self.tags}
+        return {"formatting": self.formatting, "columns": self.columns, "tags": self.tags, "ranking": self.ranking}
 
 
 class ExampleError(ValueError):
@@ -117,9 +150,15 @@ class DatasetReport:
             key = "line" if self.container == "jsonl" else "index"
             self.errors.append({key: position, "kind": kind, "message": message, "field": field_name})
 
+    @property
+    def preference(self) -> bool:
+        return is_preference_format(self.format)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": self.format,
+            # Preference files train DPO jobs, the others supervised ones.
+            "kind": "preference" if self.preference else "supervised",
             "container": self.container,
             "num_examples": self.num_examples,
             "num_errors": self.num_errors,
@@ -136,6 +175,10 @@ class DatasetReport:
 def detect_format(record: Any) -> Format:
     if not isinstance(record, dict):
         raise ExampleError("invalid_type", "each example must be a JSON object")
+    if "preferred_output" in record or "non_preferred_output" in record:
+        return "openai_preference"
+    if "chosen" in record or "rejected" in record:
+        return "sharegpt_preference" if "conversations" in record else "alpaca_preference"
     if "messages" in record:
         return "openai"
     if "conversations" in record:
@@ -144,8 +187,9 @@ def detect_format(record: Any) -> Format:
         return "alpaca"
     raise ExampleError(
         "unknown_format",
-        "cannot tell the format: expected 'messages' (OpenAI chat), 'conversations' (ShareGPT) "
-        "or 'instruction'/'output' (Alpaca)",
+        "cannot tell the format: expected 'messages' (OpenAI chat), 'conversations' (ShareGPT), "
+        "'instruction'/'output' (Alpaca), 'input'/'preferred_output'/'non_preferred_output' (OpenAI preference) "
+        "or 'chosen'/'rejected' (Alpaca or ShareGPT preference)",
     )
 
 
@@ -219,9 +263,8 @@ def _check_turns(conversation: Conversation, field_name: str) -> Conversation:
     return conversation
 
 
-def _sharegpt(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
-    messages_key = mapping.columns.get("messages", "conversations")
-    system_key = mapping.columns.get("system", "system")
+def _sharegpt_tags(mapping: ColumnMapping) -> tuple[dict[str, str], dict[str, str]]:
+    """The tag names of a ShareGPT file (LLaMA-Factory's ``tags``) and what each role tag means."""
     tags = {
         "role_tag": "from",
         "content_tag": "value",
@@ -237,6 +280,30 @@ def _sharegpt(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
         "user": "user",
         "assistant": "assistant",
     }
+    return tags, roles
+
+
+def _sharegpt_message(item: Any, where: str, tags: dict[str, str], roles: dict[str, str]) -> Message:
+    if not isinstance(item, dict):
+        raise ExampleError("invalid_type", f"{where} must be an object", where)
+    role = roles.get(item.get(tags["role_tag"]))  # type: ignore[arg-type]
+    if role is None:
+        raise ExampleError(
+            "invalid_role",
+            f"{where}.{tags['role_tag']} must be one of {sorted(roles)}",
+            f"{where}.{tags['role_tag']}",
+        )
+    content = item.get(tags["content_tag"])
+    if not isinstance(content, str):
+        raise ExampleError("invalid_type", f"{where}.{tags['content_tag']} must be a string", where)
+    return {"role": role, "content": content}
+
+
+def _sharegpt_turns(record: dict[str, Any], mapping: ColumnMapping) -> tuple[Conversation, str]:
+    """The system prompt and every message of the ``conversations`` list, unchecked for order; and its key."""
+    messages_key = mapping.columns.get("messages", "conversations")
+    system_key = mapping.columns.get("system", "system")
+    tags, roles = _sharegpt_tags(mapping)
     raw = record.get(messages_key)
     if not isinstance(raw, list) or not raw:
         raise ExampleError("missing_field", f"'{messages_key}' must be a non-empty list", messages_key)
@@ -245,20 +312,12 @@ def _sharegpt(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
     if system.strip():
         conversation.append({"role": "system", "content": system})
     for i, item in enumerate(raw):
-        where = f"{messages_key}[{i}]"
-        if not isinstance(item, dict):
-            raise ExampleError("invalid_type", f"{where} must be an object", where)
-        role = roles.get(item.get(tags["role_tag"]))  # type: ignore[arg-type]
-        if role is None:
-            raise ExampleError(
-                "invalid_role",
-                f"{where}.{tags['role_tag']} must be one of {sorted(roles)}",
-                f"{where}.{tags['role_tag']}",
-            )
-        content = item.get(tags["content_tag"])
-        if not isinstance(content, str):
-            raise ExampleError("invalid_type", f"{where}.{tags['content_tag']} must be a string", where)
-        conversation.append({"role": role, "content": content})
+        conversation.append(_sharegpt_message(item, f"{messages_key}[{i}]", tags, roles))
+    return conversation, messages_key
+
+
+def _sharegpt(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
+    conversation, messages_key = _sharegpt_turns(record, mapping)
     return _check_turns(conversation, messages_key)
 
 
@@ -275,14 +334,12 @@ def _openai_content(content: Any, where: str) -> str:
     raise ExampleError("invalid_type", f"{where}.content must be a string", f"{where}.content")
 
 
-def _openai(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
-    messages_key = mapping.columns.get("messages", "messages")
-    raw = record.get(messages_key)
+def _openai_messages(raw: Any, key: str) -> Conversation:
     if not isinstance(raw, list) or not raw:
-        raise ExampleError("missing_field", f"'{messages_key}' must be a non-empty list", messages_key)
+        raise ExampleError("missing_field", f"'{key}' must be a non-empty list", key)
     conversation: Conversation = []
     for i, item in enumerate(raw):
-        where = f"{messages_key}[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise ExampleError("invalid_type", f"{where} must be an object", where)
         role = item.get("role")
@@ -295,20 +352,126 @@ def _openai(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
                 raise ExampleError("invalid_value", f"{where}.weight must be 0 or 1 on assistant messages", where)
             message["train"] = weight == 1
         conversation.append(message)
+    return conversation
+
+
+def _openai(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
+    messages_key = mapping.columns.get("messages", "messages")
+    conversation = _openai_messages(record.get(messages_key), messages_key)
     return _check_turns(conversation, messages_key)
 
 
 _NORMALISERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai}
 
 
+def _check_nul(messages: Conversation) -> None:
+    for message in messages:
+        if "\x00" in message["content"]:
+            raise ExampleError("invalid_value", "text must not contain NUL characters")
+
+
 def normalise(record: Any, fmt: Format, mapping: ColumnMapping | None = None) -> Conversation:
     if not isinstance(record, dict):
         raise ExampleError("invalid_type", "each example must be a JSON object")
+    if fmt not in _NORMALISERS:
+        raise ExampleError("invalid_format", f"{fmt} files hold preference pairs, not conversations")
     conversation = _NORMALISERS[fmt](record, mapping or ColumnMapping())
-    for message in conversation:
-        if "\x00" in message["content"]:
-            raise ExampleError("invalid_value", "text must not contain NUL characters")
+    _check_nul(conversation)
     return conversation
+
+
+# ---------------------------------------------------------------------------------------------- preference
+
+
+def _check_prompt(conversation: Conversation, field_name: str) -> Conversation:
+    """A preference prompt: an optional system message, then user and assistant turns ending on a user turn."""
+    if any(m["role"] == "system" for m in conversation[1:]):
+        raise ExampleError("invalid_order", "a system message may only come first", field_name)
+    turns = [m for m in conversation if m["role"] != "system"]
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ExampleError(
+                "invalid_order",
+                f"turn {i + 1} should be from the {expected}, not the {message['role']}",
+                field_name,
+            )
+    if not turns or turns[-1]["role"] != "user":
+        raise ExampleError("no_prompt", "the prompt must end with a user message", field_name)
+    return [{"role": m["role"], "content": m["content"]} for m in conversation]
+
+
+def _reply(text: str, field_name: str) -> str:
+    if not text.strip():
+        raise ExampleError("empty_field", f"'{field_name}' must not be empty", field_name)
+    return text
+
+
+def _openai_preference(record: dict[str, Any], mapping: ColumnMapping) -> PreferencePair:
+    """OpenAI's DPO line: ``input.messages`` (the prompt), ``preferred_output`` and ``non_preferred_output`` (each
+    a list holding one assistant message)."""
+    given = record.get("input")
+    if not isinstance(given, dict):
+        raise ExampleError("missing_field", "'input' must be an object with 'messages'", "input")
+    prompt = _check_prompt(_openai_messages(given.get("messages"), "input.messages"), "input.messages")
+    replies: list[str] = []
+    for key in ("preferred_output", "non_preferred_output"):
+        raw = record.get(key)
+        if not isinstance(raw, list) or len(raw) != 1:
+            raise ExampleError("missing_field", f"'{key}' must be a list of one assistant message", key)
+        (message,) = _openai_messages(raw, key)
+        if message["role"] != "assistant":
+            raise ExampleError("invalid_role", f"{key}[0].role must be assistant", f"{key}[0].role")
+        replies.append(_reply(message["content"], f"{key}[0].content"))
+    return PreferencePair(prompt, replies[0], replies[1])
+
+
+def _alpaca_preference(record: dict[str, Any], mapping: ColumnMapping) -> PreferencePair:
+    """LLaMA-Factory's Alpaca ranking line: ``instruction``, ``input``, ``chosen``, ``rejected`` (plus ``system``
+    and ``history``)."""
+    chosen_key = mapping.columns.get("chosen", "chosen")
+    rejected_key = mapping.columns.get("rejected", "rejected")
+    chosen = _text(record, chosen_key, required=True)
+    rejected = _text(record, rejected_key, required=True)
+    # The prompt is built as for a supervised Alpaca line whose response is the chosen reply.
+    conversation = _alpaca(record, ColumnMapping(columns={**mapping.columns, "response": chosen_key}))
+    return PreferencePair(conversation[:-1], chosen, rejected)
+
+
+def _sharegpt_preference(record: dict[str, Any], mapping: ColumnMapping) -> PreferencePair:
+    """LLaMA-Factory's ShareGPT ranking line: ``conversations`` ending on a user turn, and ``chosen`` and
+    ``rejected`` assistant messages (``{"from": "gpt", "value": ...}``)."""
+    conversation, messages_key = _sharegpt_turns(record, mapping)
+    prompt = _check_prompt(conversation, messages_key)
+    tags, roles = _sharegpt_tags(mapping)
+    replies: list[str] = []
+    for key in (mapping.columns.get("chosen", "chosen"), mapping.columns.get("rejected", "rejected")):
+        if key not in record:
+            raise ExampleError("missing_field", f"'{key}' is required", key)
+        message = _sharegpt_message(record[key], key, tags, roles)
+        if message["role"] != "assistant":
+            raise ExampleError(
+                "invalid_role", f"{key}.{tags['role_tag']} must be {tags['assistant_tag']}", f"{key}.{tags['role_tag']}"
+            )
+        replies.append(_reply(message["content"], key))
+    return PreferencePair(prompt, replies[0], replies[1])
+
+
+_PREFERENCE_NORMALISERS = {
+    "openai_preference": _openai_preference,
+    "alpaca_preference": _alpaca_preference,
+    "sharegpt_preference": _sharegpt_preference,
+}
+
+
+def normalise_pair(record: Any, fmt: Format, mapping: ColumnMapping | None = None) -> PreferencePair:
+    if not isinstance(record, dict):
+        raise ExampleError("invalid_type", "each example must be a JSON object")
+    if fmt not in _PREFERENCE_NORMALISERS:
+        raise ExampleError("invalid_format", f"{fmt} files hold conversations, not preference pairs")
+    pair = _PREFERENCE_NORMALISERS[fmt](record, mapping or ColumnMapping())
+    _check_nul([*pair.prompt, {"content": pair.chosen}, {"content": pair.rejected}])
+    return pair
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -399,16 +562,22 @@ def scan_dataset(
     mapping: ColumnMapping | None = None,
     limits: DatasetLimits | None = None,
     keep_examples: bool = False,
-) -> tuple[DatasetReport, list[Conversation]]:
-    """Validate every example of a JSON or JSONL file; return the report and (optionally) the conversations."""
+) -> tuple[DatasetReport, list[Any]]:
+    """Validate every example of a JSON or JSONL file; return the report and (optionally) the examples: one
+    conversation per line for supervised formats, one ``PreferencePair`` for preference formats."""
     report = DatasetReport()
-    examples: list[Conversation] = []
+    examples: list[Any] = []
     fmt = fmt or (mapping.formatting if mapping else None)
     for position, record in _records(path, report, limits or DatasetLimits()):
         try:
             if fmt is None:
                 fmt = detect_format(record)
-            conversation = normalise(record, fmt, mapping)
+            if is_preference_format(fmt):
+                pair = normalise_pair(record, fmt, mapping)
+                example: Any = pair
+                messages = [*pair.prompt, {"content": pair.chosen}, {"content": pair.rejected}]
+            else:
+                example = messages = normalise(record, fmt, mapping)
         except ExampleError as exc:
             report.add_error(position, exc.kind, str(exc), exc.field)
             continue
@@ -416,10 +585,10 @@ def scan_dataset(
             report.add_error(position, "too_deep", "JSON is nested too deeply")
             continue
         report.num_examples += 1
-        report.num_messages += len(conversation)
-        report.num_characters += sum(len(m["content"]) for m in conversation)
+        report.num_messages += len(messages)
+        report.num_characters += sum(len(m["content"]) for m in messages)
         if keep_examples:
-            examples.append(conversation)
+            examples.append(example)
     report.format = fmt
     if report.num_examples == 0 and report.num_errors == 0:
         report.add_error(1, "empty_file", "the file holds no examples")
@@ -429,8 +598,23 @@ def scan_dataset(
 def load_conversations(
     path: Path, fmt: Format, mapping: dict[str, Any] | None = None, *, limits: DatasetLimits | None = None
 ) -> list[Conversation]:
-    """Read a validated file for training; raises ValueError if it no longer validates. The limits default to the
-    settings', the same ones the upload was checked under."""
+    """Read a validated supervised file for training; raises ValueError if it no longer validates. The limits
+    default to the settings', the same ones the upload was checked under."""
+    if is_preference_format(fmt):
+        raise ValueError(f"a {fmt} file holds preference pairs, not conversations")
+    return _load(path, fmt, mapping, limits)
+
+
+def load_preference_pairs(
+    path: Path, fmt: Format, mapping: dict[str, Any] | None = None, *, limits: DatasetLimits | None = None
+) -> list[PreferencePair]:
+    """Read a validated preference file for DPO; raises ValueError if it no longer validates."""
+    if not is_preference_format(fmt):
+        raise ValueError(f"a {fmt} file holds conversations, not preference pairs")
+    return _load(path, fmt, mapping, limits)
+
+
+def _load(path: Path, fmt: Format, mapping: dict[str, Any] | None, limits: DatasetLimits | None) -> list[Any]:
     if limits is None:
         limits = DatasetLimits.from_settings(get_settings())
     report, examples = scan_dataset(

@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.schemas import HyperparametersIn, OpenAIHyperparameters
+from api.schemas import HyperparametersIn, OpenAIDpoHyperparameters, OpenAIHyperparameters
 from api.services import lora_targets
-from core.contracts import Hyperparameters, held_out_examples
+from core.contracts import Hyperparameters, MethodType, held_out_examples
 from core.errors import ValidationFailed
 from core.settings import Settings
 
@@ -47,12 +47,23 @@ class Resolved:
         return field in self.sent_as
 
 
-def resolve(given: HyperparametersIn | None, *, param_prefix: str, settings: Settings) -> Resolved:
-    values: dict[str, Any] = {}
+def resolve(
+    given: HyperparametersIn | None,
+    *,
+    param_prefix: str,
+    settings: Settings,
+    method: MethodType = "supervised",
+) -> Resolved:
+    values: dict[str, Any] = {"method": method}
     sent_as: dict[str, str] = {}
     raw = given.model_dump(exclude_none=True) if given else {}
     for name, value in raw.items():
         target = OPENAI_ALIASES.get(name)
+        if name == "beta" and value == "auto":
+            continue  # DPO's beta left to the default
+        if name == "quantization_bit":
+            _quantization_bit(value, raw, values, sent_as, param_prefix)
+            continue
         if target is None:
             values[name] = value
             sent_as.setdefault(name, name)
@@ -80,7 +91,28 @@ def resolve(given: HyperparametersIn | None, *, param_prefix: str, settings: Set
     resolved = Resolved(hp, param_prefix, sent_as)
     _check_lora_target_syntax(resolved)
     _check_tokens_per_step(resolved, settings)
+    _check_devices(resolved, settings)
     return resolved
+
+
+def _quantization_bit(
+    value: int, raw: dict[str, Any], values: dict[str, Any], sent_as: dict[str, str], prefix: str
+) -> None:
+    """LLaMA-Factory's ``quantization_bit: 4`` (bitsandbytes) is Conch's ``quantization: "4bit"``."""
+    if "quantization" in raw:
+        raise ValidationFailed(
+            f"{prefix}.quantization_bit and {prefix}.quantization set the same thing; send one of them.",
+            param=f"{prefix}.quantization_bit",
+            code="conflicting_parameters",
+        )
+    if value != 4:
+        raise ValidationFailed(
+            f"{prefix}.quantization_bit: only 4 (QLoRA: bitsandbytes NF4 with double quantization) is supported.",
+            param=f"{prefix}.quantization_bit",
+            code="unsupported_quantization",
+        )
+    values["quantization"] = "4bit"
+    sent_as["quantization"] = "quantization_bit"
 
 
 def _split_openai_batch(values: dict[str, Any], raw: dict[str, Any], prefix: str, settings: Settings) -> None:
@@ -141,6 +173,19 @@ def _check_tokens_per_step(resolved: Resolved, settings: Settings) -> None:
     )
 
 
+def _check_devices(resolved: Resolved, settings: Settings) -> None:
+    devices = resolved.hp.num_devices
+    if devices is None or devices <= settings.training_devices_max:
+        return
+    param = resolved.param("num_devices")
+    raise ValidationFailed(
+        f"{param}: {devices} devices asked for, above this server's limit of {settings.training_devices_max} "
+        "(TRAINING_DEVICES_MAX).",
+        param=param,
+        code="too_many_devices",
+    )
+
+
 def check_lora_modules(resolved: Resolved, model: str, settings: Settings) -> None:
     found = lora_targets.unknown_modules(resolved.hp.lora_target, model, settings)
     if found is None:
@@ -179,3 +224,8 @@ def openai_view(hp: Hyperparameters) -> OpenAIHyperparameters:
         batch_size=hp.per_device_train_batch_size * hp.gradient_accumulation_steps,
         learning_rate_multiplier=round(hp.learning_rate / DEFAULT_LEARNING_RATE, 10),
     )
+
+
+def dpo_view(hp: Hyperparameters) -> OpenAIDpoHyperparameters:
+    """OpenAI's ``method.dpo.hyperparameters``: the supervised three plus ``beta``."""
+    return OpenAIDpoHyperparameters(**openai_view(hp).model_dump(), beta=hp.beta)

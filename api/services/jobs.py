@@ -19,6 +19,7 @@ from api.schemas import (
     MAX_METADATA_VALUE_CHARS,
     CheckpointList,
     CheckpointOut,
+    DpoOut,
     EventList,
     EventOut,
     JobCreate,
@@ -31,7 +32,10 @@ from api.schemas import (
 from api.services import hyperparameters as hparams
 from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from api.services.files import DELETED, PURPOSE
+from api.services.models import start_model_base
+from api.services.placement import place_job
 from core.contracts import TERMINAL_STATUSES, Hyperparameters, JobStatus, fine_tuned_model_id
+from core.datasets import is_preference_format
 from core.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from core.ids import Prefix, parse_event_id, parse_public_id, public_id
 from core.jobs import add_event, db_now, lock_tenant, request_cancel
@@ -65,16 +69,46 @@ def _training_file(session: Session, tenant_id: str, public_id: str, param: str)
 
 
 def _hyperparameters(body: JobCreate, settings: Settings) -> hparams.Resolved:
-    in_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
+    method = body.method.type if body.method else "supervised"
+    other = "dpo" if method == "supervised" else "supervised"
+    if body.method is not None and getattr(body.method, other) is not None:
+        raise InvalidRequest(
+            f"method.{other} does not go with method.type '{method}'; send method.{method} instead.",
+            param=f"method.{other}",
+            code="conflicting_parameters",
+        )
+    section = (body.method.dpo if method == "dpo" else body.method.supervised) if body.method else None
+    in_method = section.hyperparameters if section else None
     if body.hyperparameters is not None and in_method is not None:
         raise InvalidRequest(
-            "Send hyperparameters either at the top level or under method.supervised, not both.",
+            f"Send hyperparameters either at the top level or under method.{method}, not both.",
             param="hyperparameters",
             code="conflicting_parameters",
         )
     if in_method is not None:
-        return hparams.resolve(in_method, param_prefix="method.supervised.hyperparameters", settings=settings)
-    return hparams.resolve(body.hyperparameters, param_prefix="hyperparameters", settings=settings)
+        return hparams.resolve(
+            in_method, param_prefix=f"method.{method}.hyperparameters", settings=settings, method=method
+        )
+    return hparams.resolve(body.hyperparameters, param_prefix="hyperparameters", settings=settings, method=method)
+
+
+def _check_file_kind(row: FileObject, method: str, param: str) -> None:
+    """DPO trains on preference pairs and supervised fine-tuning on conversations; the upload's validation named
+    which of the two a file holds."""
+    preference = is_preference_format(row.format)
+    if preference == (method == "dpo"):
+        return
+    if preference:
+        message = (
+            f"{row.public_id} holds preference pairs ({row.format}); they train method.type 'dpo', not "
+            f"'{method}'. Upload conversations (OpenAI chat, Alpaca or ShareGPT) for supervised fine-tuning."
+        )
+    else:
+        message = (
+            f"{row.public_id} holds conversations ({row.format}); method.type 'dpo' needs preference pairs: "
+            "OpenAI's input/preferred_output/non_preferred_output, or Alpaca or ShareGPT with chosen/rejected."
+        )
+    raise InvalidRequest(message, param=param, code="invalid_file_kind")
 
 
 def _check_queued_cap(session: Session, tenant_id: str, settings: Settings) -> None:
@@ -98,20 +132,20 @@ def _check_queued_cap(session: Session, tenant_id: str, settings: Settings) -> N
 
 
 def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: Settings) -> FineTuningJob:
-    if body.model not in settings.base_models:
-        raise InvalidRequest(
-            f"Unknown base model '{body.model}'; configured: {', '.join(sorted(settings.base_models))}.",
-            param="model",
-            code="model_not_found",
-        )
+    # A base model, or a fine-tuned model or checkpoint of this tenant to continue; the root base names the result.
+    base_model = start_model_base(session, tenant_id, body.model, settings)
     resolved = _hyperparameters(body, settings)
-    hparams.check_lora_modules(resolved, body.model, settings)
+    hparams.check_lora_modules(resolved, base_model, settings)
     training = _training_file(session, tenant_id, body.training_file, "training_file")
     validation = (
         _training_file(session, tenant_id, body.validation_file, "validation_file") if body.validation_file else None
     )
+    _check_file_kind(training, resolved.hp.method, "training_file")
+    if validation is not None:
+        _check_file_kind(validation, resolved.hp.method, "validation_file")
     if validation is None:  # with a validation file the worker evaluates on it and holds nothing out
         hparams.check_val_size(resolved, training.num_examples)
+    placement = place_job(session, resolved, base_model, body.device_class, settings)
     _check_queued_cap(session, tenant_id, settings)
     hp = resolved.hp
     now = db_now(session)  # the reconciler judges enqueued_at by the database's clock, not this host's
@@ -119,6 +153,8 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: S
         id=uuid.uuid4(),
         tenant_id=tenant_id,
         model=body.model,
+        base_model=base_model,
+        device_class=placement.device_class,
         training_file_id=training.id,
         validation_file_id=validation.id if validation else None,
         suffix=body.suffix,
@@ -138,16 +174,18 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: S
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Created fine-tuning job: {job.public_id}", data={"status": JobStatus.QUEUED.value})
-    public_id = job.public_id
-    on_commit(session, lambda: ring_broker(public_id, settings))
+    for note in placement.notes:
+        add_event(session, job.id, note, level="warning", data={"queue": placement.queue})
+    public_id, device_class = job.public_id, placement.device_class
+    on_commit(session, lambda: ring_broker(public_id, settings, device_class))
     log.info("job.created", extra={"job_id": public_id, "tenant_id": tenant_id, "model": body.model})
     return job
 
 
-def ring_broker(public_id: str, settings: Settings) -> None:
+def ring_broker(public_id: str, settings: Settings, device_class: str | None = None) -> None:
     """After commit. A broker outage leaves the job queued in the database; the reconciler enqueues it later."""
     try:
-        enqueue_fine_tune(public_id, settings)
+        enqueue_fine_tune(public_id, settings, device_class)
     except Exception as exc:
         log.warning("job.enqueue_failed", extra={"job_id": public_id, "error_class": type(exc).__name__})
 
@@ -169,7 +207,7 @@ def get_job(session: Session, tenant_id: str, public_id: str) -> FineTuningJob:
 
 def model_name(job: FineTuningJob) -> str:
     """The fine-tuned model's id: ``ft:<base>:<suffix>:<job id>`` (the worker records the same on success)."""
-    return job.fine_tuned_model or fine_tuned_model_id(job.model, job.suffix, job.public_id)
+    return job.fine_tuned_model or fine_tuned_model_id(job.base_model or job.model, job.suffix, job.public_id)
 
 
 def _file_public_id(file_id: uuid.UUID | None) -> str | None:
@@ -206,7 +244,7 @@ def job_out(job: FineTuningJob) -> JobOut:
         finished_at=unix(job.finished_at),
         fine_tuned_model=job.fine_tuned_model,
         organization_id=job.tenant_id,
-        result_files=[],
+        result_files=list(job.result_files or []),
         status=job.status,
         validation_file=_file_public_id(job.validation_file_id),
         training_file=_file_public_id(job.training_file_id) or "",
@@ -215,7 +253,11 @@ def job_out(job: FineTuningJob) -> JobOut:
         error=_error(job.error),
         seed=job.seed,
         metadata=job.user_metadata,
-        method=MethodOut(supervised=SupervisedOut(hyperparameters=openai_hp)),
+        method=(
+            MethodOut(type="dpo", dpo=DpoOut(hyperparameters=hparams.dpo_view(hp)))
+            if hp.method == "dpo"
+            else MethodOut(supervised=SupervisedOut(hyperparameters=openai_hp))
+        ),
         estimated_finish=estimated_finish,
         integrations=[],
         user_provided_suffix=job.suffix,
@@ -225,6 +267,7 @@ def job_out(job: FineTuningJob) -> JobOut:
         attempts=job.attempts,
         auto_deploy=job.auto_deploy,
         conch_hyperparameters=hp.model_dump(mode="json"),
+        device_class=job.device_class,
     )
 
 

@@ -119,10 +119,13 @@ def test_method_carries_llama_factory_knobs(client: TestClient, training_file: s
 
 
 def test_request_model_covers_every_hyperparameter() -> None:
-    from api.schemas import HyperparametersIn
+    from api.schemas import DpoHyperparametersIn, HyperparametersIn
     from core.contracts import Hyperparameters
 
-    assert set(Hyperparameters.model_fields) <= set(HyperparametersIn.model_fields)
+    # The method is method.type; DPO's beta is a knob of method.dpo only.
+    knobs = set(Hyperparameters.model_fields) - {"method"}
+    assert knobs - {"beta"} <= set(HyperparametersIn.model_fields)
+    assert knobs <= set(DpoHyperparametersIn.model_fields)
 
 
 BAD_BODIES: list[tuple[str, dict[str, Any], int, str | None]] = [
@@ -187,7 +190,23 @@ BAD_BODIES: list[tuple[str, dict[str, Any], int, str | None]] = [
         422,
         "method.supervised.hyperparameters",
     ),
-    ("dpo_method", {"method": {"type": "dpo", "dpo": {}}}, 422, "method.type"),
+    # The training file holds conversations: DPO needs preference pairs.
+    ("dpo_on_a_supervised_file", {"method": {"type": "dpo", "dpo": {}}}, 400, "training_file"),
+    ("dpo_with_supervised_section", {"method": {"type": "dpo", "supervised": {}}}, 400, "method.supervised"),
+    ("supervised_with_dpo_section", {"method": {"type": "supervised", "dpo": {}}}, 400, "method.dpo"),
+    (
+        "dpo_beta_out_of_range",
+        {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+        422,
+        "method.dpo.hyperparameters.beta",
+    ),
+    (
+        "dpo_unknown_knob",
+        {"method": {"type": "dpo", "dpo": {"hyperparameters": {"betta": 0.1}}}},
+        422,
+        "method.dpo.hyperparameters.betta",
+    ),
+    ("unknown_method", {"method": {"type": "reinforcement"}}, 422, "method.type"),
     (
         "hyperparameters_twice",
         {"hyperparameters": {"n_epochs": 1}, "method": {"type": "supervised", "supervised": {"hyperparameters": {}}}},
