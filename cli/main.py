@@ -198,10 +198,53 @@ def files_upload(path: Path, api_url: ApiUrl = None) -> None:
         _fail(exc)
 
 
+@files_app.command("download")
+def files_download(
+    file_id: str,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="default: the file's name, here")] = None,
+    api_url: ApiUrl = None,
+) -> None:
+    """Save a file's content (a dataset, or a job's step_metrics.csv or loss_curve.png)."""
+    client = _client(api_url)
+    try:
+        meta = client._json(client.api.get(f"/v1/files/{file_id}"))
+        target = output or Path(Path(str(meta["filename"])).name)
+        with client.api.stream("GET", f"/v1/files/{file_id}/content") as response:
+            if response.status_code >= 400:
+                raise ApiError(response.status_code, response.read().decode(errors="replace"))
+            with target.open("wb") as handle:
+                for chunk in response.iter_bytes():
+                    handle.write(chunk)
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+    console.print(f"{file_id} -> {target}")
+
+
+def _print_result_files(client: ConchClient, job: dict[str, Any]) -> None:
+    """The job's result files, each with how to fetch it."""
+    ids = job.get("result_files") or []
+    if not ids:
+        return
+    base = str(client.api.base_url).rstrip("/")
+    table = Table("result file", "name", "download")
+    for file_id in ids:
+        try:
+            name = str(client._json(client.api.get(f"/v1/files/{file_id}"))["filename"])
+        except ApiError:
+            name = "(deleted)"
+        table.add_row(file_id, name, f"conch files download {file_id}  |  {base}/v1/files/{file_id}/content")
+    console.print(table)
+
+
 @jobs_app.command("create")
 def jobs_create(
     training_file: str,
-    model: Annotated[str | None, typer.Option(help="base model id")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="base model id, or a fine-tuned model (ft:...) or checkpoint (ft:...:ckpt-step-N) to continue"
+        ),
+    ] = None,
     suffix: str | None = None,
     hyperparameters: Annotated[str | None, typer.Option(help="JSON object of hyperparameters")] = None,
     follow: bool = False,
@@ -221,7 +264,7 @@ def jobs_create(
         if follow:
             from cli.follow import follow_job
 
-            follow_job(client, job["id"], console)
+            _print_result_files(client, follow_job(client, job["id"], console))
     except (ApiError, OSError) as exc:
         _fail(exc)
 
@@ -240,8 +283,11 @@ def jobs_list(limit: int = 20, api_url: ApiUrl = None) -> None:
 
 @jobs_app.command("show")
 def jobs_show(job_id: str, api_url: ApiUrl = None) -> None:
+    client = _client(api_url)
     try:
-        _print_json(_client(api_url).get_job(job_id))
+        job = client.get_job(job_id)
+        _print_json(job)
+        _print_result_files(client, job)
     except (ApiError, OSError) as exc:
         _fail(exc)
 
@@ -250,11 +296,13 @@ def jobs_show(job_id: str, api_url: ApiUrl = None) -> None:
 def jobs_follow(job_id: str, api_url: ApiUrl = None) -> None:
     from cli.follow import follow_job
 
+    client = _client(api_url)
     try:
-        job = follow_job(_client(api_url), job_id, console)
+        job = follow_job(client, job_id, console)
+        console.print(f"{job['id']}: {job['status']} {job.get('fine_tuned_model') or ''}")
+        _print_result_files(client, job)
     except (ApiError, OSError) as exc:
         _fail(exc)
-    console.print(f"{job['id']}: {job['status']} {job.get('fine_tuned_model') or ''}")
 
 
 @jobs_app.command("cancel")

@@ -113,7 +113,11 @@ class FineTuningJob(TimestampMixin, Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
+    # What the job starts from: a base model, or a fine-tuned model or one of its checkpoints to continue.
     model: Mapped[str] = mapped_column(String(255))
+    # The root base model under ``model`` (what the new model's ``ft:<base>:...`` id names); null on jobs created
+    # before continuing existed, whose ``model`` is always the base.
+    base_model: Mapped[str | None] = mapped_column(String(255))
     training_file_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("files.id", ondelete="RESTRICT"))
     validation_file_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("files.id", ondelete="RESTRICT"))
     suffix: Mapped[str | None] = mapped_column(String(64))
@@ -130,6 +134,8 @@ class FineTuningJob(TimestampMixin, Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Public ids of the files (purpose fine-tune-results) written when the job succeeded; a deleted one is skipped.
+    result_files: Mapped[list[Any] | None] = mapped_column(JSON)
 
     # Dispatch: the broker is a doorbell, these columns are the truth.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -192,6 +198,9 @@ class ModelRecord(TimestampMixin, Base):
     id: Mapped[str] = mapped_column(String(512), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     base_model: Mapped[str] = mapped_column(String(255))
+    # The fine-tuned model or checkpoint id this one was trained from (lineage); null when trained from the base.
+    # Kept as a plain id, so the lineage still reads after the parent is deleted.
+    parent_model: Mapped[str | None] = mapped_column(String(512))
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="SET NULL"))
     storage_path: Mapped[str] = mapped_column(Text)
     adapter_path: Mapped[str | None] = mapped_column(Text)

@@ -34,7 +34,7 @@ class JobSpec:
     job_id: uuid.UUID
     public_id: str
     tenant_id: str
-    model: str
+    model: str  # the root base model (what ``ft:<base>:...`` and the model row name)
     suffix: str | None
     seed: int
     auto_deploy: bool
@@ -42,6 +42,10 @@ class JobSpec:
     hyperparameters: dict[str, Any]
     training_file: FileSpec
     validation_file: FileSpec | None
+    # The fine-tuned model or checkpoint the job continues (the job's ``model`` field), None when it starts from
+    # the base model.
+    parent_model: str | None = None
+    device_class: str | None = None  # the queue it came from and goes back to (core.device_classes)
 
     @classmethod
     def from_row(cls, job: FineTuningJob, settings: Settings) -> JobSpec:
@@ -49,7 +53,7 @@ class JobSpec:
             job_id=job.id,
             public_id=job.public_id,
             tenant_id=job.tenant_id,
-            model=job.model,
+            model=job.base_model or job.model,
             suffix=job.suffix,
             seed=int(job.seed),
             auto_deploy=bool(job.auto_deploy),
@@ -57,4 +61,6 @@ class JobSpec:
             hyperparameters=dict(job.hyperparameters or {}),
             training_file=FileSpec.from_row(job.training_file, settings),
             validation_file=FileSpec.from_row(job.validation_file, settings) if job.validation_file else None,
+            parent_model=job.model if job.base_model and job.model != job.base_model else None,
+            device_class=job.device_class,
         )

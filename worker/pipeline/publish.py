@@ -1,6 +1,7 @@
-"""Publishing a merged model: the model row, the job's success and (with ``auto_deploy``) a deployment request,
-committed together in one transaction that only this worker's lease can pass; the announcement goes out after
-the commit, so inference never hears of a model the database does not hold."""
+"""Publishing a merged model: the model row (with its parent when the job continued a fine-tuned model), the job's
+success with its result files, and (with ``auto_deploy``) a deployment request, committed together in one
+transaction that only this worker's lease can pass; the announcement goes out after the commit, so inference never
+hears of a model the database does not hold."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from core.storage import directory_size
 from worker.db import transact
 from worker.pipeline.errors import TrainingStopped
 from worker.pipeline.merge import ADAPTER_SUBDIR
+from worker.pipeline.results import ResultFile, discard, read_metrics_events, write_result_files
 from worker.spec import JobSpec
 
 log = logging.getLogger("conch.worker.publish")
@@ -37,13 +39,16 @@ def register_model(
     progress: dict[str, Any],
     settings: Settings,
 ) -> Deployment | None:
-    """Record the model and finish the job as succeeded; returns the deployment requested, if any."""
+    """Record the model and finish the job as succeeded with its result files; returns the deployment requested,
+    if any."""
     size = directory_size(folder)
+    results = _write_results(session_factory, spec, model_id, settings)
 
     def publish(session: Session) -> Deployment | None:
         record = session.get(ModelRecord, model_id) or ModelRecord(id=model_id)
         record.tenant_id = spec.tenant_id
         record.base_model = spec.model
+        record.parent_model = spec.parent_model
         record.job_id = spec.job_id
         record.storage_path = str(folder)
         record.adapter_path = str(folder / ADAPTER_SUBDIR)
@@ -52,6 +57,7 @@ def register_model(
         record.size_bytes = size
         record.status = ModelStatus.READY
         session.add(record)
+        session.add_all([r.row(spec.tenant_id, spec.public_id) for r in results])
         session.flush()
         finished = finish(
             session,
@@ -63,6 +69,7 @@ def register_model(
             trained_tokens=trained_tokens,
             metrics=metrics,
             progress=progress,
+            result_files=[r.public_id for r in results],
             stage=(JobStage.DEPLOYING if spec.auto_deploy else JobStage.PUBLISHING).value,
         )
         if not finished:
@@ -85,8 +92,21 @@ def register_model(
         )
         return deployment
 
-    deployment = transact(session_factory, publish, what="job.publish")
+    try:
+        deployment = transact(session_factory, publish, what="job.publish")
+    except BaseException:
+        discard(results)  # their rows rolled back with the publish
+        raise
     if deployment is not None:
         announce(deployment, settings)
     log.info("job.published", extra={"job_id": spec.public_id, "model_id": model_id, "size_bytes": size})
     return deployment
+
+
+def _write_results(
+    session_factory: SessionFactory, spec: JobSpec, model_id: str, settings: Settings
+) -> list[ResultFile]:
+    """The job's result files, drawn from its metrics events before the publishing transaction (rendering the
+    picture takes a moment that the transaction should not hold its locks for)."""
+    events = transact(session_factory, lambda s: read_metrics_events(s, spec.job_id), what="job.read_metrics")
+    return write_result_files(events, f"{spec.public_id} -> {model_id}", settings)
