@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
 # Choice-valued settings are Literals, so a typo fails at start-up, not as a failed deployment later.
-InferenceBackend = Literal["auto", "lean", "reference", "llamacpp"]
+InferenceBackend = Literal["auto", "lean", "reference", "llamacpp", "vllm"]
 InferenceQuant = Literal["none", "int8", "int4", "f32", "f16", "bf16", "q8_0", "q4_1", "q4_0", "iq4_nl"]
 InferenceDtype = Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -62,9 +62,34 @@ class Settings(BaseSettings):
         default=1.0, ge=0.1, le=60.0, description="how often a live event stream looks for new events, at most"
     )
     default_page_limit: int = 20
+    # Per-tenant storage quotas: one key must not fill the artifact volume every tenant publishes into.
+    max_files_per_tenant: int = Field(
+        default=1000, ge=1, description="most stored files one tenant may hold; an upload beyond it is refused (429)"
+    )
+    max_file_bytes_per_tenant: int = Field(
+        default=20 * 1024**3,
+        ge=1,
+        description="most bytes of stored files one tenant may hold; an upload that would pass it is refused (429)",
+    )
+    idempotency_ttl_seconds: float = Field(
+        default=24 * 3600.0,
+        ge=60,
+        description="how long a POST's Idempotency-Key is remembered; older records are ignored and swept",
+    )
 
     # Job dispatch and recovery.
     training_queue: str = "training"
+    worker_device_class: str = Field(
+        default="",
+        pattern=r"^([a-z0-9][a-z0-9_-]{0,62})?$",
+        description="the device class this worker serves (it consumes TRAINING_QUEUE and TRAINING_QUEUE.<class>); "
+        "empty: cpu, or gpu-any where an NVIDIA device is visible",
+    )
+    default_device_class: str = Field(
+        default="",
+        pattern=r"^([a-z0-9][a-z0-9_-]{0,62})?$",
+        description="device class of a job that names none; empty: the shared queue, which every worker takes from",
+    )
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 5.0
     max_attempts: int = 3
@@ -86,6 +111,18 @@ class Settings(BaseSettings):
     reconcile_batch_size: int = Field(
         default=200, ge=1, description="most jobs one reconciler sweep recovers, and most it re-rings"
     )
+    janitor_interval_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="how often the reconciler beside each worker sweeps leftovers nothing references (one at a "
+        "time, under a database lock); 0 = never",
+    )
+    janitor_grace_seconds: float = Field(
+        default=24 * 3600.0,
+        ge=60,
+        description="age below which the janitor leaves a leftover alone (in-flight uploads and publishes, "
+        "recently failed jobs' checkpoints)",
+    )
     worker_reconciler: bool = Field(
         default=True,
         description="every worker also runs the reconciler (one sweeps at a time, under a database lock), so "
@@ -96,6 +133,23 @@ class Settings(BaseSettings):
         ge=8,
         description="most tokens one training step may hold (per_device_train_batch_size x cutoff_len); a job "
         "above it is refused at creation instead of running out of memory in the worker",
+    )
+    # Distributed training (worker.launch): a job with num_devices > 1 runs as that many accelerate processes.
+    training_devices_default: int = Field(
+        default=1, ge=1, description="training processes (GPUs) of a job that does not set num_devices"
+    )
+    training_devices_max: int = Field(
+        default=8, ge=1, description="most training processes one job may ask for (num_devices); above it: 422"
+    )
+    training_cpu_processes: bool = Field(
+        default=False,
+        description="let a worker without a GPU run a num_devices > 1 job as that many CPU processes (gloo, the "
+        "cores shared out among them); for testing the distributed path, no faster than one process",
+    )
+    training_accelerate_config: str = Field(
+        default="",
+        description="accelerate config file for num_devices > 1 jobs (FSDP, DeepSpeed ZeRO, several machines); "
+        "empty: DDP on this host",
     )
 
     # Security.
@@ -127,8 +181,8 @@ class Settings(BaseSettings):
     inference_dtype: InferenceDtype = "auto"
     inference_backend: InferenceBackend = Field(
         default="auto",
-        description="auto (the measured default route per device, held to the fidelity gate), lean, reference or "
-        "llamacpp",
+        description="auto (the measured default route per device, held to the fidelity gate), lean, reference, "
+        "llamacpp or vllm (a supervised vLLM server per base model, fine-tunes as LoRA adapters on it)",
     )
     inference_quant: InferenceQuant = Field(
         default="none",
@@ -142,6 +196,20 @@ class Settings(BaseSettings):
         default=2048, ge=64, description="llama.cpp backend: KV cache tokens per concurrent sequence"
     )
     gguf_cache: Path | None = Field(default=None, description="llama.cpp backend's exported models; DATA_DIR/gguf")
+    vllm_python: Path = Field(
+        default=Path(".venv-vllm/bin/python"), description="vLLM backend: the interpreter of vLLM's own environment"
+    )
+    vllm_max_lora_rank: int = Field(
+        default=64, ge=1, description="vLLM backend: the highest LoRA rank it serves (jobs above it are refused)"
+    )
+    vllm_max_loras: int = Field(default=8, ge=1, description="vLLM backend: adapters in one batch at once")
+    vllm_max_model_len: int = Field(default=2048, ge=16, description="vLLM backend: context length per sequence")
+    vllm_dtype: str = Field(default="auto", description="vLLM backend: --dtype (auto, bfloat16, float16, float32)")
+    vllm_cpu_kvcache_gib: int = Field(default=2, ge=1, description="vLLM backend on a CPU: KV cache GiB per server")
+    vllm_start_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="vLLM backend: how long a server start (or restart) may take"
+    )
+    vllm_extra_args: str = Field(default="", description="vLLM backend: more server flags, space-separated")
     max_new_tokens_default: int = 128
     max_new_tokens_limit: int = 1024
     max_batch_size: int = 8
@@ -163,8 +231,9 @@ class Settings(BaseSettings):
     model_memory_budget_bytes: int = Field(
         default=4 * 1024**3,
         ge=1,
-        description="hard limit on loaded models' weights: idle models are evicted to make room, and a model "
-        "that still does not fit is refused (503) rather than loaded",
+        description="hard limit on loaded models' memory, weights plus the KV cache each can fill (MAX_BATCH_SIZE "
+        "rows at the full context): idle models are evicted to make room, and a model that still does not fit is "
+        "refused (503) rather than loaded",
     )
     max_queued_requests: int = Field(
         default=256,
@@ -182,6 +251,22 @@ class Settings(BaseSettings):
         "threads that answer health checks and authentication",
     )
     deployment_poll_seconds: float = 1.0
+    inference_replica_id: str = Field(
+        default="",
+        max_length=128,
+        description="this inference replica's name in the per-replica deployment state; keep it across restarts "
+        "(a crash while loading is counted against it). Empty: the host name",
+    )
+    replica_stale_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="an inference replica whose heartbeat is older than this no longer holds a deployment open",
+    )
+    max_pending_deployments_per_tenant: int = Field(
+        default=20,
+        ge=1,
+        description="most deployments one tenant may have waiting to load; a deploy beyond it is refused with 429",
+    )
 
     log_level: LogLevel = "INFO"
     log_json: bool = True

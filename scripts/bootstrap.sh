@@ -67,3 +67,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$LLAMACPP_VERSION" "$llamacpp_args" >.venv/llamacpp-build.json
   echo "$want" >"$stamp"
 fi
+# vLLM's own environment (.venv-vllm) for INFERENCE_BACKEND=vllm and its tests; CONCH_SKIP_VLLM=1 leaves it out.
+if [ "${CONCH_SKIP_VLLM:-0}" != 1 ]; then
+  bash scripts/vllm_env.sh
+fi

@@ -34,6 +34,7 @@ from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from api.services.files import DELETED, PURPOSE
 from api.services.models import start_model_base
 from api.services.placement import place_job
+from api.services.servability import check_servable
 from core.contracts import TERMINAL_STATUSES, Hyperparameters, JobStatus, fine_tuned_model_id
 from core.datasets import is_preference_format
 from core.errors import Conflict, InvalidRequest, NotFound, RateLimited
@@ -136,6 +137,7 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: S
     base_model = start_model_base(session, tenant_id, body.model, settings)
     resolved = _hyperparameters(body, settings)
     hparams.check_lora_modules(resolved, base_model, settings)
+    check_servable(resolved, settings)  # a fine-tune the serving engine would refuse is refused now
     training = _training_file(session, tenant_id, body.training_file, "training_file")
     validation = (
         _training_file(session, tenant_id, body.validation_file, "validation_file") if body.validation_file else None
