@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,10 +19,11 @@ from core.db import SessionFactory
 from core.settings import Settings
 from core.storage import atomic_directory, checkpoints_dir, fine_tuned_dir
 from worker.pipeline.data import PreparedData, prepare_data, render_with_mask
-from worker.pipeline.device import resolve_compute
+from worker.pipeline.device import check_quantization, preflight_memory, resolve_compute
+from worker.pipeline.distributed import Distribution
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.merge import merge_adapter
-from worker.pipeline.prepare import BaseModelError, prepare_base_model
+from worker.pipeline.prepare import BaseModelError, prepare_start_model
 from worker.pipeline.progress import JobReporter
 from worker.pipeline.publish import register_model
 from worker.pipeline.serving import write_model_serving_files
@@ -76,18 +79,30 @@ def _report_data(reporter: JobReporter, data: PreparedData, hp: Hyperparameters)
         )
 
 
-def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionFactory, settings: Settings) -> str:
-    """Train, merge and publish the job; returns the fine-tuned model id. Raises PipelineError or TrainingStopped."""
+def run_pipeline(
+    spec: JobSpec,
+    reporter: JobReporter,
+    session_factory: SessionFactory,
+    settings: Settings,
+    *,
+    distribution: Distribution | None = None,
+) -> str:
+    """Train, merge and publish the job; returns the fine-tuned model id. Raises PipelineError or TrainingStopped.
+
+    With ``distribution`` this process is one rank of a job on several devices: every rank trains, and rank 0
+    alone merges and publishes once training is over (worker.pipeline.distributed)."""
     hp = parse_hyperparameters(spec.hyperparameters)
-    compute = resolve_compute(hp.compute_type)
+    if hp.method == "dpo":  # one recipe per method; they share the start, data conventions and the tail
+        from worker.pipeline.dpo import run_dpo
+
+        return run_dpo(spec, reporter, session_factory, settings, hp)
+    compute = resolve_compute(hp.compute_type, distribution.device if distribution else None)
+    check_quantization(hp.quantization, compute)
     torch.manual_seed(spec.seed)
     model_id = fine_tuned_model_id(spec.model, spec.suffix, spec.public_id)
 
-    reporter.stage(JobStage.VALIDATING, f"Preparing base model {spec.model} and the dataset")
-    try:
-        base_path = prepare_base_model(spec.model, settings, progress=False)
-    except BaseModelError as exc:
-        raise PipelineError("model_not_available", str(exc), "model") from exc
+    with distribution.main_first() if distribution else contextlib.nullcontext():  # one rank prepares the base
+        base_path, hp = prepare_start(spec, reporter, session_factory, settings, hp)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
@@ -98,7 +113,11 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
     _report_data(reporter, data, hp)
     reporter.check_stop()
 
-    model = attach_lora(load_base_model(base_path, compute), hp, spec.seed)
+    memory = preflight_memory(base_path, hp, compute)  # refuses a run that cannot fit, before loading anything
+    base = load_base_model(
+        base_path, compute, quantization=hp.quantization, gradient_checkpointing=hp.gradient_checkpointing
+    )
+    model = attach_lora(base, hp, spec.seed)
     trainable, total = trainable_parameters(model)
     trainer = LoraTrainer(
         model,
@@ -110,6 +129,7 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
         pad_id=int(pad_id),
         checkpoint_root=checkpoints_dir(spec.job_id, settings),
         hooks=reporter,
+        distribution=distribution,
     )
     plan = trainer.plan
     rate = trainer.measure_throughput()
@@ -119,9 +139,12 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
     targets = "all linear layers" if hp.lora_target == "all" else str(hp.lora_target)
     reporter.event(
         f"Plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch x {plan.epochs:g} epochs, batch "
-        f"{plan.batch_size} x {plan.accumulation} accumulation) on {compute.describe()}; LoRA rank "
+        f"{plan.batch_size} x {plan.accumulation} accumulation"
+        + (f" x {plan.devices} devices" if plan.devices > 1 else "")
+        + f") on {compute.describe()}; LoRA rank "
         f"{hp.lora_rank} on {targets}: {trainable:,} trainable of {total:,} parameters; "
-        f"estimated {estimate:.0f} s of training at {rate:.0f} tokens/s",
+        f"estimated {estimate:.0f} s of training at {rate:.0f} tokens/s"
+        + (f"; memory estimate {memory.describe()}" if memory else ""),
         data={
             "stage": JobStage.VALIDATING.value,
             **plan.to_json(),
@@ -132,6 +155,9 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
             "packed": trainer.attention_ratio is not None,
             "estimated_seconds": round(estimate, 1),
             "estimated_tokens_per_second": round(rate, 1),
+            "memory_estimate": memory.to_json() if memory else None,
+            "quantization": hp.quantization,
+            "gradient_checkpointing": hp.gradient_checkpointing,
         },
         progress={"step": 0, "total_steps": plan.total_steps, "epoch": 0.0, "percent": 0.0},
     )
@@ -154,14 +180,78 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
     del trainer, model
     gc.collect()
     reporter.check_stop()  # a cancel that arrived during the last step still wins over publishing
+    if distribution is not None and not distribution.leave_training():
+        return model_id  # rank 0 alone merges and publishes
 
+    return merge_and_publish(
+        spec,
+        reporter,
+        session_factory,
+        settings,
+        model_id=model_id,
+        base_path=base_path,
+        adapter_dir=result.adapter_dir,
+        template=data.template,
+        eval_conversations=data.eval_conversations,
+        metrics=result.metrics,
+        trained_tokens=result.trained_tokens,
+        progress={
+            "step": result.steps,
+            "total_steps": plan.total_steps,
+            "epoch": result.metrics.get("epochs"),
+            "percent": 100.0,
+            "eta_seconds": 0,
+        },
+    )
+
+
+def prepare_start(
+    spec: JobSpec, reporter: JobReporter, session_factory: SessionFactory, settings: Settings, hp: Hyperparameters
+) -> tuple[Path, Hyperparameters]:
+    """The folder of the weights training starts from (the base, or the fine-tune being continued), and the knobs
+    with the chat template that model keeps. Shared by every method's recipe."""
+    start_name = spec.parent_model or spec.model
+    reporter.stage(JobStage.VALIDATING, f"Preparing {start_name} and the dataset")
+    try:
+        start = prepare_start_model(start_name, spec.tenant_id, session_factory, settings)
+    except BaseModelError as exc:
+        raise PipelineError("model_not_available", str(exc), "model") from exc
+    base_path = start.path  # the weights training starts from: the base, or the fine-tune being continued
+    if hp.template == "auto" and start.template != "auto":
+        # A continued model keeps the chat template it was trained with.
+        hp = hp.model_copy(update={"template": start.template})
+    return base_path, hp
+
+
+def merge_and_publish(
+    spec: JobSpec,
+    reporter: JobReporter,
+    session_factory: SessionFactory,
+    settings: Settings,
+    *,
+    model_id: str,
+    base_path: Path,
+    adapter_dir: Path,
+    template: str,
+    eval_conversations: list[list[dict[str, Any]]],
+    metrics: dict[str, Any],
+    trained_tokens: int,
+    progress: dict[str, Any],
+) -> str:
+    """The tail every method shares: merge the trained adapter into the start model, write the serving files,
+    publish the model; returns its id. A cancel is honoured up to the moment of publishing."""
     reporter.stage(JobStage.MERGING, "Merging the adapter into the base model")
     folder = fine_tuned_dir(spec.job_id, settings)
-    manifest = {"model_id": model_id, "base_model": spec.model, "job_id": spec.public_id}
+    manifest = {
+        "model_id": model_id,
+        "base_model": spec.model,
+        "job_id": spec.public_id,
+        "parent_model": spec.parent_model,
+    }
     with atomic_directory(folder) as tmp:
-        merged = merge_adapter(base_path, result.adapter_dir, tmp, template=data.template, manifest=manifest)
+        merged = merge_adapter(base_path, adapter_dir, tmp, template=template, manifest=manifest)
         reporter.event("Writing the serving files: reference answers to the golden prompts and the llama.cpp export")
-        files = write_model_serving_files(tmp, merged, data.template, data.eval_conversations, settings)
+        files = write_model_serving_files(tmp, merged, template, eval_conversations, settings)
         del merged
         reporter.event(
             "Serving files written: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in files.seconds.items()),
@@ -176,15 +266,9 @@ def run_pipeline(spec: JobSpec, reporter: JobReporter, session_factory: SessionF
         reporter.owner,
         model_id=model_id,
         folder=folder,
-        metrics=result.metrics,
-        trained_tokens=result.trained_tokens,
-        progress={
-            "step": result.steps,
-            "total_steps": plan.total_steps,
-            "epoch": result.metrics.get("epochs"),
-            "percent": 100.0,
-            "eta_seconds": 0,
-        },
+        metrics=metrics,
+        trained_tokens=trained_tokens,
+        progress=progress,
         settings=settings,
     )
     return model_id
