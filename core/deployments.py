@@ -1,17 +1,71 @@
 """Which model answers a tenant's requests: deployment rows written by the api and the worker, driven to
-``active`` or ``failed`` by the inference service."""
+``active`` or ``failed`` by the inference replicas, each of which keeps its own state in ``deployment_replicas``.
+
+Every change of a deployment's status is a conditional UPDATE (``... WHERE status IN (expected)``), so a replica
+acting on what it read a while ago cannot undo what another replica did since. The rules:
+
+- active: when the first replica has loaded it (and no newer deployment of the tenant is active already); the
+  tenant's older active deployment is then superseded.
+- failed: when a replica failed to load it and no live replica (heartbeat within REPLICA_STALE_SECONDS) is still
+  loading or serving it. A replica's failure of a deployment another replica activated fails it for that replica
+  alone: it keeps serving the tenant's previous model and says so in its ``/readyz``.
+- superseded before loading: a pending deployment with a newer pending, loading or active one of its tenant is
+  never loaded (only the newest request of a tenant matters), so a tenant's flood of deploys costs one load.
+"""
 
 from __future__ import annotations
 
+import socket
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
+from core import ids
 from core.contracts import DeploymentAnnouncement, DeploymentStatus
-from core.orm import Deployment
+from core.jobs import LOCK_NAMESPACE, db_now, is_postgres
+from core.orm import Deployment, DeploymentReplica
 from core.pubsub import announce_deployment
+from core.redact import hide_paths
 from core.settings import Settings
+
+IN_FLIGHT = (DeploymentStatus.PENDING.value, DeploymentStatus.LOADING.value)
+REASON_LIMIT = 2000
+DEPLOYMENTS_LOCK = "deployments:"
+SUPERSEDED_UNLOADED = "superseded by a newer deployment of this tenant before it was loaded"
+
+
+class ReplicaState(StrEnum):
+    LOADING = "loading"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+def replica_identity(settings: Settings) -> str:
+    """This inference replica's name: INFERENCE_REPLICA_ID, else the host name (a container's name, which its
+    restarts keep). Two replicas on one host must each set INFERENCE_REPLICA_ID."""
+    return (settings.inference_replica_id or socket.gethostname())[:128]
+
+
+def lock_tenant_deployments(session: Session, tenant_id: str) -> None:
+    """Serialise, until this transaction ends, the decisions about one tenant's deployments (admitting under the
+    pending cap, activating and superseding). SQLite runs one writing transaction at a time and needs nothing."""
+    if is_postgres(session):
+        session.execute(select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, func.hashtext(DEPLOYMENTS_LOCK + tenant_id))))
+
+
+def pending_count(session: Session, tenant_id: str) -> int:
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Deployment)
+            .where(Deployment.tenant_id == tenant_id, Deployment.status == DeploymentStatus.PENDING)
+        ).scalar_one()
+    )
 
 
 def request_deployment(session: Session, *, tenant_id: str, model_id: str, requested_by: str) -> Deployment:
@@ -44,12 +98,324 @@ def active_deployment(session: Session, tenant_id: str) -> Deployment | None:
 
 def pending_deployments(session: Session) -> list[Deployment]:
     return list(
+        session.scalars(select(Deployment).where(Deployment.status.in_(IN_FLIGHT)).order_by(Deployment.created_at))
+    )
+
+
+def coalesce_pending(session: Session) -> int:
+    """Supersede, without loading them, pending deployments that a newer deployment of the same tenant (pending,
+    loading or active) makes pointless. Returns how many."""
+    newer = aliased(Deployment)
+    result = session.execute(
+        update(Deployment)
+        .where(
+            Deployment.status == DeploymentStatus.PENDING,
+            exists().where(
+                newer.tenant_id == Deployment.tenant_id,
+                newer.id != Deployment.id,
+                newer.status.in_([*IN_FLIGHT, DeploymentStatus.ACTIVE.value]),
+                newer.created_at > Deployment.created_at,
+            ),
+        )
+        .values(status=DeploymentStatus.SUPERSEDED, reason=SUPERSEDED_UNLOADED, updated_at=db_now(session))
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def fair_queue(session: Session, replica_id: str) -> list[uuid.UUID]:
+    """The in-flight deployments this replica still has to load, one per tenant (the tenant's newest), tenants
+    that have waited longest first. A pass loads each once, so however many deploys one tenant sends, another
+    tenant's waits behind at most one load of each other tenant, never behind the whole flood."""
+    settled = select(DeploymentReplica.deployment_id).where(
+        DeploymentReplica.replica_id == replica_id,
+        DeploymentReplica.state.in_([ReplicaState.ACTIVE.value, ReplicaState.FAILED.value]),
+    )
+    rows = session.execute(
+        select(Deployment.id, Deployment.tenant_id, Deployment.created_at)
+        .where(Deployment.status.in_(IN_FLIGHT), Deployment.id.not_in(settled))
+        .order_by(Deployment.created_at)
+    ).all()
+    newest: dict[str, tuple[uuid.UUID, datetime]] = {}
+    waiting_since: dict[str, datetime] = {}
+    for deployment_id, tenant, created_at in rows:
+        waiting_since.setdefault(tenant, created_at)
+        newest[tenant] = (deployment_id, created_at)
+    return [newest[tenant][0] for tenant in sorted(newest, key=lambda t: (waiting_since[t], t))]
+
+
+# ------------------------------------------------------------------------------------------------ one replica
+
+
+def claim_for_replica(session: Session, deployment_id: uuid.UUID, replica_id: str) -> DeploymentReplica | None:
+    """Start this replica's load of the deployment: its row becomes ``loading`` with one more attempt (commit this
+    before the load starts, so a load that kills the process is counted), and an in-flight deployment becomes
+    ``loading``. None when the deployment is gone."""
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is None:
+        return None
+    now = db_now(session)
+    row = session.get(DeploymentReplica, (deployment_id, replica_id), with_for_update=True)
+    if row is None:
+        row = DeploymentReplica(
+            deployment_id=deployment_id, replica_id=replica_id, load_attempts=0, heartbeat_at=now, updated_at=now
+        )
+        session.add(row)
+    row.state = ReplicaState.LOADING
+    row.reason = None
+    row.load_attempts = (row.load_attempts or 0) + 1
+    row.heartbeat_at = row.updated_at = now
+    session.execute(
+        update(Deployment)
+        .where(Deployment.id == deployment_id, Deployment.status.in_(IN_FLIGHT))
+        .values(status=DeploymentStatus.LOADING, load_attempts=Deployment.load_attempts + 1, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    return row
+
+
+def release_claim(session: Session, deployment_id: uuid.UUID, replica_id: str) -> None:
+    """The load never started (its base model is still being prepared): it counts as no attempt."""
+    row = session.get(DeploymentReplica, (deployment_id, replica_id), with_for_update=True)
+    if row is not None:
+        row.load_attempts = max(0, (row.load_attempts or 0) - 1)
+
+
+def _set_replica_state(
+    session: Session, deployment_id: uuid.UUID, replica_id: str, state: ReplicaState, reason: str | None, now: datetime
+) -> None:
+    row = session.get(DeploymentReplica, (deployment_id, replica_id), with_for_update=True)
+    if row is None:
+        row = DeploymentReplica(deployment_id=deployment_id, replica_id=replica_id, load_attempts=0)
+        session.add(row)
+    row.state = state
+    row.reason = hide_paths(reason)[:REASON_LIMIT] if reason else None
+    if state == ReplicaState.ACTIVE:
+        row.load_attempts = 0  # the count is of loads that never finished
+    row.heartbeat_at = row.updated_at = now
+    session.flush()
+
+
+def activate_for_replica(
+    session: Session,
+    deployment_id: uuid.UUID,
+    replica_id: str,
+    *,
+    route: str | None = None,
+    fidelity: dict[str, object] | None = None,
+) -> tuple[str, float | None]:
+    """This replica loaded the deployment. Returns its status afterwards and, when this call activated it, the
+    latency from request to activation. An in-flight deployment becomes active unless a newer one of its tenant
+    already is (then it is superseded); the tenant's older active deployment is superseded."""
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is None:
+        return DeploymentStatus.FAILED.value, None
+    tenant = deployment.tenant_id
+    lock_tenant_deployments(session, tenant)
+    now = db_now(session)
+    _set_replica_state(session, deployment_id, replica_id, ReplicaState.ACTIVE, None, now)
+    session.refresh(deployment)
+    if deployment.status not in IN_FLIGHT:
+        return deployment.status, None
+    newer_active = session.execute(
+        select(Deployment.id).where(
+            Deployment.tenant_id == tenant,
+            Deployment.status == DeploymentStatus.ACTIVE,
+            Deployment.created_at > deployment.created_at,
+        )
+    ).first()
+    created = deployment.created_at
+    latency = _elapsed(created, now)
+    values: dict[str, object] = (
+        {"status": DeploymentStatus.SUPERSEDED, "reason": "a newer deployment of this tenant became active first"}
+        if newer_active is not None
+        else {
+            "status": DeploymentStatus.ACTIVE,
+            "activated_at": now,
+            "reason": None,
+            "latency_seconds": latency,
+            **({"route": route, "fidelity": fidelity} if route is not None else {}),
+        }
+    )
+    changed = session.execute(
+        update(Deployment)
+        .where(Deployment.id == deployment_id, Deployment.status.in_(IN_FLIGHT))
+        .values(updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if changed != 1 or newer_active is not None:
+        session.refresh(deployment)
+        return deployment.status, None
+    session.execute(
+        update(Deployment)
+        .where(
+            Deployment.tenant_id == tenant,
+            Deployment.status == DeploymentStatus.ACTIVE,
+            Deployment.id != deployment_id,
+            Deployment.created_at < created,
+        )
+        .values(status=DeploymentStatus.SUPERSEDED, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(deployment)
+    return deployment.status, latency
+
+
+def _still_held(deployment_id: uuid.UUID, since: datetime) -> ColumnElement[bool]:
+    """Some live replica (heartbeat since ``since``) still loads or serves the deployment, or has not tried it yet
+    (a replica is known by its rows of open deployments; every replica loads every tenant's active deployment)."""
+    tried = select(DeploymentReplica.replica_id).where(DeploymentReplica.deployment_id == deployment_id)
+    anyone = aliased(DeploymentReplica)
+    return or_(
+        exists().where(
+            DeploymentReplica.deployment_id == deployment_id,
+            DeploymentReplica.state.in_([ReplicaState.LOADING.value, ReplicaState.ACTIVE.value]),
+            DeploymentReplica.heartbeat_at >= since,
+        ),
+        exists().where(anyone.heartbeat_at >= since, anyone.replica_id.not_in(tried)),
+    )
+
+
+def fail_for_replica(
+    session: Session, deployment_id: uuid.UUID, replica_id: str, reason: str, *, stale_seconds: float
+) -> bool:
+    """This replica cannot serve the deployment: its own row says failed, and the deployment itself fails only if
+    it is still in flight and every live replica failed it too. Returns whether the deployment failed."""
+    now = db_now(session)
+    _set_replica_state(session, deployment_id, replica_id, ReplicaState.FAILED, reason, now)
+    return settle_failed(
+        session, deployment_id, hide_paths(reason)[:REASON_LIMIT], now=now, stale_seconds=stale_seconds
+    )
+
+
+def settle_failed(
+    session: Session, deployment_id: uuid.UUID, reason: str | None, *, now: datetime, stale_seconds: float
+) -> bool:
+    """Fail an in-flight deployment that no live replica holds any more: every live replica tried and failed it,
+    or the ones still loading it went away."""
+    since = now - timedelta(seconds=stale_seconds)
+    values: dict[str, object] = {"status": DeploymentStatus.FAILED, "updated_at": now}
+    if reason is not None:
+        values["reason"] = reason
+    result = session.execute(
+        update(Deployment)
+        .where(
+            Deployment.id == deployment_id,
+            Deployment.status.in_(IN_FLIGHT),
+            ~_still_held(deployment_id, since),
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def heartbeat(session: Session, replica_id: str) -> int:
+    """This replica is alive: renew its rows of deployments still in flight or active (one UPDATE)."""
+    now = db_now(session)
+    open_deployments = select(Deployment.id).where(Deployment.status.in_([*IN_FLIGHT, DeploymentStatus.ACTIVE.value]))
+    result = session.execute(
+        update(DeploymentReplica)
+        .where(DeploymentReplica.replica_id == replica_id, DeploymentReplica.deployment_id.in_(open_deployments))
+        .values(heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def abandoned_by_replica(session: Session, replica_id: str) -> list[uuid.UUID]:
+    """In-flight deployments this replica failed: each pass checks whether the others have given up too."""
+    return list(
         session.scalars(
-            select(Deployment)
-            .where(Deployment.status.in_([DeploymentStatus.PENDING, DeploymentStatus.LOADING]))
-            .order_by(Deployment.created_at)
+            select(DeploymentReplica.deployment_id)
+            .join(Deployment, Deployment.id == DeploymentReplica.deployment_id)
+            .where(
+                DeploymentReplica.replica_id == replica_id,
+                DeploymentReplica.state == ReplicaState.FAILED,
+                Deployment.status.in_(IN_FLIGHT),
+            )
         )
     )
+
+
+def _elapsed(moment: datetime, now: datetime) -> float:
+    if moment.tzinfo is None:  # SQLite hands timestamps back without their zone; they were written in UTC
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (now - moment).total_seconds())
+
+
+@dataclass
+class TenantTarget:
+    """A tenant's active deployment as one replica sees it: ``state`` is the replica's own (None: not tried here
+    yet), ``fallback`` the newest other deployment of the tenant that this replica serves (None: none, so the
+    default base model)."""
+
+    model: str
+    deployment_id: uuid.UUID
+    state: str | None
+    fallback: tuple[str, uuid.UUID] | None = None
+
+
+@dataclass
+class ReplicaView:
+    tenants: dict[str, TenantTarget] = field(default_factory=dict)
+    # Deployments this replica failed that are active or still in flight elsewhere (for /readyz).
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+
+def replica_view(session: Session, replica_id: str) -> ReplicaView:
+    """Per tenant with an active deployment: that deployment, this replica's state of it, and what this replica
+    served the tenant before it; and the deployments this replica failed that others serve or still load."""
+    view = ReplicaView()
+    active = session.execute(
+        select(Deployment.id, Deployment.tenant_id, Deployment.model_id)
+        .where(Deployment.status == DeploymentStatus.ACTIVE)
+        .order_by(Deployment.activated_at.asc(), Deployment.created_at.asc())
+    ).all()
+    mine = dict(
+        session.execute(
+            select(DeploymentReplica.deployment_id, DeploymentReplica.state).where(
+                DeploymentReplica.replica_id == replica_id
+            )
+        ).all()
+    )
+    # Ascending order: the newest active row of each tenant is written last and wins.
+    for deployment_id, tenant, model in active:
+        view.tenants[tenant] = TenantTarget(model, deployment_id, mine.get(deployment_id))
+    served_here = session.execute(
+        select(Deployment.id, Deployment.tenant_id, Deployment.model_id)
+        .join(
+            DeploymentReplica,
+            and_(DeploymentReplica.deployment_id == Deployment.id, DeploymentReplica.replica_id == replica_id),
+        )
+        .where(Deployment.tenant_id.in_(list(view.tenants)), DeploymentReplica.state == ReplicaState.ACTIVE)
+        .order_by(Deployment.created_at.asc())
+    ).all()
+    for deployment_id, tenant, model in served_here:  # ascending: the newest wins
+        target = view.tenants[tenant]
+        if deployment_id != target.deployment_id:
+            target.fallback = (model, deployment_id)
+    failures = session.execute(
+        select(Deployment.id, Deployment.tenant_id, Deployment.model_id, DeploymentReplica.reason)
+        .join(DeploymentReplica, DeploymentReplica.deployment_id == Deployment.id)
+        .where(
+            DeploymentReplica.replica_id == replica_id,
+            DeploymentReplica.state == ReplicaState.FAILED,
+            Deployment.status.in_([*IN_FLIGHT, DeploymentStatus.ACTIVE.value]),
+        )
+        .order_by(Deployment.created_at.asc())
+    ).all()
+    for deployment_id, tenant, model, reason in failures:
+        view.failed.append(
+            {
+                "deployment": ids.public_id(ids.Prefix.DEPLOYMENT, deployment_id),
+                "tenant": tenant,
+                "model": model,
+                "reason": reason or "load failed",
+            }
+        )
+    return view
 
 
 # A deployment requested by a rollback says so in ``requested_by``: the history then steps back instead of forward.

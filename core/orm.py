@@ -136,6 +136,8 @@ class FineTuningJob(TimestampMixin, Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Public ids of the files (purpose fine-tune-results) written when the job succeeded; a deleted one is skipped.
     result_files: Mapped[list[Any] | None] = mapped_column(JSON)
+    # The device class whose queue the job is sent to (core.device_classes); null: the shared queue.
+    device_class: Mapped[str | None] = mapped_column(String(64))
 
     # Dispatch: the broker is a doorbell, these columns are the truth.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -238,3 +240,36 @@ class Deployment(TimestampMixin, Base):
     @property
     def public_id(self) -> str:
         return ids.public_id(ids.Prefix.DEPLOYMENT, self.id)
+
+
+class DeploymentReplica(Base):
+    """One inference replica's own progress on one deployment: ``loading`` -> ``active`` or ``failed``.
+
+    The deployment row says what the tenant asked for; these rows say which replica serves it. A replica that
+    cannot load a model fails it for itself only (it keeps serving its previous model for that tenant); the
+    deployment fails only when no live replica (``heartbeat_at`` recent, database time) is loading or serving it.
+    ``replica_id`` is stable across restarts of the same replica (INFERENCE_REPLICA_ID, else the host name), so a
+    load that kills its process is counted in ``load_attempts`` across restarts.
+    """
+
+    __tablename__ = "deployment_replicas"
+
+    deployment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)  # server paths already reduced to their last names
+    # Loads started since the last success: still "loading" after several, the load crashed the process each time.
+    load_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    heartbeat_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class DeviceClass(Base):
+    """What the workers of one device class reported at start-up (core.device_classes): the latest one wins."""
+
+    __tablename__ = "device_classes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    capabilities: Mapped[dict[str, Any]]
+    worker: Mapped[str] = mapped_column(String(255))
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)

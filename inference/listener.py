@@ -1,5 +1,7 @@
-"""Two threads: one runs ``Deployer.reconcile`` every ``DEPLOYMENT_POLL_SECONDS`` or as soon as it is woken, the
-other subscribes to the deployments channel and wakes it. Pub/sub is only a doorbell; the poll is the guarantee."""
+"""Three threads: one runs ``Deployer.reconcile`` every ``DEPLOYMENT_POLL_SECONDS`` or as soon as it is woken, one
+subscribes to the deployments channel and wakes it (pub/sub is only a doorbell; the poll is the guarantee), and one
+renews this replica's heartbeat on the deployments it loads or serves, also while a long load blocks the first
+(a replica whose heartbeat stops no longer keeps a deployment from failing)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class Listener:
         self._threads = [
             threading.Thread(target=self._reconcile_loop, name="deployments-reconcile", daemon=True),
             threading.Thread(target=self._subscribe_loop, name="deployments-subscribe", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="deployments-heartbeat", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -57,6 +60,14 @@ class Listener:
                 self.deployer.metrics.failures.labels("reconcile").inc()
             self.passes += 1
             self._wake.wait(self.settings.deployment_poll_seconds)
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.2, min(self.settings.deployment_poll_seconds, self.settings.replica_stale_seconds / 3))
+        while not self._stop.wait(interval):
+            try:
+                self.deployer.heartbeat()
+            except Exception:  # the database may be down for a while; the next beat tries again
+                log.warning("deployments.heartbeat_failed", exc_info=True)
 
     def _subscribe_loop(self) -> None:
         backoff = 0.5

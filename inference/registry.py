@@ -40,6 +40,7 @@ from inference.engine.sampling import SamplingParams
 from inference.errors import ModelDoesNotFit
 from inference.gate import GateResult, reference_for, run_gate
 from inference.metrics import Metrics
+from inference.vllm.pool import VllmPool
 
 log = logging.getLogger("conch.inference.registry")
 
@@ -198,6 +199,10 @@ class Registry:
         self._failed_at: dict[str, float] = {}
         self._sizes: dict[Path, int] = {}  # model folder -> bytes it took when last loaded (the budget's estimate)
         self.synced = False  # set once the deployments table has been read
+        # Deployments this replica failed to load while another serves (or still loads) them: this replica keeps
+        # the tenant's previous model and says so in /readyz. Set by the deployer: deployment_id, tenant, model,
+        # reason (server paths already reduced).
+        self.failed_deployments: list[dict[str, str]] = []
         self.threads = configure_threads(
             generation_threads(settings.inference_threads, training_on_this_host(settings))
         )
@@ -207,6 +212,10 @@ class Registry:
             dtype=settings.inference_dtype,
             device=choose_device(settings.inference_device),
             llamacpp_available=native.available(),
+        )
+        # INFERENCE_BACKEND=vllm: models run in supervised vLLM servers (inference/vllm), not in this process.
+        self.vllm = (
+            VllmPool(settings, self.threads.decode, self.metrics) if settings.inference_backend == "vllm" else None
         )
 
     # ------------------------------------------------------------------------------- defaults
@@ -298,13 +307,17 @@ class Registry:
         settings = self.settings
         engine: Engine | None = None
         try:
-            model, gate = self._load_gated(source)
-            engine = Engine(
-                model,
-                max_batch_size=settings.max_batch_size,
-                prefill_chunk=settings.prefill_chunk_tokens,
-                observer=self.metrics,
-            ).start()
+            gate: GateResult | None = None
+            if self.vllm is not None:
+                model, engine = self.vllm.load(source)
+            else:
+                model, gate = self._load_gated(source)
+                engine = Engine(
+                    model,
+                    max_batch_size=settings.max_batch_size,
+                    prefill_chunk=settings.prefill_chunk_tokens,
+                    observer=self.metrics,
+                ).start()
             smoke_test(engine, model)
         except BaseException as exc:
             if engine is not None:
@@ -326,7 +339,8 @@ class Registry:
             engine.stop()
             self.metrics.loads.labels("refused").inc()
             raise self._does_not_fit(source.name, model.size_bytes)
-        self.metrics.fidelity(source.name, gate)
+        if gate is not None:
+            self.metrics.fidelity(source.name, gate)
         self.problems.pop(source.name, None)
         self._failed_at.pop(source.name, None)
         self.metrics.loads.labels("ok").inc()
@@ -594,6 +608,11 @@ class Registry:
             }
             for h in list(self._handles.values())
         ]
+        failed = list(self.failed_deployments)
+        if failed:
+            # Still ready (every tenant is answered, the failed ones by their previous model), but degraded.
+            detail["degraded"] = True
+            detail["failed_deployments"] = failed
         self.metrics.ready.set(1 if ready else 0)
         return ready, detail
 
@@ -603,3 +622,5 @@ class Registry:
             self._handles.clear()
         for handle in handles:
             handle.engine.stop()
+        if self.vllm is not None:
+            self.vllm.close()

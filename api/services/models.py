@@ -16,8 +16,16 @@ from api.schemas import DeploymentList, DeploymentOut, ModelDeleted, ModelList, 
 from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from core.base_models import base_model_path, is_prepared
 from core.contracts import LIVE_STATUSES, DeploymentStatus, ModelStatus, parse_checkpoint_model_id
-from core.deployments import ROLLBACK_PREFIX, active_deployment, announce, request_deployment, rollback_target
-from core.errors import Conflict, InvalidRequest, NotFound
+from core.deployments import (
+    ROLLBACK_PREFIX,
+    active_deployment,
+    announce,
+    lock_tenant_deployments,
+    pending_count,
+    request_deployment,
+    rollback_target,
+)
+from core.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from core.ids import Prefix, parse_public_id, public_id
 from core.orm import Checkpoint, Deployment, FineTuningJob, ModelRecord
 from core.settings import Settings
@@ -296,9 +304,25 @@ def _check_deployable(session: Session, tenant_id: str, model_id: str, settings:
         raise Conflict(f"{model_id} is {row.status}, not ready to serve.", code="model_not_ready")
 
 
+def _check_pending_cap(session: Session, tenant_id: str, settings: Settings) -> None:
+    """At most MAX_PENDING_DEPLOYMENTS_PER_TENANT deployments of one tenant wait to load. Counted under the
+    tenant's deployments lock, so concurrent deploys cannot all slip under the cap. (Inference loads only a tenant's
+    newest pending deployment and supersedes the older ones, so a full queue is a client deploying in a loop.)"""
+    lock_tenant_deployments(session, tenant_id)
+    waiting = pending_count(session, tenant_id)
+    cap = settings.max_pending_deployments_per_tenant
+    if waiting >= cap:
+        raise RateLimited(
+            f"Too many deployments waiting to load ({waiting}; the limit is {cap}); deploy again once they have "
+            "loaded (GET /v1/deployments shows them).",
+            code="too_many_pending_deployments",
+        )
+
+
 def deploy(session: Session, *, tenant_id: str, model_id: str, actor: str, settings: Settings) -> Deployment:
     """Record the request; once committed, tell inference services to load the model now."""
     _check_deployable(session, tenant_id, model_id, settings)
+    _check_pending_cap(session, tenant_id, settings)
     deployment = request_deployment(session, tenant_id=tenant_id, model_id=model_id, requested_by=actor)
     session.refresh(deployment)
     on_commit(session, lambda: announce(deployment, settings))

@@ -1,5 +1,6 @@
 """Probes and metrics: ``/healthz`` (the process answers), ``/readyz`` (the deployed model is loaded, passed its
-smoke generation and its engine works), ``/metrics`` (Prometheus)."""
+smoke generation and its engine works; ``degraded`` when this replica failed a deployment another replica serves,
+with the tenants and models for an admin key), ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ async def readyz(request: Request, details: ProbeDetailsDep) -> JSONResponse:
     ready, detail = registry.readiness()
     if details:
         return readiness_response(detail, unready_reason=None if ready else str(detail.get("reason", "not ready")))
-    return readiness_response({}, unready_reason=None if ready else PUBLIC_UNREADY_REASON)
+    # An outsider learns that this replica failed some deployment (it serves those tenants their previous model),
+    # not which: the tenants and models are for an admin key.
+    public = {"degraded": True} if detail.get("degraded") else {}
+    return readiness_response(public, unready_reason=None if ready else PUBLIC_UNREADY_REASON)
 
 
 @router.get(

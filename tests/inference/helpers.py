@@ -7,15 +7,17 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.contracts import DeploymentStatus
 from core.deployments import announce
-from core.orm import DEFAULT_TENANT, Deployment
+from core.orm import DEFAULT_TENANT, Deployment, DeploymentReplica, utcnow
 from core.settings import Settings, get_settings
 from tests.factories import fresh, make_deployment
 from tests.polling import wait_until
@@ -84,6 +86,37 @@ def truncate_weights(folder: Path) -> None:
     weights = next(folder.glob("*.safetensors"))
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
+
+
+def replica_row(
+    session: Session,
+    deployment: Deployment,
+    replica_id: str,
+    *,
+    state: str,
+    load_attempts: int = 1,
+    heartbeat_minutes_ago: float = 0.0,
+) -> DeploymentReplica:
+    """One replica's state of a deployment, as that replica left it (``heartbeat_minutes_ago``: when it was last
+    alive)."""
+    beat = utcnow() - timedelta(minutes=heartbeat_minutes_ago)
+    row = DeploymentReplica(
+        deployment_id=deployment.id,
+        replica_id=replica_id,
+        state=state,
+        load_attempts=load_attempts,
+        heartbeat_at=beat,
+        updated_at=beat,
+    )
+    session.add(row)
+    session.commit()
+    return row
+
+
+def replica_states(session: Session, deployment: Deployment) -> dict[str, str]:
+    session.expire_all()
+    rows = session.scalars(select(DeploymentReplica).where(DeploymentReplica.deployment_id == deployment.id))
+    return {row.replica_id: row.state for row in rows}
 
 
 ACTIVE = DeploymentStatus.ACTIVE.value

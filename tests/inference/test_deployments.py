@@ -17,6 +17,8 @@ from tests.inference.helpers import (
     copy_model,
     deploy,
     metric,
+    replica_row,
+    replica_states,
     truncate_weights,
     wait_deployment,
 )
@@ -178,17 +180,28 @@ def test_a_request_running_during_a_swap_stays_on_the_old_model(db, tmp_path, ti
 
 
 def test_a_deployment_whose_load_keeps_killing_the_process_is_failed_not_retried(db, finetuned) -> None:  # type: ignore[no-untyped-def]
-    # What three crashed loads leave behind: the row still "loading", three attempts counted. (Each attempt is
-    # committed before the load starts, so a load that takes the process down is counted too.)
+    # What three crashed loads leave behind: this replica's row still "loading" with three attempts counted, under
+    # the replica's name (which its restarts keep). Each attempt is committed before the load starts, so a load
+    # that takes the process down is counted too.
     make_model(db, FT_ONE, storage_path=finetuned)
     db.commit()
     row = deploy(db, FT_ONE, status="loading", publish=False)
-    row.load_attempts = 3
-    db.commit()
-    with app_client() as client:
+    replica_row(db, row, "replica-a", state="loading", load_attempts=3)
+    with app_client(inference_replica_id="replica-a") as client:
         failed = wait_deployment(db, row, FAILED, ACTIVE)
         assert failed.status == FAILED and "not tried again" in (failed.reason or "")
         assert _served(client) == "tiny-llama"
+
+
+def test_another_replicas_crashes_are_not_counted_against_this_one(db, finetuned) -> None:  # type: ignore[no-untyped-def]
+    make_model(db, FT_ONE, storage_path=finetuned)
+    db.commit()
+    row = deploy(db, FT_ONE, status="loading", publish=False)
+    replica_row(db, row, "replica-a", state="loading", load_attempts=3, heartbeat_minutes_ago=10)
+    with app_client(inference_replica_id="replica-b") as client:
+        assert wait_deployment(db, row, FAILED, ACTIVE).status == ACTIVE
+        assert _served(client) == FT_ONE
+    assert replica_states(db, row) == {"replica-a": "loading", "replica-b": "active"}
 
 
 def test_each_load_is_counted_before_it_starts(db, finetuned) -> None:  # type: ignore[no-untyped-def]
@@ -220,3 +233,40 @@ def test_a_deleted_model_stops_answering_at_the_next_poll(db, finetuned) -> None
         )
         assert client.app.state.registry.loaded(FT_ONE) is None  # type: ignore[attr-defined]
         assert _served(client) == "tiny-llama"
+
+
+# ------------------------------------------------------------------------------------------------ fairness
+
+
+def test_one_tenants_flood_of_deploys_costs_another_tenant_one_load(db) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from core.orm import Deployment
+
+    # Tenant A asked for 300 deployments before tenant B asked for one (as a worker or an older api left them:
+    # the api's cap would refuse most of these).
+    start = utcnow() - timedelta(minutes=5)
+    flood = []
+    for index in range(300):
+        row = make_deployment(db, ("tiny-qwen2", "tiny-llama")[index % 2], tenant_id="tenant-a")
+        row.created_at = start + timedelta(milliseconds=index)
+        flood.append(row)
+    other = make_deployment(db, "tiny-qwen2", tenant_id="tenant-b")
+    db.commit()
+    with app_client():
+        assert wait_deployment(db, other, ACTIVE, FAILED).status == ACTIVE
+        newest = wait_deployment(db, flood[-1], ACTIVE, FAILED)
+        assert newest.status == ACTIVE
+    loads = db.execute(
+        select(Deployment.model_id, Deployment.load_attempts, Deployment.status, Deployment.activated_at).where(
+            Deployment.tenant_id == "tenant-a"
+        )
+    ).all()
+    # Only the newest of the flood was loaded: the older ones were superseded unloaded, so tenant B waited behind
+    # one load of tenant A's rather than three hundred.
+    assert sum(1 for _, attempts, _, _ in loads if attempts > 0) == 1
+    older = [r for r in loads if r.activated_at is None]
+    assert len(older) == 299 and {r.status for r in older} == {SUPERSEDED}
+    assert fresh(db, other).load_attempts == 1
