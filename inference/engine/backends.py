@@ -24,6 +24,7 @@ from inference.engine.llamacpp import LlamaCppDecoder, file_type_for
 from inference.engine.llamacpp import check_quant as check_llamacpp_quant
 from inference.engine.quant import check_scheme
 from inference.engine.reference import ReferenceDecoder
+from inference.vllm.backend import VllmBackend
 
 CacheT = TypeVar("CacheT", bound=RowCache)
 
@@ -159,6 +160,7 @@ BACKENDS: dict[str, Backend] = {
     "lean": TorchBackend("lean"),
     "reference": TorchBackend("reference"),
     "llamacpp": LlamaCppBackend(),
+    "vllm": VllmBackend(),  # the loader reads the tokenizer; the vLLM server runs the model
 }
 
 

@@ -1,0 +1,169 @@
+"""The vLLM servers of one inference replica: one per base model, and what each model of the registry runs on.
+
+A base model runs on its own server. A fine-tune whose PEFT adapter (``<folder>/adapter``, published with every
+merged model) was trained on a configured base model is served as that adapter on the base's server: a load costs
+the adapter's size, not a model's. Any other fine-tune (one trained on top of another fine-tune, whose adapter
+applies to that fine-tune's weights, not the base's) runs its merged folder on a server of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.base_models import base_model_path, is_prepared
+from core.settings import Settings
+from inference.catalog import ModelSource
+from inference.engine.engine import EngineObserver
+from inference.engine.loader import LoadedModel, ModelLoadError, load_model
+from inference.vllm.engine import VllmEngine
+from inference.vllm.server import VllmOptions, VllmServer, VllmUnavailable
+
+log = logging.getLogger("conch.inference.vllm")
+
+ADAPTER_SUBDIR = "adapter"  # where the worker publishes a fine-tune's PEFT adapter inside its merged folder
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def options_from(settings: Settings, threads: int) -> VllmOptions:
+    return VllmOptions(
+        python=settings.vllm_python,
+        max_lora_rank=settings.vllm_max_lora_rank,
+        max_loras=settings.vllm_max_loras,
+        max_model_len=settings.vllm_max_model_len,
+        dtype=settings.vllm_dtype,
+        cpu_kvcache_gib=settings.vllm_cpu_kvcache_gib,
+        threads=threads,
+        start_timeout=settings.vllm_start_timeout_seconds,
+        extra_args=tuple(settings.vllm_extra_args.split()),
+        log_dir=settings.data_dir / "logs",
+    )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model runs: the server's model id and folder, and the adapter to load on it (None: the server's
+    own weights)."""
+
+    server_name: str
+    server_folder: Path
+    adapter: Path | None
+
+
+def adapter_base(adapter: Path) -> Path | None:
+    """The folder the adapter was trained on, as PEFT recorded it."""
+    try:
+        named = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(named).expanduser().resolve() if named else None
+
+
+def placement_for(source: ModelSource, settings: Settings) -> Placement:
+    if source.owner is None:
+        return Placement(source.name, source.folder, None)
+    adapter = source.folder / ADAPTER_SUBDIR
+    base = source.base_model
+    if (adapter / ADAPTER_CONFIG).is_file() and base in settings.base_models and is_prepared(base, settings):
+        base_folder = base_model_path(base, settings)
+        if adapter_base(adapter) == base_folder.resolve():
+            return Placement(base, base_folder, adapter)
+        log.info("vllm.merged_placement", extra={"model": source.name, "reason": "adapter trained on another model"})
+    return Placement(source.name, source.folder, None)
+
+
+def _adapter_bytes(adapter: Path) -> int:
+    return sum(path.stat().st_size for path in adapter.glob("*.safetensors"))
+
+
+class VllmPool:
+    def __init__(self, settings: Settings, threads: int, observer: EngineObserver | None = None) -> None:
+        self.settings = settings
+        self.options = options_from(settings, threads)
+        self.observer = observer
+        self._servers: dict[str, VllmServer] = {}
+        self._lock = threading.Lock()
+        self._starting: dict[str, threading.Lock] = {}
+        self._names = itertools.count(1)
+
+    def servers(self) -> list[VllmServer]:
+        return list(self._servers.values())
+
+    def server(self, name: str, folder: Path) -> VllmServer:
+        """The running server of ``name`` (started once, whoever asks first; the others wait for it)."""
+        with self._lock:
+            starting = self._starting.setdefault(name, threading.Lock())
+        with starting:
+            server = self._servers.get(name)
+            if server is not None and not server.stopped and server.folder == folder:
+                return server
+            if server is not None:
+                server.stop()
+            try:
+                server = VllmServer(name, folder, self.options).start()
+            except VllmUnavailable as exc:
+                raise ModelLoadError(f"vLLM could not serve {name!r}: {exc}") from exc
+            with self._lock:
+                self._servers[name] = server
+            return server
+
+    def load(self, source: ModelSource) -> tuple[LoadedModel, VllmEngine]:
+        """The model's tokenizer and stops (Conch renders and tokenizes) and an engine that runs it on vLLM."""
+        settings = self.settings
+        model = load_model(
+            source.name,
+            source.folder,
+            template=source.template,
+            device_setting="cpu",
+            backend_setting="vllm",
+            cache_rows=settings.max_batch_size,
+        )
+        model.route = "vllm"
+        model.max_positions = min(model.max_positions, self.options.max_model_len)
+        place = placement_for(source, settings)
+        server = self.server(place.server_name, place.server_folder)
+        if place.adapter is None:
+            return model, self._engine(model, server, place.server_name, None)
+        served = f"{source.name}@{next(self._names)}"  # one name per load: unloading an old one spares the new
+        try:
+            server.load_adapter(served, place.adapter)
+        except VllmUnavailable as exc:
+            raise ModelLoadError(f"vLLM could not load the adapter of {source.name!r}: {exc}") from exc
+        model.route = "vllm:lora"
+        model.decoder.parameter_bytes_value = _adapter_bytes(place.adapter)  # type: ignore[attr-defined]
+        model.decoder.kv_cache_bytes_value = 0  # type: ignore[attr-defined]  # the base's cache serves it
+        return model, self._engine(model, server, served, lambda: server.unload_adapter(served))
+
+    def _engine(self, model: LoadedModel, server: VllmServer, served: str, on_stop: object) -> VllmEngine:
+        return VllmEngine(
+            model,
+            server,
+            served,
+            observer=self.observer,
+            wait_seconds=self.options.start_timeout,
+            on_stop=on_stop,
+        ).start()
+
+    def readiness(self) -> list[dict[str, object]]:
+        return [
+            {
+                "model": s.name,
+                "pid": s.pid,
+                "healthy": s.healthy,
+                "restarts": s.restarts,
+                "adapters": sorted(s.adapters),
+                "problem": s.problem,
+            }
+            for s in self.servers()
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            servers = list(self._servers.values())
+            self._servers.clear()
+        for server in servers:
+            server.stop()

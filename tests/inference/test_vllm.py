@@ -1,0 +1,243 @@
+"""INFERENCE_BACKEND=vllm: Conch's inference service in front of a supervised vLLM server.
+
+One vLLM server start per module (about 35 s on a CPU): the tests share one app. The model is a tiny random Llama
+with 64-wide attention heads (vLLM's CPU attention has no kernel for the 16-wide heads of tests/tiny_models.py),
+served in float32 (its bfloat16 kernels stop this CPU's worker on such small shapes), and a fine-tune is the same
+folder with a PEFT adapter trained on it, published where the worker publishes one (``<folder>/adapter``).
+Skipped only when vLLM's environment (scripts/vllm_env.sh) is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from core.api_keys import hash_key
+from core.db import session_scope
+from core.orm import ApiKey
+from inference.vllm.engine import VllmEngine
+from inference.vllm.server import VllmServer
+from tests.factories import make_model
+from tests.inference.helpers import ACTIVE, FAILED, app_client, deploy, wait_deployment
+from tests.polling import wait_until
+from tests.tiny_models import build_tokenizer
+
+VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON.is_file(), reason=f"vLLM's environment is absent ({VLLM_PYTHON}); run scripts/vllm_env.sh"
+)
+
+BASE = "tiny-vllm"
+TENANT = "tenant-v"
+OTHER = "tenant-w"
+FT = "ft:tiny-vllm:persona:ftjob-v1"
+PROMPT = [1, 50, 60, 70, 80]
+
+
+def build_vllm_model(folder: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.3,  # answers that depend on the context (and on the adapter)
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_finetune(base: Path, folder: Path) -> Path:
+    """The base's files plus a PEFT adapter trained on it (random, non-zero LoRA weights), in ``adapter/``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(base, folder)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(str(folder / "adapter"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vllm_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("vllm-models")
+    base = build_vllm_model(root / BASE)
+    return base, build_finetune(base, root / "ft")
+
+
+def _key(tenant: str) -> dict[str, str]:
+    plaintext = f"conch-{uuid.uuid4().hex}"
+    with session_scope() as session:
+        session.add(ApiKey(tenant_id=tenant, name="test", prefix=plaintext[:12], key_hash=hash_key(plaintext)))
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+@pytest.fixture(scope="module")
+def vllm_client(database: str, vllm_models: tuple[Path, Path]) -> Iterator[TestClient]:
+    base, _ = vllm_models
+    with app_client(
+        wait_ready=False,
+        base_models={BASE: str(base)},
+        default_base_model=BASE,
+        inference_backend="vllm",
+        auth_required=True,
+        vllm_python=VLLM_PYTHON,
+        vllm_dtype="float32",
+        vllm_max_model_len=512,
+        vllm_cpu_kvcache_gib=1,
+        vllm_max_lora_rank=8,
+        vllm_start_timeout_seconds=240,
+    ) as client:
+        # The first start of the vLLM server takes about 35 s on a CPU (more while other work shares it).
+        wait_until(lambda: client.get("/readyz").status_code == 200, timeout=300, interval=0.5, what="/readyz 200")
+        yield client
+
+
+def _registry(client: TestClient) -> Any:
+    return client.app.state.registry  # type: ignore[attr-defined]
+
+
+def _server(client: TestClient) -> VllmServer:
+    servers = _registry(client).vllm.servers()
+    assert len(servers) == 1
+    return servers[0]
+
+
+def _conch(client: TestClient, model: str, headers: dict[str, str], prompt: list[int] = PROMPT) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    response = client.post("/v1/completions", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-conch-model"] == model
+    return dict(response.json())
+
+
+def _direct(server: VllmServer, served: str, prompt: list[int] = PROMPT) -> str:
+    body = {"model": served, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["text"])
+
+
+@pytest.fixture
+def tenant_models(db: Any, vllm_models: tuple[Path, Path], vllm_client: TestClient) -> dict[str, str]:
+    _, finetune = vllm_models
+    make_model(db, FT, storage_path=finetune, tenant_id=TENANT, base_model=BASE)
+    db.commit()
+    return _key(TENANT)
+
+
+def test_base_and_adapter_answer_through_conch_as_vllm_answers_directly(
+    vllm_client: TestClient, tenant_models: dict[str, str]
+) -> None:
+    headers = tenant_models
+    server = _server(vllm_client)
+    base = _conch(vllm_client, BASE, headers)
+    tuned = _conch(vllm_client, FT, headers)
+    handle = _registry(vllm_client).loaded(FT)
+    assert isinstance(handle.engine, VllmEngine)
+    assert handle.engine.server is server  # the adapter runs on the base's server, no second process
+    assert handle.model.route == "vllm:lora"
+    assert base["choices"][0]["text"] == _direct(server, BASE)
+    assert tuned["choices"][0]["text"] == _direct(server, handle.engine.served_name)
+    assert tuned["choices"][0]["text"] != base["choices"][0]["text"]  # the adapter changes the answer
+    assert tuned["usage"]["completion_tokens"] >= 1
+    # Streaming goes through the same engine.
+    with vllm_client.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": FT, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stream": True},
+        headers=headers,
+    ) as stream:
+        assert stream.status_code == 200
+        lines = [line for line in stream.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    streamed = "".join(c["text"] for line in lines for c in json.loads(line[6:]).get("choices", []))
+    assert streamed == tuned["choices"][0]["text"]
+
+
+def test_another_tenant_cannot_reach_the_adapter(vllm_client: TestClient, tenant_models: dict[str, str]) -> None:
+    _conch(vllm_client, FT, tenant_models)  # loaded on the server now
+    other = _key(OTHER)
+    response = vllm_client.post("/v1/completions", json={"model": FT, "prompt": PROMPT, "max_tokens": 2}, headers=other)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    served = _registry(vllm_client).loaded(FT).engine.served_name
+    response = vllm_client.post("/v1/completions", json={"model": served, "prompt": PROMPT}, headers=other)
+    assert response.status_code == 404  # nor by the name it has inside vLLM
+
+
+def test_swap_to_the_adapter_under_load_fails_no_request(
+    db: Any, vllm_client: TestClient, tenant_models: dict[str, str]
+) -> None:
+    headers = tenant_models
+    _registry(vllm_client).set_default(TENANT, BASE)
+    stop = threading.Event()
+    answered: list[str] = []
+    failures: list[str] = []
+
+    def client_loop() -> None:
+        while not stop.is_set():
+            response = vllm_client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 4}, headers=headers)
+            if response.status_code == 200:
+                answered.append(response.headers["x-conch-model"])
+            else:
+                failures.append(f"{response.status_code} {response.text[:200]}")
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(answered) >= 8, what="answers from the base")
+        row = deploy(db, FT, tenant=TENANT)
+        assert wait_deployment(db, row, ACTIVE, FAILED, timeout=120).status == ACTIVE
+        seen = len(answered)
+        wait_until(lambda: answered[seen:].count(FT) >= 8, what="answers from the adapter")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert failures == []
+    assert answered[0] == BASE and answered[-1] == FT
+
+
+def test_a_killed_vllm_server_comes_back_with_its_adapters(
+    vllm_client: TestClient, tenant_models: dict[str, str]
+) -> None:
+    headers = tenant_models
+    before = _conch(vllm_client, FT, headers)["choices"][0]["text"]
+    server = _server(vllm_client)
+    restarts, pid = server.restarts, server.pid
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: server.restarts > restarts and server.healthy, timeout=300, what="vLLM restarted")
+    assert server.pid != pid
+    # The adapter is back on the new process (the registry of adapters survives it), same answer.
+    assert _conch(vllm_client, FT, headers)["choices"][0]["text"] == before
+    assert _conch(vllm_client, BASE, headers)["choices"][0]["text"] == _direct(server, BASE)
