@@ -608,6 +608,8 @@ class Registry:
             }
             for h in list(self._handles.values())
         ]
+        if self.vllm is not None:
+            detail["vllm"] = self.vllm.readiness()
         failed = list(self.failed_deployments)
         if failed:
             # Still ready (every tenant is answered, the failed ones by their previous model), but degraded.

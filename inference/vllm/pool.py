@@ -63,6 +63,14 @@ def adapter_base(adapter: Path) -> Path | None:
     return Path(named).expanduser().resolve() if named else None
 
 
+def _same_folder(named: Path | None, base: Path) -> bool:
+    """Whether the adapter was trained on ``base``: the same path, or (the worker's volume mounted elsewhere, so its
+    path does not exist here) the same folder name."""
+    if named is None:
+        return False
+    return named == base or (not named.exists() and named.name == base.name)
+
+
 def placement_for(source: ModelSource, settings: Settings) -> Placement:
     if source.owner is None:
         return Placement(source.name, source.folder, None)
@@ -70,7 +78,7 @@ def placement_for(source: ModelSource, settings: Settings) -> Placement:
     base = source.base_model
     if (adapter / ADAPTER_CONFIG).is_file() and base in settings.base_models and is_prepared(base, settings):
         base_folder = base_model_path(base, settings)
-        if adapter_base(adapter) == base_folder.resolve():
+        if _same_folder(adapter_base(adapter), base_folder.resolve()):
             return Placement(base, base_folder, adapter)
         log.info("vllm.merged_placement", extra={"model": source.name, "reason": "adapter trained on another model"})
     return Placement(source.name, source.folder, None)
@@ -152,10 +160,11 @@ class VllmPool:
         return [
             {
                 "model": s.name,
+                "url": s.url,
                 "pid": s.pid,
                 "healthy": s.healthy,
                 "restarts": s.restarts,
-                "adapters": sorted(s.adapters),
+                "adapters": len(s.adapters),
                 "problem": s.problem,
             }
             for s in self.servers()

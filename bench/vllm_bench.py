@@ -1,0 +1,165 @@
+"""INFERENCE_BACKEND=vllm benchmark: Conch in front of vLLM against the same vLLM server called directly, and a
+fine-tune served as a LoRA adapter against the base model on that server. Prints figures and ratios; asserts
+nothing.
+
+One Conch inference process (uvicorn, SQLite, no Redis) with INFERENCE_BACKEND=vllm serves the default model
+(SmolLM2-135M-Instruct) and a fine-tune of it: a random rank-8 PEFT adapter on q/k/v/o (its answers are not the
+point, its cost is). Conch starts the vLLM server itself; the bench reads the server's loopback address from the
+admin ``/readyz`` and sends the same requests there directly. Every request is ``/v1/completions`` with the same
+token ids, temperature 0 and ``--tokens`` new tokens (the figure is completion tokens per second of wall time,
+from each answer's usage). Needs .venv-vllm (scripts/vllm_env.sh).
+
+    python -m bench.vllm_bench                       # about 3-5 minutes on 2 cores
+    python -m bench.vllm_bench --clients 8 --requests 2 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.inference_bench import Server  # noqa: E402
+from bench.model_prep import MODEL_NAME, prepare_default_model  # noqa: E402
+
+FT_NAME = f"ft:{MODEL_NAME}:bench:ftjob-vllm"
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def make_finetune(base: Path, folder: Path, rank: int) -> Path:
+    """The base's files (linked) plus a random PEFT adapter trained "on" it, where the worker publishes one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True)
+    for path in base.iterdir():
+        if path.is_file():
+            (folder / path.name).symlink_to(path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(str(folder / "adapter"))
+    return folder
+
+
+def add_model_row(database_url: str, folder: Path) -> None:
+    from sqlalchemy.orm import Session
+
+    from core.db import make_engine
+    from core.orm import DEFAULT_TENANT, Base, ModelRecord
+
+    engine = make_engine(database_url)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(
+            ModelRecord(
+                id=FT_NAME,
+                tenant_id=DEFAULT_TENANT,
+                base_model=MODEL_NAME,
+                status="ready",
+                storage_path=str(folder),
+                created_at=datetime.now(UTC),
+            )
+        )
+        session.commit()
+
+
+def run_clients(url: str, model: str, ids: list[int], clients: int, requests: int, tokens: int) -> dict[str, float]:
+    body = {"model": model, "prompt": ids, "max_tokens": tokens, "temperature": 0}
+
+    def one_client() -> int:
+        done = 0
+        with httpx.Client(timeout=600) as client:
+            for _ in range(requests):
+                response = client.post(f"{url}/v1/completions", json=body)
+                response.raise_for_status()
+                done += int(response.json()["usage"]["completion_tokens"])
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        total = sum(pool.map(lambda _: one_client(), range(clients)))
+    wall = time.perf_counter() - started
+    return {"tokens": total, "seconds": wall, "tokens_per_second": total / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="8", help="concurrent clients, comma-separated (e.g. 8,32)")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    base = prepare_default_model()
+    data_dir = Path(tempfile.mkdtemp(prefix="conch-vllm-bench-"))
+    finetune = make_finetune(base, data_dir / "ft", args.rank)
+    database_url = f"sqlite:///{data_dir / 'conch.db'}"
+    add_model_row(database_url, finetune)
+    ids = list(AutoTokenizer.from_pretrained(str(base))(PROMPT)["input_ids"])
+    env: dict[str, str | None] = {
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": "",
+        "NAMESPACE": f"conch-vllm-bench-{uuid.uuid4().hex[:8]}",
+        "BROKER_URL": "",
+        "BASE_MODELS": json.dumps({MODEL_NAME: str(base)}),
+        "DEFAULT_BASE_MODEL": MODEL_NAME,
+        "INFERENCE_BACKEND": "vllm",
+        "VLLM_PYTHON": str(ROOT / ".venv-vllm" / "bin" / "python"),
+        "VLLM_DTYPE": args.dtype,
+        "VLLM_MAX_LORA_RANK": str(max(8, args.rank)),
+        "LOG_LEVEL": "WARNING",
+    }
+    server = Server("inference.app:create_app", env, data_dir / "conch.log", factory=True)
+    try:
+        ready_after = server.wait("/readyz", timeout=600)
+        vllm = httpx.get(f"{server.base}/readyz", timeout=10).json()["vllm"][0]
+        direct_url = vllm["url"]
+        print(f"conch+vllm ready after {ready_after:.1f} s; vLLM server {direct_url} (pid {vllm['pid']})", flush=True)
+        # Warm both paths, and load the adapter (its first request loads it on the server).
+        run_clients(server.base, MODEL_NAME, ids, 1, 1, 4)
+        run_clients(server.base, FT_NAME, ids, 1, 1, 4)
+        print(f"{'figure':52} {'tokens/s':>9} {'ratio':>7}")
+        for clients in [int(c) for c in args.clients.split(",")]:
+            direct = run_clients(direct_url, MODEL_NAME, ids, clients, args.requests, args.tokens)
+            conch = run_clients(server.base, MODEL_NAME, ids, clients, args.requests, args.tokens)
+            adapter = run_clients(server.base, FT_NAME, ids, clients, args.requests, args.tokens)
+            rows = [
+                (f"vLLM directly, base, {clients} clients", direct, None),
+                (f"through Conch, base, {clients} clients (vs direct)", conch, direct),
+                (f"through Conch, adapter, {clients} clients (vs base)", adapter, conch),
+            ]
+            for label, figure, baseline in rows:
+                ratio = f"{figure['tokens_per_second'] / baseline['tokens_per_second']:.2f}x" if baseline else ""
+                print(f"{label:52} {figure['tokens_per_second']:9.1f} {ratio:>7}", flush=True)
+        adapter_bytes = sum(p.stat().st_size for p in (finetune / "adapter").glob("*.safetensors"))
+        model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+        print(
+            f"memory per extra fine-tune: adapter {adapter_bytes / 2**20:.1f} MiB vs merged model "
+            f"{model_bytes / 2**20:.1f} MiB ({adapter_bytes / model_bytes:.3f}x)"
+        )
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
