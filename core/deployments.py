@@ -324,19 +324,19 @@ def heartbeat(session: Session, replica_id: str) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def abandoned_by_replica(session: Session, replica_id: str) -> list[uuid.UUID]:
-    """In-flight deployments this replica failed: each pass checks whether the others have given up too."""
-    return list(
-        session.scalars(
-            select(DeploymentReplica.deployment_id)
-            .join(Deployment, Deployment.id == DeploymentReplica.deployment_id)
-            .where(
-                DeploymentReplica.replica_id == replica_id,
-                DeploymentReplica.state == ReplicaState.FAILED,
-                Deployment.status.in_(IN_FLIGHT),
-            )
+def abandoned_by_replica(session: Session, replica_id: str) -> list[tuple[uuid.UUID, str | None]]:
+    """In-flight deployments this replica failed, with its reason: each pass checks whether the others have given
+    up too (or gone away)."""
+    rows = session.execute(
+        select(DeploymentReplica.deployment_id, DeploymentReplica.reason)
+        .join(Deployment, Deployment.id == DeploymentReplica.deployment_id)
+        .where(
+            DeploymentReplica.replica_id == replica_id,
+            DeploymentReplica.state == ReplicaState.FAILED,
+            Deployment.status.in_(IN_FLIGHT),
         )
-    )
+    ).all()
+    return [(deployment_id, reason) for deployment_id, reason in rows]
 
 
 def _elapsed(moment: datetime, now: datetime) -> float:

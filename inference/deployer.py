@@ -104,9 +104,9 @@ class Deployer:
         with session_scope() as session:
             abandoned = store.abandoned_by_replica(session, self.replica_id)
             now = store.db_now(session)
-            for deployment_id in abandoned:
+            for deployment_id, reason in abandoned:
                 if store.settle_failed(
-                    session, deployment_id, None, now=now, stale_seconds=self.settings.replica_stale_seconds
+                    session, deployment_id, reason, now=now, stale_seconds=self.settings.replica_stale_seconds
                 ):
                     log.error("deployment.failed", extra={"deployment_id": str(deployment_id)})
 

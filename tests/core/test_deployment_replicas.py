@@ -11,13 +11,17 @@ from sqlalchemy.orm import Session
 from core.contracts import DeploymentStatus
 from core.db import session_scope
 from core.deployments import (
+    abandoned_by_replica,
     activate_for_replica,
     claim_for_replica,
     coalesce_pending,
     fail_for_replica,
     fair_queue,
+    heartbeat,
     replica_view,
+    settle_failed,
 )
+from core.jobs import db_now
 from core.orm import Deployment, DeploymentReplica, utcnow
 from tests.factories import fresh, make_deployment
 
@@ -101,6 +105,24 @@ def test_a_replica_that_stopped_beating_holds_nothing_open(clean_db: None, db: S
         )
     assert _fail(row, "alive") is True
     assert fresh(db, row).status == DeploymentStatus.FAILED
+
+
+def test_when_the_last_loader_dies_the_survivors_next_pass_fails_it(clean_db: None, db: Session) -> None:
+    row = _pending(db)
+    _claim(row, "a")
+    _claim(row, "b")
+    assert _fail(row, "a", "no room") is False  # b still loads it
+    with session_scope() as session:
+        assert heartbeat(session, "a") == 1
+        session.execute(  # b's process dies mid-load: its heartbeat stops
+            update(DeploymentReplica)
+            .where(DeploymentReplica.replica_id == "b")
+            .values(heartbeat_at=utcnow() - timedelta(seconds=STALE * 3))
+        )
+    with session_scope() as session:
+        ((deployment_id, reason),) = abandoned_by_replica(session, "a")
+        assert settle_failed(session, deployment_id, reason, now=db_now(session), stale_seconds=STALE) is True
+    assert fresh(db, row).status == DeploymentStatus.FAILED and fresh(db, row).reason == "no room"
 
 
 def test_an_older_deployment_finishing_late_never_replaces_a_newer_active_one(clean_db: None, db: Session) -> None:

@@ -116,9 +116,10 @@ def test_a_deployment_of_an_unknown_or_foreign_model_fails(db, finetuned) -> Non
     make_model(db, FT_ONE, storage_path=finetuned, tenant_id="someone-else")
     db.commit()
     with app_client() as client:
+        # One after the other: a newer request of the same tenant would supersede a pending one unloaded.
         unknown = deploy(db, "ft:tiny-llama:ghost:ftjob-none")
-        foreign = deploy(db, FT_ONE)  # the default tenant may not deploy another tenant's model
         assert wait_deployment(db, unknown, ACTIVE, FAILED).status == FAILED
+        foreign = deploy(db, FT_ONE)  # the default tenant may not deploy another tenant's model
         assert wait_deployment(db, foreign, ACTIVE, FAILED).status == FAILED
         assert _served(client) == "tiny-llama"
 
