@@ -115,9 +115,10 @@ def loss_curve_png(rows: list[dict[str, float | int | None]], title: str) -> byt
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for column, label, style in (("train_loss", "train loss", "-"), ("valid_loss", "validation loss", "o--")):
-        points = [(row["step"], row[column]) for row in rows if row[column] is not None]
-        if points:
-            axes.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+        steps = [float(row["step"] or 0) for row in rows if row[column] is not None]
+        values = [float(row[column] or 0.0) for row in rows if row[column] is not None]
+        if steps:
+            axes.plot(steps, values, style, label=label)
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(title, fontsize=9)
