@@ -169,7 +169,13 @@ def data_fingerprint(examples: Sequence[Example], plan: StepPlan, seed: int) -> 
 
 
 class LossFunction:
-    """Summed next-token cross entropy over trained positions (the caller divides by the step's targets)."""
+    """Summed next-token cross entropy over trained positions (the caller divides by the step's targets).
+
+    Each call also counts the trained positions whose most likely token is the target (``correct``), for the
+    token accuracy the result files report: one argmax over logits already computed.
+    """
+
+    correct: int = 0
 
     def __init__(self, model: Any, compute: Compute) -> None:
         self.model = model
@@ -209,7 +215,9 @@ class LossFunction:
             with self._autocast():
                 # Only trained positions go through the vocabulary projection.
                 logits = self.head(out[selected])
+            self.correct = int((logits.detach().argmax(-1) == batch.targets[selected]).sum())
             return F.cross_entropy(logits.float(), batch.targets[selected], reduction="sum")
+        self.correct = int((out.detach().argmax(-1) == batch.targets).sum())  # IGNORE is never a token id
         return F.cross_entropy(out.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
@@ -314,6 +322,7 @@ class LoraTrainer:
             data_fingerprint=data_fingerprint(train, self.plan, seed),
         )
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self.eval_token_accuracy = 0.0  # of the latest evaluation
         self._last_saved_step: int | None = None
 
     # ---------------------------------------------------------------------------------------- state
@@ -392,12 +401,13 @@ class LoraTrainer:
         batches = self.micro_batches(self.state.step)
         targets = sum(b.target_count for b in batches)
         tokens = sum(b.tokens for b in batches)
-        loss_sum = 0.0
+        loss_sum, correct = 0.0, 0
         self.model.train()
         for batch in batches:
             self._check_stop()
             loss = self.loss_fn(batch.to(self.compute.device))
             loss_sum += float(loss.detach())
+            correct += self.loss_fn.correct
             # Normalised by the whole step's targets, so accumulation equals one big batch.
             self.scaler.scale(loss / max(targets, 1)).backward()
         self.scaler.unscale_(self.optimizer)
@@ -414,6 +424,7 @@ class LoraTrainer:
         self.state.epoch_targets += targets
         return {
             "loss_sum": loss_sum,
+            "correct": correct,
             "targets": targets,
             "tokens": tokens,
             "grad_norm": grad_norm,
@@ -446,25 +457,27 @@ class LoraTrainer:
             return None
         self.model.eval()
         order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i]))
-        total, count = 0.0, 0
+        total, count, correct = 0.0, 0, 0
         size = self.plan.batch_size
         for start in range(0, len(order), size):
             batch = self._collate([self.eval_examples[i] for i in order[start : start + size]])
             total += float(self.loss_fn(batch.to(self.compute.device)))
+            correct += self.loss_fn.correct
             count += batch.target_count
         self.model.train()
+        self.eval_token_accuracy = correct / max(count, 1)
         return total / max(count, 1)
 
     def run(self) -> TrainResult:
         plan = self.plan
         started = self.clock()
-        window = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "started": started}
+        window = {"loss_sum": 0.0, "correct": 0, "targets": 0, "tokens": 0, "started": started}
         start_step, start_tokens = self.state.step, self.state.tokens_seen
         while self.state.step < plan.total_steps:
             self._check_stop()
             figures = self.train_step()
             step = self.state.step
-            for key in ("loss_sum", "targets", "tokens"):
+            for key in ("loss_sum", "correct", "targets", "tokens"):
                 window[key] += figures[key]
             epoch_end = step % plan.steps_per_epoch == 0 or step == plan.total_steps
             if step % self.hp.logging_steps == 0 or step == plan.total_steps:
@@ -477,6 +490,7 @@ class LoraTrainer:
                         "total_steps": plan.total_steps,
                         "epoch": self.epoch_at(step),
                         "loss": round(float(window["loss_sum"]) / max(int(window["targets"]), 1), 6),
+                        "token_accuracy": round(int(window["correct"]) / max(int(window["targets"]), 1), 6),
                         "learning_rate": figures["learning_rate"],
                         "grad_norm": round(figures["grad_norm"], 6),
                         "tokens_per_second": round(int(window["tokens"]) / elapsed, 2),
@@ -484,7 +498,7 @@ class LoraTrainer:
                         "trained_tokens": self.state.tokens_seen,
                     }
                 )
-                window = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "started": now}
+                window = {"loss_sum": 0.0, "correct": 0, "targets": 0, "tokens": 0, "started": now}
             if epoch_end:
                 self._end_epoch(step)
             if self.hp.save_steps and step % self.hp.save_steps == 0 and step != plan.total_steps:
@@ -508,7 +522,12 @@ class LoraTrainer:
         eval_loss = self.evaluate()
         if eval_loss is not None:
             self.state.eval_loss = eval_loss
-            record = {"step": step, "epoch": self.epoch_at(step), "eval_loss": round(eval_loss, 6)}
+            record = {
+                "step": step,
+                "epoch": self.epoch_at(step),
+                "eval_loss": round(eval_loss, 6),
+                "eval_token_accuracy": round(self.eval_token_accuracy, 6),
+            }
             self.state.history.append(record)
             self.hooks.on_eval({**record, "total_steps": self.plan.total_steps})
 
