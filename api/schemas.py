@@ -155,7 +155,12 @@ class MethodIn(RequestModel):
 
 
 class JobCreate(RequestModel):
-    model: str = Field(min_length=1, max_length=255, description="a configured base model id")
+    model: str = Field(
+        min_length=1,
+        max_length=255,
+        description="a configured base model id, or a fine-tuned model (ft:...) or checkpoint (ft:...:ckpt-step-N) "
+        "of this organization to continue training from",
+    )
     training_file: str = Field(min_length=1, max_length=128)
     validation_file: str | None = Field(None, min_length=1, max_length=128)
     suffix: str | None = Field(None, description="up to 64 characters of letters, digits, '_' and '-'")
