@@ -127,8 +127,9 @@ class HyperparametersIn(RequestModel):
         None, description="recompute each layer's activations in the backward pass: less memory, slower steps"
     )
     num_devices: int | None = Field(
-        None, description="training processes (GPUs) for the job, at most TRAINING_DEVICES_MAX; each takes "
-        "per_device_train_batch_size examples per micro-batch"
+        None,
+        description="training processes (GPUs) for the job, at most TRAINING_DEVICES_MAX; each takes "
+        "per_device_train_batch_size examples per micro-batch",
     )
 
 

@@ -97,13 +97,20 @@ def run_job(public_id: str, settings: Settings) -> str:
 
 def _run_claimed(spec: JobSpec, control: JobControl, sessions: SessionFactory, settings: Settings) -> str:
     # The heavy imports happen here, after the claim: only a worker that really trains pays for them.
+    from worker.launch import requested_devices, run_ranks
     from worker.pipeline.errors import PipelineError, TrainingStopped
-    from worker.pipeline.progress import JobReporter
-    from worker.pipeline.recipe import run_pipeline
 
-    reporter = JobReporter(control, sessions, model_id=fine_tuned_model_id(spec.model, spec.suffix, spec.public_id))
     try:
-        run_pipeline(spec, reporter, sessions, settings)
+        devices = requested_devices(spec, settings)
+        if devices > 1:
+            # The ranks train (rank 0 reports and publishes); this process keeps the lease and ends the job.
+            run_ranks(spec, control, settings, devices)
+            return "succeeded"
+        from worker.pipeline.progress import JobReporter
+        from worker.pipeline.recipe import run_pipeline
+
+        model_id = fine_tuned_model_id(spec.model, spec.suffix, spec.public_id)
+        run_pipeline(spec, JobReporter(control, sessions, model_id=model_id), sessions, settings)
         return "succeeded"
     except TrainingStopped as stop:
         control.finishing.set()
@@ -128,13 +135,19 @@ def _run_claimed(spec: JobSpec, control: JobControl, sessions: SessionFactory, s
 def _internal_error(exc: BaseException) -> dict[str, object]:
     import torch
 
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+    from worker.launch import RanksCrashed
+
+    kind = type(exc).__name__
+    out_of_memory = isinstance(exc, torch.OutOfMemoryError | MemoryError)
+    if isinstance(exc, RanksCrashed):  # one of the job's training processes crashed; the worker log has it
+        kind, out_of_memory = exc.kind, exc.out_of_memory
+    if out_of_memory:
         return {
             "code": "out_of_memory",
             "message": "Training ran out of memory; lower per_device_train_batch_size or cutoff_len.",
             "param": None,
         }
-    return {"code": "internal_error", "message": INTERNAL_ERROR_MESSAGE.format(kind=type(exc).__name__), "param": None}
+    return {"code": "internal_error", "message": INTERNAL_ERROR_MESSAGE.format(kind=kind), "param": None}
 
 
 def _fail(spec: JobSpec, control: JobControl, sessions: SessionFactory, error: dict[str, object]) -> str:
@@ -179,7 +192,7 @@ def _release(
     if not transact(sessions, requeue, what="job.release"):
         return "lease_lost"
     try:
-        enqueue_fine_tune(spec.public_id, settings)
+        enqueue_fine_tune(spec.public_id, settings, spec.device_class)
     except Exception as exc:  # the reconciler enqueues queued jobs whose message was lost
         log.warning("job.requeue_failed", extra={"job_id": spec.public_id, "error": str(exc)[:200]})
     log.info("job.released", extra={"job_id": spec.public_id, "checkpoint_step": checkpoint_step})

@@ -10,7 +10,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -20,7 +20,6 @@ from core.db import SessionFactory
 from core.jobs import LeaseLost, add_event, update_owned
 from core.orm import Checkpoint
 from worker.db import transact
-from worker.heartbeat import JobControl
 from worker.pipeline.checkpoints import is_complete, remove_checkpoint
 from worker.pipeline.errors import StopReason, TrainingStopped
 
@@ -31,12 +30,37 @@ T = TypeVar("T")
 KEEP_CHECKPOINTS = 3
 
 
+class Flag(Protocol):
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+class JobFlags(Protocol):
+    """What the reporter needs of the job's holder: ``worker.heartbeat.JobControl`` in the worker process, its
+    relay (``worker.pipeline.distributed.RelayedControl``) in rank 0 of a job on several devices."""
+
+    @property
+    def job_id(self) -> uuid.UUID: ...
+
+    @property
+    def owner(self) -> str: ...
+
+    @property
+    def lease_lost(self) -> Flag: ...
+
+    @property
+    def finishing(self) -> Flag: ...
+
+    def stop_reason(self) -> str | None: ...
+
+
 class JobReporter:
     """Implements the training loop's hooks for a job in the database."""
 
     def __init__(
         self,
-        control: JobControl,
+        control: JobFlags,
         session_factory: SessionFactory,
         *,
         model_id: str,

@@ -14,6 +14,7 @@ padding but measured a worse final loss.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -39,6 +40,7 @@ from worker.pipeline.data import (
     steps_per_epoch,
 )
 from worker.pipeline.device import Compute
+from worker.pipeline.distributed import Distribution, stand_in
 from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
 
 log = logging.getLogger("conch.worker.train")
@@ -70,10 +72,11 @@ class StepPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    devices: int = 1  # processes sharing each step; a step takes batch_size x accumulation x devices examples
 
     @classmethod
-    def build(cls, examples: int, hp: Hyperparameters) -> StepPlan:
-        per_epoch = steps_per_epoch(examples, hp.per_device_train_batch_size, hp.gradient_accumulation_steps)
+    def build(cls, examples: int, hp: Hyperparameters, devices: int = 1) -> StepPlan:
+        per_epoch = steps_per_epoch(examples, hp.per_device_train_batch_size * devices, hp.gradient_accumulation_steps)
         total = max(1, math.ceil(hp.num_train_epochs * per_epoch))
         return cls(
             examples=examples,
@@ -83,10 +86,13 @@ class StepPlan:
             steps_per_epoch=per_epoch,
             total_steps=total,
             warmup_steps=math.ceil(hp.warmup_ratio * total),
+            devices=devices,
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        # num_devices only when above 1, so one-process checkpoints written before it existed still resume
+        # (the plan is part of a checkpoint's data fingerprint).
+        return ({"num_devices": self.devices} if self.devices > 1 else {}) | {
             "examples": self.examples,
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.accumulation,
@@ -108,12 +114,35 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def load_base_model(base_path: Path, compute: Compute) -> Any:
+def load_base_model(
+    base_path: Path, compute: Compute, *, quantization: str = "none", gradient_checkpointing: bool = False
+) -> Any:
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {}
+    if quantization == "4bit":  # QLoRA: NF4 weights with double-quantized constants (device.check_quantization)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute.autocast_dtype or torch.float32,
+        )
+        kwargs["device_map"] = {"": compute.device}  # quantized weights are placed while loading, not moved later
     model = AutoModelForCausalLM.from_pretrained(
-        str(base_path), dtype=compute.frozen_dtype, use_safetensors=True, trust_remote_code=False
+        str(base_path), dtype=compute.frozen_dtype, use_safetensors=True, trust_remote_code=False, **kwargs
     )
+    # Non-reentrant checkpointing needs no gradient on the inputs, so the frozen embeddings stay frozen.
+    checkpointing = {"use_reentrant": False}
+    if quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     return model.to(compute.device)  # type: ignore[arg-type]
 
 
@@ -284,6 +313,7 @@ class LoraTrainer:
         group_by_length: bool = False,
         packing: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        distribution: Distribution | None = None,
     ) -> None:
         from transformers import get_scheduler
 
@@ -298,7 +328,9 @@ class LoraTrainer:
         self.hooks = hooks
         self.group_by_length = group_by_length
         self.clock = clock
-        self.plan = StepPlan.build(len(train), hp)
+        # One of several processes (worker.pipeline.distributed): this one trains its share of every step.
+        self.distribution = distribution
+        self.plan = StepPlan.build(len(train), hp, distribution.world_size if distribution else 1)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # weight_decay 0 as in LLaMA-Factory's LoRA recipes; fused kernels are CUDA-only for AdamW.
         self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=0.0)
@@ -310,6 +342,11 @@ class LoraTrainer:
         )
         self.scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.precision == "fp16")
         self.loss_fn = LossFunction(model, compute)
+        self.step_optimizer: Any = self.optimizer
+        self.step_loss: Callable[[Batch], torch.Tensor] = self.loss_fn
+        if distribution is not None:
+            module, self.step_optimizer = distribution.prepare(self.loss_fn, self.optimizer)
+            self.step_loss = lambda b: module(b.input_ids, b.attention_mask, b.position_ids, b.targets)
         # Packed rows carry no padding; they are used where the model keeps packed examples apart.
         self.attention_ratio = (
             attention_ratio(self.loss_fn.config, compute.device.type)
@@ -338,14 +375,15 @@ class LoraTrainer:
                 "the job's last checkpoint was trained on different data or settings; it cannot be resumed",
             )
         state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.scaler)
+        if self.distribution is not None:
+            self.distribution.load_rank_part(folder, self.optimizer)
         self.state = state
         self._last_saved_step = state.step
         log.info("train.resumed", extra={"step": state.step, "checkpoint": str(folder)})
 
     def save(self) -> Path:
-        folder = save_checkpoint(
-            self.checkpoint_root, self.model, self.optimizer, self.scheduler, self.state, self.scaler
-        )
+        write = self.distribution.save_checkpoint if self.distribution else save_checkpoint
+        folder = write(self.checkpoint_root, self.model, self.optimizer, self.scheduler, self.state, self.scaler)
         self._last_saved_step = self.state.step
         self.hooks.on_checkpoint(self.state.step, folder, self._checkpoint_metrics())
         return folder
@@ -368,7 +406,11 @@ class LoraTrainer:
     def _batches(self, epoch: int) -> list[list[int]]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             batches = epoch_batches(
-                self.lengths, self.plan.batch_size, self.seed, epoch, group_by_length=self.group_by_length
+                self.lengths,
+                self.plan.batch_size * self.plan.devices,
+                self.seed,
+                epoch,
+                group_by_length=self.group_by_length,
             )
             self._epoch_cache = (epoch, batches)
         return self._epoch_cache[1]
@@ -376,7 +418,17 @@ class LoraTrainer:
     def micro_batches(self, step: int) -> list[Batch]:
         epoch, index = divmod(step, self.plan.steps_per_epoch)
         chosen = self._batches(epoch)[index * self.plan.accumulation : (index + 1) * self.plan.accumulation]
-        return [self._collate([self.train_examples[i] for i in ids]) for ids in chosen]
+        return [self._share(ids) for ids in chosen]
+
+    def _share(self, ids: list[int]) -> Batch:
+        """This process's part of one micro-batch: all of it, or with several processes every n-th example
+        (together they take exactly what one process would, so the step's gradient is the same)."""
+        if self.distribution is None:
+            return self._collate([self.train_examples[i] for i in ids])
+        mine = ids[self.distribution.rank :: self.distribution.world_size]
+        if not mine:
+            return stand_in(self._collate([self.train_examples[ids[0]]]))
+        return self._collate([self.train_examples[i] for i in mine])
 
     def _collate(self, examples: list[Example]) -> Batch:
         return collate(examples, self.pad_id, attention_ratio=self.attention_ratio)
@@ -401,23 +453,39 @@ class LoraTrainer:
         batches = self.micro_batches(self.state.step)
         targets = sum(b.target_count for b in batches)
         tokens = sum(b.tokens for b in batches)
+        dist = self.distribution
+        if dist is not None:  # the whole step's counts, over every process's share
+            targets, tokens = (int(v) for v in dist.sum(targets, tokens))
+        # Distributed gradients are averaged over the processes; x world size makes them the sum again.
+        scale = (dist.world_size if dist else 1) / max(targets, 1)
         loss_sum, correct = 0.0, 0
         self.model.train()
-        for batch in batches:
+        for index, batch in enumerate(batches):
             self._check_stop()
-            loss = self.loss_fn(batch.to(self.compute.device))
-            loss_sum += float(loss.detach())
-            correct += self.loss_fn.correct
-            # Normalised by the whole step's targets, so accumulation equals one big batch.
-            self.scaler.scale(loss / max(targets, 1)).backward()
-        self.scaler.unscale_(self.optimizer)
+            with dist.no_sync(index == len(batches) - 1) if dist else contextlib.nullcontext():
+                loss = self.step_loss(batch.to(self.compute.device))
+                loss_sum += float(loss.detach())
+                correct += self.loss_fn.correct
+                # Normalised by the whole step's targets, so accumulation equals one big batch.
+                scaled = self.scaler.scale(loss * scale)
+                if dist is not None:
+                    dist.backward(scaled)
+                else:
+                    scaled.backward()
+        if dist is not None:
+            loss_sum, summed_correct = dist.sum(loss_sum, correct)
+            correct = int(summed_correct)
+        self.scaler.unscale_(self.step_optimizer)
         limit = self.hp.max_grad_norm if self.hp.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        if dist is not None:
+            grad_norm = dist.clip_grad_norm(self.params, limit)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
         learning_rate = float(self.scheduler.get_last_lr()[0])
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.step_optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step_optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens_seen += tokens
         self.state.epoch_loss_sum += loss_sum
@@ -449,7 +517,8 @@ class LoraTrainer:
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - started
         self.optimizer.zero_grad(set_to_none=True)
-        return batch.tokens / max(seconds, 1e-9)
+        # With several processes each one passes its share at the same time.
+        return batch.tokens * self.plan.devices / max(seconds, 1e-9)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -459,11 +528,17 @@ class LoraTrainer:
         order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i]))
         total, count, correct = 0.0, 0, 0
         size = self.plan.batch_size
-        for start in range(0, len(order), size):
+        starts = range(0, len(order), size)
+        if self.distribution is not None:  # every process evaluates every n-th batch
+            starts = starts[self.distribution.rank :: self.distribution.world_size]
+        for start in starts:
             batch = self._collate([self.eval_examples[i] for i in order[start : start + size]])
             total += float(self.loss_fn(batch.to(self.compute.device)))
             correct += self.loss_fn.correct
             count += batch.target_count
+        if self.distribution is not None:
+            total, summed_count, summed_correct = self.distribution.sum(total, count, correct)
+            count, correct = int(summed_count), int(summed_correct)
         self.model.train()
         self.eval_token_accuracy = correct / max(count, 1)
         return total / max(count, 1)
@@ -544,6 +619,7 @@ class LoraTrainer:
             "tokens_per_second": round(tokens / runtime, 2) if runtime > 0 and tokens else None,
             "resumed_from_step": start_step or None,
             "compute": self.compute.describe(),
+            "num_devices": self.plan.devices if self.plan.devices > 1 else None,
         }
         if self.state.eval_loss is not None:
             metrics["eval_loss"] = self.state.eval_loss

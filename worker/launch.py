@@ -1,0 +1,242 @@
+"""A job on several devices (``num_devices`` > 1): the worker launches the training ranks with accelerate's
+launcher and stays the process that holds the job.
+
+The worker process keeps what it does for a one-process job: the claim, the lease and its heartbeat, and the
+job's final state. The ranks (``worker.pipeline.distributed``) train; rank 0 also writes events, progress and
+checkpoint rows under this worker's lease, then merges and publishes. The two sides share a small control folder
+in the job's directory:
+
+- ``stop``: the worker writes the reason to stop (cancel, shutdown, lease_lost) as soon as its heartbeat or a
+  signal sets it; rank 0 reads it before every micro-batch and all ranks agree on it (``Distribution``).
+- ``finishing``: rank 0 touches it just before publishing, so the heartbeat reads the job's end as that write
+  rather than as a takeover.
+- ``outcome-rank<N>.json``: how each rank ended; the worker turns rank 0's into the job's outcome.
+
+Nothing here imports torch: launching is a subprocess (``accelerate launch``, torchrun underneath: gloo on CPU,
+nccl on GPUs; FSDP, DeepSpeed ZeRO or several machines from TRAINING_ACCELERATE_CONFIG). The launcher dies with
+the worker (parent-death signal) and each rank dies with the launcher, so a killed worker leaves no rank behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.contracts import Hyperparameters
+from core.settings import Settings
+from core.storage import job_dir
+from worker.heartbeat import JobControl
+from worker.pipeline.errors import PipelineError, TrainingStopped
+from worker.spec import JobSpec
+
+log = logging.getLogger("conch.worker.launch")
+
+RANK_MODULE = "worker.pipeline.distributed"
+STOP_FILE = "stop"
+FINISHING_FILE = "finishing"
+STOP_REASONS = ("shutdown", "cancel", "lease_lost")  # least to most binding
+POLL_SECONDS = 0.1
+# A cancelled or lost job's ranks stop at their next micro-batch; ranks that have not ended this long after being
+# told are stopped by force. A shutdown is left to finish its checkpoint.
+FORCED_STOP_AFTER_SECONDS = 120.0
+_PR_SET_PDEATHSIG = 1
+
+
+class RanksCrashed(Exception):
+    """The ranks ended without a usable outcome (a crash in one of them, or the launcher itself failed)."""
+
+    def __init__(self, kind: str, *, out_of_memory: bool = False) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.out_of_memory = out_of_memory
+
+
+def outcome_file(folder: Path, rank: int) -> Path:
+    return folder / f"outcome-rank{rank}.json"
+
+
+def control_folder(spec: JobSpec, settings: Settings) -> Path:
+    return job_dir(spec.job_id, settings) / "ranks"
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent ends (no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def requested_devices(spec: JobSpec, settings: Settings) -> int:
+    """How many training processes the job runs on; PipelineError (naming num_devices) when this worker
+    cannot give them."""
+    try:
+        hp = Hyperparameters.model_validate(spec.hyperparameters)
+    except ValidationError:
+        return 1  # the pipeline reports bad knobs, naming the field
+    devices = hp.num_devices or settings.training_devices_default
+    if devices <= 1:
+        return 1
+    if devices > settings.training_devices_max:
+        raise PipelineError(
+            "too_many_devices",
+            f"num_devices: {devices} devices asked for, above this server's limit of "
+            f"{settings.training_devices_max} (TRAINING_DEVICES_MAX)",
+            "num_devices",
+        )
+    if settings.training_accelerate_config:
+        return devices  # the config file describes the machines; accelerate checks them
+    gpus = visible_gpus()
+    if gpus == 0 and not settings.training_cpu_processes:
+        raise PipelineError(
+            "devices_unavailable",
+            f"num_devices: the job asks for {devices} devices and this worker has no GPU; send num_devices=1 "
+            "(or allow CPU processes with TRAINING_CPU_PROCESSES)",
+            "num_devices",
+        )
+    if 0 < gpus < devices:
+        raise PipelineError(
+            "devices_unavailable",
+            f"num_devices: the job asks for {devices} devices and this worker has {gpus} GPUs",
+            "num_devices",
+        )
+    return devices
+
+
+def visible_gpus() -> int:
+    import torch  # only a worker that claimed a multi-device job pays for the import
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def launcher_argv(devices: int, settings: Settings) -> list[str]:
+    """``accelerate launch`` for ``devices`` processes: a config file when set, else DDP on this host."""
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(devices)]
+    if settings.training_accelerate_config:
+        argv += ["--config_file", settings.training_accelerate_config]
+    else:
+        # Port 0: a free port, so several jobs (or test runs) on one host do not collide.
+        argv += ["--multi_gpu", "--num_machines", "1", "--main_process_port", "0"]
+    # Precision is the job's compute_type, applied by the training loop itself.
+    return [*argv, "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def rank_environment(devices: int) -> dict[str, str]:
+    """The host's cores shared out among the ranks (torchrun would give each one thread)."""
+    threads = max(1, (os.cpu_count() or 1) // devices)
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_ranks(spec: JobSpec, control: JobControl, settings: Settings, devices: int) -> None:
+    """Train (and, on rank 0, publish) the job on ``devices`` processes; returns on success and raises what the
+    one-process pipeline raises otherwise (TrainingStopped, PipelineError), or RanksCrashed."""
+    folder = control_folder(spec, settings)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    argv = [
+        *launcher_argv(devices, settings),
+        "-m",
+        RANK_MODULE,
+        spec.public_id,
+        "--owner",
+        control.owner,
+        "--control",
+        str(folder),
+    ]
+    process = subprocess.Popen(
+        argv,
+        env=rank_environment(devices),
+        start_new_session=True,  # signals meant for the worker's group (a terminal's ^C) go through the worker
+        preexec_fn=die_with_parent,  # one system call in the child, no locks taken
+    )
+    log.info("job.ranks_started", extra={"job_id": spec.public_id, "devices": devices, "pid": process.pid})
+    try:
+        _supervise(process, control, folder)
+        exit_status = process.returncode
+        outcomes = _read_outcomes(folder)
+    finally:
+        _end_launcher(process)
+        shutil.rmtree(folder, ignore_errors=True)
+    log.info("job.ranks_ended", extra={"job_id": spec.public_id, "exit_status": exit_status, "outcomes": outcomes})
+    _raise_outcome(outcomes, exit_status, control)
+
+
+def _supervise(process: subprocess.Popen[bytes], control: JobControl, folder: Path) -> None:
+    """Relay the stop flags to the ranks and the finishing flag back, until the launcher ends."""
+    written: str | None = None
+    told_at: float | None = None
+    while process.poll() is None:
+        reason = control.stop_reason()
+        if reason is not None and reason != written:
+            _write_text(folder / STOP_FILE, reason)
+            written = reason
+            told_at = told_at or time.monotonic()
+        if not control.finishing.is_set() and (folder / FINISHING_FILE).exists():
+            control.finishing.set()
+        if told_at is not None and written != "shutdown" and time.monotonic() - told_at > FORCED_STOP_AFTER_SECONDS:
+            log.warning("job.ranks_forced_stop", extra={"job_id": control.job_id.hex, "reason": written})
+            return
+        time.sleep(POLL_SECONDS)
+    if (folder / FINISHING_FILE).exists():
+        control.finishing.set()
+
+
+def _end_launcher(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    """The launcher stops its ranks on SIGTERM; SIGKILL after ``grace`` (each rank then dies with it)."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait(10)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # a reader sees the whole word or nothing
+
+
+def _read_outcomes(folder: Path) -> dict[int, dict[str, Any]]:
+    outcomes: dict[int, dict[str, Any]] = {}
+    for path in folder.glob("outcome-rank*.json"):
+        rank = path.stem.removeprefix("outcome-rank")
+        with contextlib.suppress(OSError, ValueError):
+            outcomes[int(rank)] = json.loads(path.read_text())
+    return outcomes
+
+
+def _raise_outcome(outcomes: dict[int, dict[str, Any]], exit_status: int | None, control: JobControl) -> None:
+    main = outcomes.get(0)
+    if main is not None:
+        if main.get("outcome") == "succeeded":
+            return
+        if main.get("outcome") == "stopped":
+            raise TrainingStopped(main.get("reason", "lease_lost"), main.get("checkpoint_step"))
+    # Rank 0 failed, crashed or was stopped by force: the first rank that says why speaks for the job.
+    for rank in sorted(outcomes):
+        outcome = outcomes[rank]
+        if outcome.get("outcome") == "failed":
+            error = outcome.get("error") or {}
+            raise PipelineError(str(error.get("code")), str(error.get("message")), error.get("param"))
+        if outcome.get("outcome") == "crashed":
+            raise RanksCrashed(str(outcome.get("kind")), out_of_memory=bool(outcome.get("out_of_memory")))
+    reason = control.stop_reason()
+    if reason is not None:
+        raise TrainingStopped(reason)  # type: ignore[arg-type]
+    raise RanksCrashed(f"training processes ended with exit status {exit_status}")

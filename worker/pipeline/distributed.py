@@ -1,0 +1,371 @@
+"""One rank of a job trained on several devices, launched by ``worker.launch`` through accelerate's launcher:
+
+    python -m worker.pipeline.distributed <job id> --owner <the worker's lease owner> --control <folder>
+
+Every rank runs the recipe up to the end of training, on its share of each step's batch: the step's examples are
+the ones a single process would take for the same effective batch, dealt out round-robin, and each rank's loss is
+normalised by the whole step's trained tokens, so the averaged gradients are the one-process gradient. accelerate
+provides the process group (gloo on CPU, nccl on GPUs) and wraps the model (DDP; FSDP or DeepSpeed from an
+accelerate config). Rank 0 alone talks to the job: events, progress and checkpoint rows under the worker's lease,
+then merge and publish once the other ranks have left. Stopping is agreed: rank 0 reads the flag the worker
+relays and a small all-reduce before every micro-batch tells every rank, so all stop at the same point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from core.jobs import LeaseLost
+from core.storage import remove_stale_temporaries, temporary_sibling
+from worker.launch import FINISHING_FILE, STOP_FILE, STOP_REASONS, die_with_parent, outcome_file
+from worker.pipeline.checkpoints import STATE_FILE, LoopState, checkpoint_name
+from worker.pipeline.data import IGNORE, Batch
+from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
+from worker.pipeline.progress import JobReporter
+
+log = logging.getLogger("conch.worker.distributed")
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------------------ control
+
+
+class _FileFlag:
+    """A flag shared with the worker process through a file (``threading.Event``'s two methods)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+    def set(self) -> None:
+        self.path.touch()
+
+
+class _LeaseLostFlag:
+    def __init__(self, control: RelayedControl) -> None:
+        self.control = control
+
+    def is_set(self) -> bool:
+        return self.control.stop_reason() == "lease_lost"
+
+    def set(self) -> None:  # only the worker's heartbeat learns that the lease is gone
+        pass
+
+
+class RelayedControl:
+    """The job's flags as rank 0 sees them: written by the worker process that holds the lease."""
+
+    def __init__(self, job_id: uuid.UUID, owner: str, folder: Path) -> None:
+        self.job_id = job_id
+        self.owner = owner
+        self.folder = folder
+        self.lease_lost = _LeaseLostFlag(self)
+        self.finishing = _FileFlag(folder / FINISHING_FILE)
+
+    def stop_reason(self) -> str | None:
+        try:
+            reason = (self.folder / STOP_FILE).read_text().strip()
+        except OSError:
+            return None
+        return reason if reason in STOP_REASONS else None
+
+
+# ------------------------------------------------------------------------------------------------ ranks
+
+
+class Distribution:
+    """This process's place among the job's ranks, and the few collective operations the loop needs."""
+
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+        self.rank = int(accelerator.process_index)
+        self.world_size = int(accelerator.num_processes)
+        self.is_main = bool(accelerator.is_main_process)
+        device = torch.device(accelerator.device)
+        # torch.load cannot map to "cpu:0", which is what a CPU rank's device may be called.
+        self.device = torch.device("cpu") if device.type == "cpu" else device
+        self.together = True  # every rank is still in the recipe (False once the others left after training)
+        self.module: Any = None
+
+    # ---------------------------------------------------------------------------------------- agreeing
+
+    def agree_on_stop(self, reason: str | None) -> StopReason | None:
+        """The most binding stop reason any rank holds (only rank 0 reads the worker's flag)."""
+        if not self.together:
+            return reason  # type: ignore[return-value]
+        code = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0], device=self.device)
+        agreed = int(self.accelerator.gather(code).max())
+        return STOP_REASONS[agreed - 1] if agreed else None  # type: ignore[return-value]
+
+    def share(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank."""
+        if not self.together:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        holder = [value]
+        broadcast_object_list(holder, from_process=0)
+        return holder[0]
+
+    def sum(self, *values: float) -> list[float]:
+        """Element-wise sums across ranks (float64, exact for counts)."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return [float(v) for v in self.accelerator.reduce(tensor, reduction="sum")]
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 goes first (say, preparing the base model once), the others after it."""
+        with self.accelerator.main_process_first():
+            yield
+
+    def leave_training(self) -> bool:
+        """Training is over: the ranks part here. True on rank 0, which goes on to merge and publish."""
+        self.accelerator.wait_for_everyone()
+        self.together = False
+        return self.is_main
+
+    # ---------------------------------------------------------------------------------------- training
+
+    def prepare(self, loss_fn: Any, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """The loss as one module wrapped by accelerate (DDP, FSDP...), and the prepared optimizer."""
+        module, prepared = self.accelerator.prepare(LossModule(loss_fn), optimizer)
+        self.module = module
+        return module, prepared
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Gradients are averaged across ranks only on a step's last micro-batch."""
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.module)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], limit: float) -> float:
+        return float(self.accelerator.clip_grad_norm_(params, limit))
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(
+        self,
+        root: Path,
+        model: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        state: LoopState,
+        scaler: torch.amp.GradScaler | None,
+    ) -> Path:
+        """Checkpoint ``step-N`` written by every rank: rank 0 writes the adapter, scheduler and loop state, and
+        each rank its own optimizer state and RNG (``optimizer-rank<N>.pt``, ``rng-rank<N>.pt``; rank 0's under
+        the one-process names). The folder gets its final name only after every rank's part is on disk, so a
+        checkpoint under its final name is complete."""
+        final = root / checkpoint_name(state.step)
+        partial: Path | None = None
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(root)
+            partial = temporary_sibling(final)
+            partial.mkdir()
+        partial = Path(self.share(str(partial)))
+        suffix = "" if self.is_main else f"-rank{self.rank}"
+        torch.save(optimizer.state_dict(), partial / f"optimizer{suffix}.pt")
+        torch.save(rng_state(), partial / f"rng{suffix}.pt")
+        adapter = self._adapter_state()  # a collective under FSDP and DeepSpeed
+        if self.is_main:
+            model.save_pretrained(str(partial), state_dict=adapter, safe_serialization=True)
+            torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+            if scaler is not None and scaler.is_enabled():
+                torch.save(scaler.state_dict(), partial / "scaler.pt")
+        self.accelerator.wait_for_everyone()  # every rank's part is written
+        if self.is_main:
+            (partial / STATE_FILE).write_text(json.dumps({**state.to_json(), "ranks": self.world_size}, indent=1))
+            _publish_folder(partial, final)
+        return final
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        whole = self.accelerator.get_state_dict(self.module)
+        prefix = "model."  # LossModule's attribute holding the PEFT model
+        return {k[len(prefix) :]: v for k, v in whole.items() if k.startswith(prefix)}
+
+    def load_rank_part(self, folder: Path, optimizer: torch.optim.Optimizer) -> None:
+        """After the one-process restore (rank 0's part), a rank > 0 takes its own optimizer state and RNG."""
+        if self.is_main:
+            return
+        optimizer.load_state_dict(
+            torch.load(folder / f"optimizer-rank{self.rank}.pt", map_location=self.device, weights_only=True)
+        )
+        rng = torch.load(folder / f"rng-rank{self.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class LossModule(torch.nn.Module):
+    """The summed loss as one module, so the distributed wrapper sees the whole forward pass: the fast path calls
+    the decoder and the output layer directly, which the PEFT model's own forward would not."""
+
+    def __init__(self, loss_fn: Any) -> None:
+        super().__init__()
+        self.model = loss_fn.model
+        self.loss_fn = loss_fn
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        tokens = int(input_ids.numel())
+        batch = Batch(input_ids, attention_mask, position_ids, targets, tokens, int((targets != IGNORE).sum()))
+        return self.loss_fn(batch)
+
+
+def stand_in(batch: Batch) -> Batch:
+    """A rank whose share of a micro-batch is empty (a short last batch) still runs a pass, so every rank joins
+    the gradient all-reduce: on a real example, with nothing trained, so it adds zero."""
+    untrained = torch.full_like(batch.targets, IGNORE)
+    return Batch(batch.input_ids, batch.attention_mask, batch.position_ids, untrained, 0, 0)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _publish_folder(partial: Path, final: Path) -> None:
+    for path in partial.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    if final.exists():  # re-written after a resume: same step, same place
+        old = temporary_sibling(final)
+        final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        partial.rename(final)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+class RankReporter(JobReporter):
+    """The job's reporter on one rank: rank 0 writes, the others stay silent, and all agree on stopping."""
+
+    def __init__(self, control: RelayedControl, session_factory: Any, *, model_id: str, distribution: Distribution):
+        super().__init__(control, session_factory, model_id=model_id)
+        self.distribution = distribution
+
+    def event(self, message: str, **kwargs: Any) -> None:
+        if self.distribution.is_main:
+            super().event(message, **kwargs)
+
+    def update(self, **job_values: Any) -> None:
+        if self.distribution.is_main:
+            super().update(**job_values)
+
+    def should_stop(self) -> StopReason | None:
+        local = super().should_stop() if self.distribution.is_main else None
+        return self.distribution.agree_on_stop(local)
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        if self.distribution.is_main:
+            super().on_log(metrics)
+
+    def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
+        if self.distribution.is_main:
+            super().on_checkpoint(step, folder, metrics)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = super().latest_checkpoint() if self.distribution.is_main else None
+        shared = self.distribution.share(str(found) if found else None)
+        return Path(shared) if shared else None
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def _read_spec(job_id: str, settings: Any, sessions: Any) -> Any:
+    from core.ids import Prefix, parse_public_id
+    from core.orm import FineTuningJob
+    from worker.spec import JobSpec
+
+    key = parse_public_id(job_id, Prefix.JOB)
+    with sessions() as session:
+        row = session.get(FineTuningJob, key)
+        if row is None:
+            raise PipelineError("job_not_found", f"{job_id} is gone")
+        return JobSpec.from_row(row, settings)
+
+
+def _write_outcome(folder: Path, rank: int, outcome: dict[str, Any]) -> None:
+    path = outcome_file(folder, rank)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(outcome))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.pipeline.distributed")
+    parser.add_argument("job_id")
+    parser.add_argument("--owner", required=True)
+    parser.add_argument("--control", required=True, type=Path)
+    args = parser.parse_args(argv)
+    die_with_parent(9)  # SIGKILL: a rank never outlives its launcher
+
+    from accelerate import Accelerator
+
+    from core.contracts import fine_tuned_model_id
+    from core.db import get_sessionmaker
+    from core.logging import configure_logging
+    from core.settings import get_settings
+    from worker.pipeline.recipe import run_pipeline
+
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    distribution = Distribution(accelerator)
+    sessions = get_sessionmaker()
+    outcome: dict[str, Any]
+    status = 1  # anything but an agreed stop or success: the launcher then stops the other ranks
+    try:
+        spec = _read_spec(args.job_id, settings, sessions)
+        control = RelayedControl(spec.job_id, args.owner, args.control)
+        model_id = fine_tuned_model_id(spec.model, spec.suffix, spec.public_id)
+        reporter = RankReporter(control, sessions, model_id=model_id, distribution=distribution)
+        run_pipeline(spec, reporter, sessions, settings, distribution=distribution)
+        outcome, status = {"outcome": "succeeded"}, 0
+    except TrainingStopped as stop:
+        outcome, status = {"outcome": "stopped", "reason": stop.reason, "checkpoint_step": stop.checkpoint_step}, 0
+    except LeaseLost:
+        outcome = {"outcome": "stopped", "reason": "lease_lost"}
+    except PipelineError as exc:
+        outcome = {"outcome": "failed", "error": exc.to_error()}
+    except Exception as exc:
+        log.exception("rank.crashed", extra={"job_id": args.job_id, "rank": distribution.rank})
+        oom = isinstance(exc, torch.OutOfMemoryError | MemoryError)
+        outcome = {"outcome": "crashed", "kind": type(exc).__name__, "out_of_memory": oom}
+    _write_outcome(args.control, distribution.rank, outcome)
+    if status == 0 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
