@@ -11,9 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.base_models import base_model_path, is_prepared
-from core.contracts import ModelStatus
+from core.contracts import ModelStatus, parse_checkpoint_model_id
 from core.errors import NotFound, ServiceUnavailable
-from core.orm import FineTuningJob, ModelRecord
+from core.orm import Checkpoint, FineTuningJob, ModelRecord
 from core.settings import Settings
 
 MAX_MODEL_ID = 512
@@ -35,6 +35,7 @@ class ModelSource:
     owner: str | None  # tenant; None for base models, which every tenant may use
     base_model: str | None
     created: int
+    adapter: Path | None = None  # a checkpoint's LoRA adapter, served on its base (INFERENCE_BACKEND=vllm only)
 
     def visible_to(self, tenant: str) -> bool:
         return self.owner is None or self.owner == tenant
@@ -82,6 +83,9 @@ def resolve(session: Session, name: str, tenant: str, settings: Settings) -> Mod
         return base_source(name, settings)
     if not name or len(name) > MAX_MODEL_ID or any(ord(c) < 32 for c in name):
         raise ModelNotFound(f"The model {name!r} does not exist", param="model")  # not even worth a query
+    checkpoint = parse_checkpoint_model_id(name) if settings.inference_backend == "vllm" else None
+    if checkpoint is not None:  # on vLLM a checkpoint costs only an adapter load
+        return _checkpoint_source(session, name, checkpoint, tenant)
     record = session.get(ModelRecord, name)
     if record is None or record.tenant_id != tenant:
         raise ModelNotFound(f"The model {name!r} does not exist", param="model")
@@ -94,6 +98,34 @@ def resolve(session: Session, name: str, tenant: str, settings: Settings) -> Mod
         owner=record.tenant_id,
         base_model=record.base_model,
         created=_timestamp(record.created_at),
+    )
+
+
+def _checkpoint_source(session: Session, name: str, checkpoint: tuple[str, int], tenant: str) -> ModelSource:
+    """``<model id>:ckpt-step-<N>``: the adapter saved at step N by the job that published the model, with the
+    published model's tokenizer and template."""
+    model_id, step = checkpoint
+    record = session.get(ModelRecord, model_id)
+    if record is None or record.tenant_id != tenant:
+        raise ModelNotFound(f"The model {name!r} does not exist", param="model")
+    if record.status != ModelStatus.READY:
+        raise ModelNotReady(f"model {model_id!r} is {record.status}", param="model")
+    path = session.scalars(
+        select(Checkpoint.storage_path)
+        .join(FineTuningJob, FineTuningJob.id == Checkpoint.job_id)
+        .where(FineTuningJob.tenant_id == tenant, FineTuningJob.fine_tuned_model == model_id, Checkpoint.step == step)
+    ).first()
+    adapter = Path(path) if path else None
+    if adapter is None or not (adapter / "adapter_config.json").is_file():
+        raise ModelNotFound(f"The model {name!r} does not exist", param="model")
+    return ModelSource(
+        name=name,
+        folder=Path(record.storage_path),
+        template=_template_of(session, record),
+        owner=record.tenant_id,
+        base_model=record.base_model,
+        created=_timestamp(record.created_at),
+        adapter=adapter,
     )
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from artifacts import llamacpp as native
 from artifacts.golden import Reference, ReferenceError
-from core.contracts import ModelStatus
+from core.contracts import ModelStatus, parse_checkpoint_model_id
 from core.db import session_scope
 from core.hostload import training_on_this_host
 from core.orm import DEFAULT_TENANT, ModelRecord
@@ -539,16 +539,23 @@ class Registry:
     def drop_deleted(self) -> None:
         """Forget loaded fine-tuned models whose row is gone (or is no longer ready): new requests then resolve
         them from the database and get 404. A model still held by a running request stops when released."""
-        tuned = {h.name for h in self._handles.values() if h.source.owner is not None}
+        # A checkpoint (``<model id>:ckpt-step-N``, served on vLLM) lives as long as the model its job published.
+        tuned = {
+            h.name: (parse_checkpoint_model_id(h.name) or (h.name, 0))[0]
+            for h in self._handles.values()
+            if h.source.owner is not None
+        }
         if not tuned:
             return  # base models only: no query
         with session_scope() as session:
             ready = set(
                 session.scalars(
-                    select(ModelRecord.id).where(ModelRecord.id.in_(tuned), ModelRecord.status == ModelStatus.READY)
+                    select(ModelRecord.id).where(
+                        ModelRecord.id.in_(set(tuned.values())), ModelRecord.status == ModelStatus.READY
+                    )
                 )
             )
-        gone = tuned - ready
+        gone = {name for name, record in tuned.items() if record not in ready}
         if not gone:
             return
         idle: list[ModelHandle] = []

@@ -74,13 +74,19 @@ def _same_folder(named: Path | None, base: Path) -> bool:
 def placement_for(source: ModelSource, settings: Settings) -> Placement:
     if source.owner is None:
         return Placement(source.name, source.folder, None)
-    adapter = source.folder / ADAPTER_SUBDIR
+    # A checkpoint names its adapter; a published fine-tune carries its own next to the merged weights.
+    adapter = source.adapter or source.folder / ADAPTER_SUBDIR
     base = source.base_model
     if (adapter / ADAPTER_CONFIG).is_file() and base in settings.base_models and is_prepared(base, settings):
         base_folder = base_model_path(base, settings)
         if _same_folder(adapter_base(adapter), base_folder.resolve()):
             return Placement(base, base_folder, adapter)
         log.info("vllm.merged_placement", extra={"model": source.name, "reason": "adapter trained on another model"})
+    if source.adapter is not None:  # the published folder holds the final weights, not this checkpoint's
+        raise ModelLoadError(
+            f"{source.name} cannot be served: its adapter was not trained on a configured base model (the job "
+            "continued another fine-tune)"
+        )
     return Placement(source.name, source.folder, None)
 
 

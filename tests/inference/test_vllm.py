@@ -24,10 +24,10 @@ from fastapi.testclient import TestClient
 
 from core.api_keys import hash_key
 from core.db import session_scope
-from core.orm import ApiKey
+from core.orm import ApiKey, Checkpoint
 from inference.vllm.engine import VllmEngine
 from inference.vllm.server import VllmServer
-from tests.factories import make_model
+from tests.factories import make_job, make_model
 from tests.inference.helpers import ACTIVE, FAILED, app_client, deploy, wait_deployment
 from tests.polling import wait_until
 from tests.tiny_models import build_tokenizer
@@ -73,25 +73,32 @@ def build_vllm_model(folder: Path) -> Path:
     return folder
 
 
-def build_finetune(base: Path, folder: Path) -> Path:
-    """The base's files plus a PEFT adapter trained on it (random, non-zero LoRA weights), in ``adapter/``."""
+def save_adapter(base: Path, folder: Path, seed: int) -> Path:
+    """A PEFT adapter "trained" on ``base`` (random, non-zero LoRA weights), as the worker saves one."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    shutil.copytree(base, folder)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
     lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(str(folder / "adapter"))
+    get_peft_model(model, lora).save_pretrained(str(folder))
+    return folder
+
+
+def build_finetune(base: Path, folder: Path) -> Path:
+    """The base's files plus its adapter in ``adapter/``, where the worker publishes it."""
+    shutil.copytree(base, folder)
+    save_adapter(base, folder / "adapter", seed=1)
     return folder
 
 
 @pytest.fixture(scope="module")
-def vllm_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def vllm_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The base, a published fine-tune of it, and a training checkpoint of that fine-tune's job (its adapter)."""
     root = tmp_path_factory.mktemp("vllm-models")
     base = build_vllm_model(root / BASE)
-    return base, build_finetune(base, root / "ft")
+    return base, build_finetune(base, root / "ft"), save_adapter(base, root / "ckpt-step-5", seed=2)
 
 
 def _key(tenant: str) -> dict[str, str]:
@@ -102,8 +109,8 @@ def _key(tenant: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def vllm_client(database: str, vllm_models: tuple[Path, Path]) -> Iterator[TestClient]:
-    base, _ = vllm_models
+def vllm_client(database: str, vllm_models: tuple[Path, Path, Path]) -> Iterator[TestClient]:
+    base, _, _ = vllm_models
     with app_client(
         wait_ready=False,
         base_models={BASE: str(base)},
@@ -148,9 +155,11 @@ def _direct(server: VllmServer, served: str, prompt: list[int] = PROMPT) -> str:
 
 
 @pytest.fixture
-def tenant_models(db: Any, vllm_models: tuple[Path, Path], vllm_client: TestClient) -> dict[str, str]:
-    _, finetune = vllm_models
+def tenant_models(db: Any, vllm_models: tuple[Path, Path, Path], vllm_client: TestClient) -> dict[str, str]:
+    _, finetune, checkpoint = vllm_models
     make_model(db, FT, storage_path=finetune, tenant_id=TENANT, base_model=BASE)
+    job = make_job(db, tenant_id=TENANT, model=BASE, status="succeeded", fine_tuned_model=FT)
+    db.add(Checkpoint(job_id=job.id, step=5, storage_path=str(checkpoint)))
     db.commit()
     return _key(TENANT)
 
@@ -241,3 +250,21 @@ def test_a_killed_vllm_server_comes_back_with_its_adapters(
     # The adapter is back on the new process (the registry of adapters survives it), same answer.
     assert _conch(vllm_client, FT, headers)["choices"][0]["text"] == before
     assert _conch(vllm_client, BASE, headers)["choices"][0]["text"] == _direct(server, BASE)
+
+
+def test_a_checkpoint_answers_as_its_adapter_on_the_base(
+    vllm_client: TestClient, tenant_models: dict[str, str]
+) -> None:
+    headers = tenant_models
+    name = f"{FT}:ckpt-step-5"
+    answer = _conch(vllm_client, name, headers)["choices"][0]["text"]
+    handle = _registry(vllm_client).loaded(name)
+    assert handle.engine.server is _server(vllm_client) and handle.model.route == "vllm:lora"
+    assert answer == _direct(_server(vllm_client), handle.engine.served_name)
+    assert answer != _conch(vllm_client, FT, headers)["choices"][0]["text"]  # step 5's weights, not the final ones
+    missing = vllm_client.post(
+        "/v1/completions", json={"model": f"{FT}:ckpt-step-6", "prompt": PROMPT}, headers=headers
+    )
+    assert missing.status_code == 404
+    other = vllm_client.post("/v1/completions", json={"model": name, "prompt": PROMPT}, headers=_key(OTHER))
+    assert other.status_code == 404
