@@ -6,9 +6,10 @@ acting on what it read a while ago cannot undo what another replica did since. T
 
 - active: when the first replica has loaded it (and no newer deployment of the tenant is active already); the
   tenant's older active deployment is then superseded.
-- failed: when a replica failed to load it and no live replica (heartbeat within REPLICA_STALE_SECONDS) is still
-  loading or serving it. A replica's failure of a deployment another replica activated fails it for that replica
-  alone: it keeps serving the tenant's previous model and says so in its ``/readyz``.
+- failed: when a replica failed to load it, no live replica (heartbeat within REPLICA_STALE_SECONDS, in
+  ``inference_replicas``) is still loading or serving it, and every live replica has tried it. A replica's
+  failure of a deployment another replica activated fails it for that replica alone: it keeps serving the
+  tenant's previous model and says so in its ``/readyz``.
 - superseded before loading: a pending deployment with a newer pending, loading or active one of its tenant is
   never loaded (only the newest request of a tenant matters), so a tenant's flood of deploys costs one load.
 """
@@ -22,13 +23,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from core import ids
 from core.contracts import DeploymentAnnouncement, DeploymentStatus
 from core.jobs import LOCK_NAMESPACE, db_now, is_postgres
-from core.orm import Deployment, DeploymentReplica
+from core.orm import Deployment, DeploymentReplica, InferenceReplica
 from core.pubsub import announce_deployment
 from core.redact import hide_paths
 from core.settings import Settings
@@ -263,17 +265,16 @@ def activate_for_replica(
 
 
 def _still_held(deployment_id: uuid.UUID, since: datetime) -> ColumnElement[bool]:
-    """Some live replica (heartbeat since ``since``) still loads or serves the deployment, or has not tried it yet
-    (a replica is known by its rows of open deployments; every replica loads every tenant's active deployment)."""
+    """Some live replica (heartbeat since ``since``) still loads or serves the deployment, or has not tried it
+    yet."""
     tried = select(DeploymentReplica.replica_id).where(DeploymentReplica.deployment_id == deployment_id)
-    anyone = aliased(DeploymentReplica)
     return or_(
         exists().where(
             DeploymentReplica.deployment_id == deployment_id,
             DeploymentReplica.state.in_([ReplicaState.LOADING.value, ReplicaState.ACTIVE.value]),
             DeploymentReplica.heartbeat_at >= since,
         ),
-        exists().where(anyone.heartbeat_at >= since, anyone.replica_id.not_in(tried)),
+        exists().where(InferenceReplica.heartbeat_at >= since, InferenceReplica.replica_id.not_in(tried)),
     )
 
 
@@ -312,8 +313,21 @@ def settle_failed(
 
 
 def heartbeat(session: Session, replica_id: str) -> int:
-    """This replica is alive: renew its rows of deployments still in flight or active (one UPDATE)."""
+    """This replica is up: renew its presence, and its rows of deployments still in flight or active. Returns how
+    many such rows it holds."""
     now = db_now(session)
+    present = session.execute(
+        update(InferenceReplica)
+        .where(InferenceReplica.replica_id == replica_id)
+        .values(heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if not present.rowcount:  # type: ignore[attr-defined]
+        try:
+            with session.begin_nested():
+                session.add(InferenceReplica(replica_id=replica_id, started_at=now, heartbeat_at=now))
+        except IntegrityError:
+            pass  # another process of the same name got there first: its beat counts as this one's
     open_deployments = select(Deployment.id).where(Deployment.status.in_([*IN_FLIGHT, DeploymentStatus.ACTIVE.value]))
     result = session.execute(
         update(DeploymentReplica)
@@ -322,6 +336,11 @@ def heartbeat(session: Session, replica_id: str) -> int:
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def leave(session: Session, replica_id: str) -> None:
+    """This replica stops: it no longer keeps a deployment waiting for it to try (its rows stay, as history)."""
+    session.execute(delete(InferenceReplica).where(InferenceReplica.replica_id == replica_id))
 
 
 def abandoned_by_replica(session: Session, replica_id: str) -> list[tuple[uuid.UUID, str | None]]:

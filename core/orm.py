@@ -264,6 +264,17 @@ class DeploymentReplica(Base):
     updated_at: Mapped[datetime]
 
 
+class InferenceReplica(Base):
+    """An inference replica that is up: its heartbeat (database time) renewed every few seconds. A deployment
+    fails only once every live replica has tried it, including the ones that never served a deployment yet."""
+
+    __tablename__ = "inference_replicas"
+
+    replica_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+
+
 class DeviceClass(Base):
     """What the workers of one device class reported at start-up (core.device_classes): the latest one wins."""
 

@@ -62,9 +62,15 @@ class Deployer:
         self._load_defaults()
 
     def heartbeat(self) -> None:
-        """Renew this replica's hold on the deployments it loads or serves (also during a long load)."""
+        """Renew this replica's presence and its hold on the deployments it loads or serves (also during a long
+        load)."""
         with session_scope() as session:
             store.heartbeat(session, self.replica_id)
+
+    def leave(self) -> None:
+        """This replica stops: deployments no longer wait for it to try them."""
+        with session_scope() as session:
+            store.leave(session, self.replica_id)
 
     # ------------------------------------------------------------------------------- what is served
 

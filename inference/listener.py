@@ -42,9 +42,14 @@ class Listener:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
-        for thread in self._threads:
-            if thread.is_alive():
-                thread.join(timeout)
+        running = [thread for thread in self._threads if thread.is_alive()]
+        for thread in running:
+            thread.join(timeout)
+        if running:
+            try:
+                self.deployer.leave()
+            except Exception:  # the database may be down: the heartbeat then simply goes stale
+                log.warning("deployments.leave_failed", exc_info=True)
 
     def wake(self) -> None:
         self._wake.set()

@@ -1,4 +1,4 @@
-"""deployment replicas: each inference replica's own load state per deployment
+"""deployment replicas: each inference replica's own load state per deployment, and the replicas that are up
 
 Revision ID: 0007
 Revises: 0006
@@ -36,9 +36,17 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("deployment_replicas", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_deployment_replicas_replica_id"), ["replica_id"], unique=False)
+    op.create_table(
+        "inference_replicas",
+        sa.Column("replica_id", sa.String(length=128), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("replica_id", name=op.f("pk_inference_replicas")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("inference_replicas")
     with op.batch_alter_table("deployment_replicas", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_deployment_replicas_replica_id"))
     op.drop_table("deployment_replicas")

@@ -18,6 +18,7 @@ from core.deployments import (
     fail_for_replica,
     fair_queue,
     heartbeat,
+    leave,
     replica_view,
     settle_failed,
 )
@@ -81,10 +82,9 @@ def test_a_failure_while_another_replica_still_loads_waits_for_that_one(clean_db
 
 
 def test_a_live_replica_that_has_not_tried_yet_keeps_it_open(clean_db: None, db: Session) -> None:
-    serving = _pending(db, "tiny-qwen2")
-    for replica in ("a", "b"):  # both replicas serve the tenant's current deployment: both are known and alive
-        _claim(serving, replica)
-        _activate(serving, replica)
+    with session_scope() as session:  # two replicas are up; neither has served a deployment yet
+        heartbeat(session, "a")
+        heartbeat(session, "b")
     row = _pending(db)
     _claim(row, "a")
     assert _fail(row, "a") is False  # b has not tried it yet
@@ -92,6 +92,17 @@ def test_a_live_replica_that_has_not_tried_yet_keeps_it_open(clean_db: None, db:
     _claim(row, "b")
     assert _fail(row, "b") is True
     assert fresh(db, row).status == DeploymentStatus.FAILED
+    # Replicas that stop (leave) no longer keep a deployment waiting for them.
+    other = _pending(db)
+    with session_scope() as session:
+        heartbeat(session, "c")
+    _claim(other, "a")
+    assert _fail(other, "a") is False
+    with session_scope() as session:
+        leave(session, "b")
+        leave(session, "c")
+    with session_scope() as session:
+        assert settle_failed(session, other.id, None, now=db_now(session), stale_seconds=STALE) is True
 
 
 def test_a_replica_that_stopped_beating_holds_nothing_open(clean_db: None, db: Session) -> None:
