@@ -88,6 +88,12 @@ def requested_devices(spec: JobSpec, settings: Settings) -> int:
     devices = hp.num_devices or settings.training_devices_default
     if devices <= 1:
         return 1
+    if hp.method != "supervised":
+        raise PipelineError(
+            "unsupported_num_devices",
+            f"num_devices: {hp.method} jobs train on one device; send num_devices=1",
+            "num_devices",
+        )
     if devices > settings.training_devices_max:
         raise PipelineError(
             "too_many_devices",

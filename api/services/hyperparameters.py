@@ -175,9 +175,15 @@ def _check_tokens_per_step(resolved: Resolved, settings: Settings) -> None:
 
 def _check_devices(resolved: Resolved, settings: Settings) -> None:
     devices = resolved.hp.num_devices
+    param = resolved.param("num_devices")
+    if devices is not None and devices > 1 and resolved.hp.method != "supervised":
+        raise ValidationFailed(
+            f"{param}: {resolved.hp.method} jobs train on one device; send num_devices=1 or leave it out.",
+            param=param,
+            code="unsupported_num_devices",
+        )
     if devices is None or devices <= settings.training_devices_max:
         return
-    param = resolved.param("num_devices")
     raise ValidationFailed(
         f"{param}: {devices} devices asked for, above this server's limit of {settings.training_devices_max} "
         "(TRAINING_DEVICES_MAX).",

@@ -22,9 +22,11 @@ from core.contracts import JobStatus
 from core.db import session_scope
 from core.jobs import request_cancel
 from core.orm import Checkpoint, FineTuningJob
+from core.queue import enqueue_fine_tune
 from core.settings import Settings, get_settings
 from core.storage import job_dir
 from tests.factories import alpaca_records, fresh, job_events, make_file, make_job, metrics_events
+from tests.processes import worker_process
 from worker.launch import RANK_MODULE
 from worker.runner import run_job
 
@@ -101,6 +103,27 @@ def test_two_processes_train_like_one_with_the_same_effective_batch(db: Session)
     assert plan.data is not None and plan.data["num_devices"] == 2 and "x 2 devices" in plan.message
     assert not rank_processes(two.public_id)
     assert not (job_dir(two.id, get_settings()) / "ranks").exists()
+
+
+@pytest.mark.e2e
+def test_a_job_on_two_devices_through_a_celery_worker_reports_once(db: Session, log_dir: Path) -> None:
+    worker = worker_process("ddp-worker", log_dir, env={"TRAINING_CPU_PROCESSES": "true"}).start()
+    try:
+        worker.wait_for_log("ready", timeout=120)
+        job = make_job(db, make_file(db, alpaca_records(8)), hyperparameters={"num_devices": 2})
+        db.commit()
+        enqueue_fine_tune(job.public_id, get_settings())
+        finished = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        wait_until(lambda: fresh(db, job).status in finished, "the job to finish", timeout=300)
+        assert fresh(db, job).status == JobStatus.SUCCEEDED, fresh(db, job).error
+        # 8 examples, 2 devices x 2 per device: 2 steps per epoch, 2 epochs; each reported once, by rank 0.
+        assert_one_set_of_events(db, job, [1, 2, 3, 4])
+        assert "job.ranks_started" in worker.log()
+        # The job is published before its processes exit; then the launcher and both ranks end.
+        wait_until(lambda: "job.delivery_done" in worker.log(), "the delivery to end", timeout=120)
+        assert not rank_processes(job.public_id)
+    finally:
+        worker.kill()
 
 
 def test_cancel_stops_every_rank_and_leaves_no_process(db: Session) -> None:
@@ -187,7 +210,12 @@ def checkpoint_steps(db: Session, job: FineTuningJob) -> list[int]:
 
 def test_a_worker_without_gpus_refuses_two_devices_unless_allowed(db: Session) -> None:
     job = make_job(db, make_file(db, alpaca_records(4)), hyperparameters={"num_devices": 2})
+    dpo = make_job(db, make_file(db, alpaca_records(4)), hyperparameters={"num_devices": 2, "method": "dpo"})
     db.commit()
     assert run_job(job.public_id, get_settings()) == "failed"
     error = fresh(db, job).error
     assert error is not None and error["param"] == "num_devices" and error["code"] == "devices_unavailable"
+    # DPO has one recipe on one device: refused before any process starts, even where CPU processes are allowed.
+    assert run_job(dpo.public_id, settings_with_cpu_ranks()) == "failed"
+    error = fresh(db, dpo).error
+    assert error is not None and error["param"] == "num_devices" and error["code"] == "unsupported_num_devices"
