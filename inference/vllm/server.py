@@ -29,6 +29,27 @@ RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_SECONDS = 60.0  # a process up this long resets the back-off
 
 
+# Run with vLLM's interpreter as the head of the server's process group: starts the server and, should the inference
+# service die without stopping it (SIGKILL, OOM), stops the whole group, so no orphaned server keeps its memory and
+# port. argv: the service's pid, then the server's arguments.
+WATCHDOG = """
+import os, signal, subprocess, sys, time
+parent = int(sys.argv[1])
+server = subprocess.Popen([sys.executable, *sys.argv[2:]])
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(time.monotonic()))
+while server.poll() is None:
+    if not stopping and os.getppid() != parent:
+        os.killpg(0, signal.SIGTERM)
+    if stopping and time.monotonic() - stopping[0] > 10:
+        os.killpg(0, signal.SIGKILL)
+    time.sleep(0.5)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+os.killpg(0, signal.SIGTERM)  # the server's own workers, should it have left any
+sys.exit(server.returncode)
+"""
+
+
 class VllmUnavailable(Exception):
     """The vLLM server is not running (not installed, failed to start, or stopped)."""
 
@@ -92,6 +113,9 @@ class VllmServer:
         options = self.options
         return [
             str(options.python),
+            "-c",
+            WATCHDOG,
+            str(os.getpid()),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
