@@ -3,7 +3,8 @@
 Every worker starts one beside itself (``worker.app``), so a dead worker's job is recovered even while the api is
 down; several may run at once (workers, the api's thread, a standalone one) because each sweep runs only under a
 database lock (``core.reconcile``). Started by a worker it is given ``--parent`` and ends when that worker does,
-even one killed outright, so it never outlives it.
+even one killed outright, so it never outlives it. Every ``JANITOR_INTERVAL_SECONDS`` (and once at start) it also
+runs the janitor (``core.janitor``), under a lock of its own, which removes leftovers nothing references.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 
+from core import janitor
 from core.logging import configure_logging
 from core.reconcile import reconcile_once
 from core.settings import Settings, get_settings
@@ -34,12 +37,19 @@ def run(settings: Settings, stop: threading.Event, *, parent_pid: int | None = N
     """Sweep every RECONCILE_INTERVAL_SECONDS until ``stop`` is set or the parent worker is gone; returns sweeps."""
     interval = settings.reconcile_interval_seconds
     sweeps = 0
+    janitor_due = time.monotonic()
     log.info("reconciler.started", extra={"interval_seconds": interval, "pid": os.getpid()})
     while not stop.is_set() and not parent_gone(parent_pid):
         try:
             reconcile_once(settings)
         except Exception:  # the database or broker may be down; try again next round
             log.exception("reconciler.sweep_failed")
+        if settings.janitor_interval_seconds > 0 and time.monotonic() >= janitor_due:
+            janitor_due = time.monotonic() + settings.janitor_interval_seconds
+            try:
+                janitor.sweep_once(settings)
+            except Exception:  # a failed sweep leaves everything in place; the next one tries again
+                log.exception("janitor.sweep_failed")
         sweeps += 1
         waited = 0.0
         while waited < interval and not stop.is_set() and not parent_gone(parent_pid):

@@ -3,6 +3,9 @@
 The record is written in the same transaction as the object it describes, so either both exist or neither. A key
 reused with a different body is refused (422); a key whose first request is still in flight meets the unique
 constraint and gets 409, and the client's retry then replays the committed answer.
+
+A key is remembered for IDEMPOTENCY_TTL_SECONDS (as long as clients are expected to retry): an older record is
+treated as absent (and dropped, so the key can be used again); the janitor (``core.janitor``) sweeps the rest.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, timedelta
 from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse
@@ -20,7 +24,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import Conflict, ValidationFailed
+from core.jobs import db_now
 from core.orm import IdempotencyRecord
+from core.settings import get_settings
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -40,6 +46,14 @@ def request_hash(payload: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def expired(session: Session, record: IdempotencyRecord) -> bool:
+    ttl = timedelta(seconds=get_settings().idempotency_ttl_seconds)
+    created = record.created_at
+    if created.tzinfo is None:  # SQLite hands timestamps back without their zone; they are stored in UTC
+        created = created.replace(tzinfo=UTC)
+    return created < db_now(session) - ttl
+
+
 def find_replay(session: Session, *, tenant_id: str, key: str, route: str, req_hash: str) -> Replay | None:
     record = session.scalars(
         select(IdempotencyRecord).where(
@@ -49,6 +63,10 @@ def find_replay(session: Session, *, tenant_id: str, key: str, route: str, req_h
         )
     ).first()
     if record is None:
+        return None
+    if expired(session, record):
+        session.delete(record)
+        session.flush()
         return None
     if record.request_hash != req_hash:
         raise ValidationFailed(

@@ -47,7 +47,10 @@ _UPLOAD_BODY: dict[str, Any] = {
     "",
     response_model=FileOut,
     openapi_extra=_UPLOAD_BODY,
-    responses={413: {"description": "File larger than MAX_UPLOAD_BYTES (a JSON array: MAX_JSON_ARRAY_BYTES)"}},
+    responses={
+        413: {"description": "File larger than MAX_UPLOAD_BYTES (a JSON array: MAX_JSON_ARRAY_BYTES)"},
+        429: {"description": "Tenant's file quota (MAX_FILES_PER_TENANT, MAX_FILE_BYTES_PER_TENANT) reached"},
+    },
     summary="Upload a dataset",
 )
 async def upload_file(
@@ -81,6 +84,9 @@ async def upload_file(
             )
             if replay is not None:
                 return replay.response()
+        # A first look without the lock, so an upload past the quota is refused before it is scanned; the
+        # decisive check is store_file's, under the tenant's lock.
+        await run_in_threadpool(service.check_quota, session, principal.tenant_id, upload.size, settings)
         report, _ = await run_in_threadpool(
             scan_dataset,
             upload.path,
@@ -105,6 +111,7 @@ async def upload_file(
             options=options,
             report=report,
             folder=folder,
+            settings=settings,
         )
         out = service.file_out(row)
         if idempotency_key:

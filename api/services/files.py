@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from api.db import on_commit, on_rollback
@@ -18,9 +18,11 @@ from api.schemas import FileDeleted, FileList, FileOut
 from api.services.common import cursor_page, unix_required, unknown_cursor
 from core.contracts import LIVE_STATUSES, FileStatus
 from core.datasets import FORMATS, ColumnMapping, DatasetReport, Format
-from core.errors import Conflict, InvalidRequest, NotFound, ValidationFailed
+from core.errors import Conflict, InvalidRequest, NotFound, RateLimited, ValidationFailed
 from core.ids import Prefix, parse_public_id
+from core.jobs import LOCK_NAMESPACE, is_postgres
 from core.orm import FileObject, FineTuningJob
+from core.settings import Settings
 
 PURPOSE = "fine-tune"
 # Written by the worker when a job succeeds (never uploaded): step_metrics.csv and loss_curve.png.
@@ -31,6 +33,8 @@ ACCEPTED_FIELDS = frozenset({FILE_FIELD, "purpose", "format", "column_mapping"})
 # Soft-deleted rows stay while a finished job still names them (the foreign key keeps lineage intact).
 DELETED = "deleted"
 MAX_FILENAME_CHARS = 255
+# Second key (hashed with the tenant) of the advisory lock that serialises one tenant's quota decisions.
+FILES_LOCK = "files:"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,50 @@ def invalid_dataset(report: DatasetReport) -> InvalidRequest:
     )
 
 
+@dataclass(frozen=True)
+class FileUsage:
+    files: int
+    bytes: int
+
+
+def file_usage(session: Session, tenant_id: str) -> FileUsage:
+    """What a tenant stores now; a deleted file (its bytes are gone) no longer counts."""
+    count, total = session.execute(
+        select(func.count(), func.coalesce(func.sum(FileObject.bytes), 0)).where(
+            FileObject.tenant_id == tenant_id, FileObject.status != DELETED
+        )
+    ).one()
+    return FileUsage(files=int(count), bytes=int(total))
+
+
+def lock_tenant_files(session: Session, tenant_id: str) -> None:
+    """Serialise, until this transaction ends, one tenant's uploads at the point they are counted against the
+    quota: without it two uploads at once each count the tenant's files without the other's and both pass.
+    SQLite needs nothing: it runs one writing transaction at a time."""
+    if is_postgres(session):
+        session.execute(select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, func.hashtext(FILES_LOCK + tenant_id))))
+
+
+def check_quota(session: Session, tenant_id: str, size: int, settings: Settings) -> None:
+    """Refuse (429, like the other per-tenant caps) an upload that would take the tenant past
+    MAX_FILES_PER_TENANT files or MAX_FILE_BYTES_PER_TENANT bytes; deleting files frees room."""
+    usage = file_usage(session, tenant_id)
+    if usage.files >= settings.max_files_per_tenant:
+        raise RateLimited(
+            f"File quota reached: {usage.files} files stored, the limit is {settings.max_files_per_tenant} "
+            "(MAX_FILES_PER_TENANT); delete files to upload more.",
+            param=FILE_FIELD,
+            code="file_count_quota_exceeded",
+        )
+    if usage.bytes + size > settings.max_file_bytes_per_tenant:
+        raise RateLimited(
+            f"Storage quota reached: {usage.bytes} bytes stored and this file has {size}, the limit is "
+            f"{settings.max_file_bytes_per_tenant} bytes (MAX_FILE_BYTES_PER_TENANT); delete files to upload more.",
+            param=FILE_FIELD,
+            code="file_bytes_quota_exceeded",
+        )
+
+
 def store_file(
     session: Session,
     *,
@@ -118,8 +166,12 @@ def store_file(
     options: UploadOptions,
     report: DatasetReport,
     folder: Path,
+    settings: Settings,
 ) -> FileObject:
-    """Move the validated upload to its final name and add its row; the bytes go away if the row is rolled back."""
+    """Move the validated upload to its final name and add its row; the bytes go away if the row is rolled back.
+    The quota is checked here under the tenant's lock (held until the row commits), before anything is written."""
+    lock_tenant_files(session, tenant_id)
+    check_quota(session, tenant_id, upload.size, settings)
     file_id = uuid.uuid4()
     final = folder / f"{file_id.hex}.{report.container}"
     os.replace(upload.path, final)
