@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
 # Choice-valued settings are Literals, so a typo fails at start-up, not as a failed deployment later.
 InferenceBackend = Literal["auto", "lean", "reference", "llamacpp", "vllm"]
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 InferenceQuant = Literal["none", "int8", "int4", "f32", "f16", "bf16", "q8_0", "q4_1", "q4_0", "iq4_nl"]
 InferenceDtype = Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -284,6 +285,14 @@ class Settings(BaseSettings):
     def _parse_base_models(cls, value: Any) -> Any:
         if isinstance(value, str):
             return json.loads(value)
+        return value
+
+    @field_validator("vllm_max_lora_rank", mode="after")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        # The only values vLLM's --max-lora-rank takes; anything else would stop its server at start-up.
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))} (vLLM's --max-lora-rank)")
         return value
 
     @field_validator("data_dir", mode="after")

@@ -176,9 +176,9 @@ class VllmServer:
         with self._lock:
             self._healthy.clear()
             log_file = None
-            if self.options.log_dir is not None:
-                self.options.log_dir.mkdir(parents=True, exist_ok=True)
-                log_file = (self.options.log_dir / f"vllm-{self.port}.log").open("ab")
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                log_file = self.log_path.open("ab")
             log.info("vllm.starting", extra={"model": self.name, "port": self.port, "cmd": shlex.join(self.command())})
             self._process = subprocess.Popen(
                 self.command(),
@@ -197,7 +197,9 @@ class VllmServer:
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
-                    raise VllmUnavailable(f"vLLM server exited with status {process.returncode} while starting")
+                    raise VllmUnavailable(
+                        f"vLLM server exited with status {process.returncode} while starting{self._log_tail()}"
+                    )
                 if self._stopping.is_set():
                     raise VllmUnavailable("vLLM server stopped while starting")
                 try:
@@ -217,6 +219,23 @@ class VllmServer:
         self.problem = None
         self._healthy.set()
         log.info("vllm.ready", extra={"model": self.name, "port": self.port, "pid": process.pid})
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.options.log_dir / f"vllm-{self.port}.log" if self.options.log_dir is not None else None
+
+    def _log_tail(self, lines: int = 3) -> str:
+        """The end of the server's log (its own account of why it stopped), for the error the operator sees."""
+        path = self.log_path
+        if path is None:
+            return ""
+        try:
+            with path.open("rb") as handle:
+                handle.seek(max(0, path.stat().st_size - 8192))
+                tail = handle.read().decode(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return ""
+        return ": " + " | ".join(line.strip()[-300:] for line in tail) if tail else ""
 
     def _supervise(self) -> None:
         attempt = 0

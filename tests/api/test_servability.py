@@ -71,3 +71,13 @@ def test_a_rank_within_the_limit_is_accepted(vllm_client: TestClient) -> None:
 def test_other_backends_serve_merged_models_whatever_the_rank(lean_client: TestClient) -> None:
     response = _create(lean_client, {"lora_rank": 16})
     assert response.status_code == 200, response.text  # type: ignore[attr-defined]
+
+
+def test_the_serving_limit_is_one_vllm_accepts() -> None:
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    assert Settings(vllm_max_lora_rank=16).vllm_max_lora_rank == 16
+    with pytest.raises(ValidationError, match="vllm_max_lora_rank"):
+        Settings(vllm_max_lora_rank=12)  # vLLM's server would refuse to start with it
