@@ -6,7 +6,8 @@ What it removes, each only once it is older than ``JANITOR_GRACE_SECONDS``:
   checkpoint rows; a job folder whose job row is gone;
 - ``models/<id>/`` with no model row naming it and no live job that could still publish it (a publish that
   lost its lease after merging), and ``models/.<id>.tmp-*`` siblings of writers that died before their rename;
-- ``files/.upload-*.tmp`` of an api killed mid-upload, and stored dataset files no file row names;
+- ``files/.upload-*.tmp`` of an api killed mid-upload (and result files a dead worker left half-written), and
+  stored files no file row names (a worker that died between writing a job's result files and committing them);
 - llama.cpp exports and reference answers in the GGUF cache (``<model folder>-*``) of models that no longer
   exist, and the cache's own half-written temporaries;
 - idempotency records older than ``IDEMPOTENCY_TTL_SECONDS``.
@@ -50,7 +51,8 @@ ENDED_UNPUBLISHED = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _STORED_FILE = re.compile(r"^[0-9a-f]{32}\.[a-z0-9]+$")
-_UPLOAD_TEMPORARY = re.compile(r"^\.upload-[0-9a-f]+\.tmp$")
+# An upload being received (api.http.uploads), a job's result file being written (worker.pipeline.results).
+_FILE_TEMPORARY = re.compile(r"^\.(upload-[0-9a-f]+|[0-9a-f]{32}\.[a-z0-9]+)\.tmp$")
 _SIBLING_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]+$")  # core.storage.temporary_sibling
 _CACHED_EXPORT = re.compile(r"^([0-9a-f]{32})-.+")
 _CACHE_TEMPORARY = re.compile(r"^\.(export-.+|.+\.tmp)$")  # artifacts.gguf's scratch, inference.gate's
@@ -174,7 +176,7 @@ def _upload_leftovers(session: Session, settings: Settings, old: float) -> list[
     stored = [p for p in entries if _STORED_FILE.match(p.name)]
     referenced = {Path(p).name for p in session.scalars(select(FileObject.storage_path))} if stored else set()
     for entry in entries:
-        if _UPLOAD_TEMPORARY.match(entry.name) and newest_mtime(entry) <= old:
+        if _FILE_TEMPORARY.match(entry.name) and newest_mtime(entry) <= old:
             found.append(Leftover("upload_temporaries", entry))
     for entry in stored:
         if entry.name not in referenced and newest_mtime(entry) <= old:

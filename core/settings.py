@@ -65,12 +65,12 @@ class Settings(BaseSettings):
     default_page_limit: int = 20
     # Per-tenant storage quotas: one key must not fill the artifact volume every tenant publishes into.
     max_files_per_tenant: int = Field(
-        default=1000, ge=1, description="most stored files one tenant may hold; an upload beyond it is refused (429)"
+        default=1000, ge=1, description="most uploaded files one tenant may store; an upload beyond it is refused (429)"
     )
     max_file_bytes_per_tenant: int = Field(
         default=20 * 1024**3,
         ge=1,
-        description="most bytes of stored files one tenant may hold; an upload that would pass it is refused (429)",
+        description="most bytes of uploaded files one tenant may store; an upload past it is refused (429)",
     )
     idempotency_ttl_seconds: float = Field(
         default=24 * 3600.0,

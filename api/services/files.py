@@ -121,10 +121,11 @@ class FileUsage:
 
 
 def file_usage(session: Session, tenant_id: str) -> FileUsage:
-    """What a tenant stores now; a deleted file (its bytes are gone) no longer counts."""
+    """What a tenant has uploaded and still stores. A deleted file (its bytes are gone) no longer counts, nor do
+    jobs' result files: they are small, written by the worker, and must not stop a tenant's uploads."""
     count, total = session.execute(
         select(func.count(), func.coalesce(func.sum(FileObject.bytes), 0)).where(
-            FileObject.tenant_id == tenant_id, FileObject.status != DELETED
+            FileObject.tenant_id == tenant_id, FileObject.status != DELETED, FileObject.purpose == PURPOSE
         )
     ).one()
     return FileUsage(files=int(count), bytes=int(total))

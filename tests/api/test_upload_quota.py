@@ -1,6 +1,6 @@
 """Per-tenant upload quotas: past MAX_FILES_PER_TENANT files or MAX_FILE_BYTES_PER_TENANT bytes an upload is
-refused with 429 naming the quota and the usage, nothing is written, other tenants' files and deleted files do not
-count, deleting a file frees room, and concurrent uploads at the edge cannot both slip past."""
+refused with 429 naming the quota and the usage, nothing is written, other tenants' files, jobs' result files and
+deleted files do not count, deleting a file frees room, and concurrent uploads at the edge cannot both slip past."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def test_file_count_quota_refuses_with_429_and_writes_nothing(
 ) -> None:
     with session_scope() as session:
         make_file(session, tenant_id="other")  # another tenant's file is not counted against this one
+        make_file(session).purpose = "fine-tune-results"  # nor is a job's result file
     with make_client(MAX_FILES_PER_TENANT="2") as client:
         first = upload(DATASET, via=client, headers={"Idempotency-Key": "first"})
         second = upload(DATASET, via=client)
@@ -39,7 +40,7 @@ def test_file_count_quota_refuses_with_429_and_writes_nothing(
 
         error = assert_envelope(upload(DATASET, via=client), 429, param="file", code="file_count_quota_exceeded")
         assert "2 files stored" in error["message"] and "MAX_FILES_PER_TENANT" in error["message"]
-        assert count_rows(FileObject) == 3 and dir_entries(files_dir) == before
+        assert count_rows(FileObject) == 4 and dir_entries(files_dir) == before
 
         # A retry of an upload that was accepted still gets its answer back, quota or not.
         replay = upload(DATASET, via=client, headers={"Idempotency-Key": "first"})

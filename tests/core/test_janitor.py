@@ -135,6 +135,9 @@ def test_upload_leftovers_go_stored_and_young_files_stay(db: Session, settings: 
     killed_upload = folder / f".upload-{uuid.uuid4().hex}.tmp"
     killed_upload.write_bytes(b"half")
     age(killed_upload)
+    dead_worker_result = folder / f".{uuid.uuid4().hex}.csv.tmp"
+    dead_worker_result.write_bytes(b"step,loss\n")
+    age(dead_worker_result)
     live_upload = folder / f".upload-{uuid.uuid4().hex}.tmp"
     live_upload.write_bytes(b"streaming")
     unreferenced = folder / f"{uuid.uuid4().hex}.jsonl"
@@ -151,8 +154,8 @@ def test_upload_leftovers_go_stored_and_young_files_stay(db: Session, settings: 
 
     counts = sweep_once(settings)
 
-    assert counts["upload_temporaries"] == 1 and counts["orphaned_uploads"] == 1
-    assert not killed_upload.exists() and not unreferenced.exists()
+    assert counts["upload_temporaries"] == 2 and counts["orphaned_uploads"] == 1
+    assert not killed_upload.exists() and not dead_worker_result.exists() and not unreferenced.exists()
     assert live_upload.is_file() and just_stored.is_file() and stored.is_file()
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(FileObject)) == 1
