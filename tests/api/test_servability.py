@@ -16,22 +16,23 @@ from tests.api.helpers import assert_envelope, count_rows, make_client
 from tests.factories import alpaca_records, jsonl
 
 
-def _client(tmp_path: Path, **env: str) -> Iterator[TestClient]:
+def _client(tmp_path: Path, backend: str) -> Iterator[TestClient]:
     folder = tmp_path / "llama"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
-    with make_client(BASE_MODELS=json.dumps({"tiny-llama": str(folder)}), **env) as client:
+    models = json.dumps({"tiny-llama": str(folder)})
+    with make_client(BASE_MODELS=models, INFERENCE_BACKEND=backend, VLLM_MAX_LORA_RANK="8") as client:
         yield client
 
 
 @pytest.fixture
 def vllm_client(clean_db: None, queue_name: str, tmp_path: Path) -> Iterator[TestClient]:
-    yield from _client(tmp_path, INFERENCE_BACKEND="vllm", VLLM_MAX_LORA_RANK="8")
+    yield from _client(tmp_path, "vllm")
 
 
 @pytest.fixture
 def lean_client(clean_db: None, queue_name: str, tmp_path: Path) -> Iterator[TestClient]:
-    yield from _client(tmp_path, INFERENCE_BACKEND="lean", VLLM_MAX_LORA_RANK="8")
+    yield from _client(tmp_path, "lean")
 
 
 def _create(client: TestClient, knobs: dict[str, object], *, where: str = "method") -> object:
