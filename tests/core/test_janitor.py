@@ -3,6 +3,7 @@ and keeps everything a row names, everything of a live job and everything younge
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -207,6 +208,17 @@ def test_expired_idempotency_records_go(db: Session, settings: Settings) -> None
     assert sweep_once(settings)["idempotency_records"] == 1
     with session_scope() as session:
         assert list(session.scalars(select(IdempotencyRecord.key))) == ["recent"]
+
+
+def test_each_removal_is_logged_with_its_kind_path_and_size(
+    db: Session, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    orphan = age(folder_with_file(fine_tuned_dir(uuid.uuid4(), settings)))
+    with caplog.at_level(logging.INFO, logger="conch.janitor"):
+        sweep_once(settings)
+    (removed,) = [r for r in caplog.records if r.getMessage() == "janitor.removed"]
+    assert removed.__dict__["kind"] == "orphaned_models" and removed.__dict__["path"] == str(orphan)
+    assert removed.__dict__["bytes"] == 64
 
 
 def test_one_sweep_at_a_time(db: Session, settings: Settings) -> None:
