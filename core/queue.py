@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 
 from core.contracts import TASK_FINE_TUNE, FineTuneTask
+from core.device_classes import class_queue
 from core.settings import Settings
 
 log = logging.getLogger("conch.queue")
@@ -78,16 +79,18 @@ def close_clients() -> None:
         app.close()
 
 
-def enqueue_fine_tune(job_id: str, settings: Settings) -> None:
+def enqueue_fine_tune(job_id: str, settings: Settings, device_class: str | None = None) -> None:
     """Ring the doorbell for a committed job. Raises if the broker cannot be reached (the reconciler retries).
 
-    The message is ``FineTuneTask``: the job id and nothing else; the worker re-reads the rest from the database."""
+    The message is ``FineTuneTask``: the job id and nothing else; the worker re-reads the rest from the database.
+    It goes to the queue of the job's device class, or to the shared queue when it has none."""
     app = get_celery(settings)
+    queue = class_queue(device_class, settings)
     app.send_task(
         TASK_FINE_TUNE,
         kwargs=FineTuneTask(job_id=job_id).model_dump(),
-        queue=settings.training_queue,
+        queue=queue,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
     )
-    log.info("job.enqueued", extra={"job_id": job_id})
+    log.info("job.enqueued", extra={"job_id": job_id, "queue": queue})

@@ -46,8 +46,10 @@ def _take_sweep_lock(session: Session) -> bool:
     return bool(session.execute(select(func.pg_try_advisory_xact_lock(LOCK_NAMESPACE, SWEEP_LOCK))).scalar_one())
 
 
-def _recover_expired(session: Session, now: datetime, settings: Settings, counts: dict[str, int]) -> list[str]:
-    to_enqueue: list[str] = []
+def _recover_expired(
+    session: Session, now: datetime, settings: Settings, counts: dict[str, int]
+) -> list[tuple[str, str | None]]:
+    to_enqueue: list[tuple[str, str | None]] = []
     expired = session.scalars(
         select(FineTuningJob)
         .where(
@@ -93,11 +95,13 @@ def _recover_expired(session: Session, now: datetime, settings: Settings, counts
                 data={"status": JobStatus.QUEUED.value, "attempts": job.attempts},
             )
             counts["recovered"] += 1
-            to_enqueue.append(job.public_id)
+            to_enqueue.append((job.public_id, job.device_class))
     return to_enqueue
 
 
-def _ring_stale(session: Session, now: datetime, settings: Settings, counts: dict[str, int]) -> list[str]:
+def _ring_stale(
+    session: Session, now: datetime, settings: Settings, counts: dict[str, int]
+) -> list[tuple[str, str | None]]:
     job = FineTuningJob
     other = aliased(FineTuningJob)
     tenant_running = (
@@ -126,12 +130,12 @@ def _ring_stale(session: Session, now: datetime, settings: Settings, counts: dic
     stale = session.scalars(
         select(job).where(job.id.in_(chosen)).order_by(job.created_at).with_for_update(skip_locked=True)
     ).all()
-    to_enqueue: list[str] = []
+    to_enqueue: list[tuple[str, str | None]] = []
     for row in stale:
         row.rings = (row.rings or 0) + 1
         row.enqueued_at = now
         row.next_ring_at = now + ring_delay(settings, row.rings)
-        to_enqueue.append(row.public_id)
+        to_enqueue.append((row.public_id, row.device_class))  # to its class's queue
         counts["requeued"] += 1
     return to_enqueue
 
@@ -145,9 +149,9 @@ def reconcile_once(settings: Settings) -> dict[str, int]:
         now = db_now(session)
         to_enqueue = _recover_expired(session, now, settings, counts)
         to_enqueue += _ring_stale(session, now, settings, counts)
-    for public_id in to_enqueue:
+    for public_id, device_class in to_enqueue:
         try:
-            enqueue_fine_tune(public_id, settings)
+            enqueue_fine_tune(public_id, settings, device_class)
         except Exception as exc:  # broker down: the next sweep tries again
             log.warning("job.enqueue_failed", extra={"job_id": public_id, "error": str(exc)[:200]})
     if any(counts.values()):

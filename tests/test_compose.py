@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES = COMPOSE["services"]
-CONCH_SERVICES = ("migrate", "api", "worker", "inference", "flower")
-LONG_RUNNING = ("postgres", "redis", "api", "worker", "inference", "flower")
+# One training worker per GPU, each reserving its own device.
+WORKERS = ("worker-gpu0", "worker-gpu1")
+CONCH_SERVICES = ("migrate", "api", *WORKERS, "inference", "flower")
+LONG_RUNNING = ("postgres", "redis", "api", *WORKERS, "inference", "flower")
 # What an operator writes into .env next to the example's values.
 OPERATOR_SECRETS = {"POSTGRES_PASSWORD": "5f0c2a9e7b1d44e6a3c8", "FLOWER_BASIC_AUTH": "ops:91d7e2c4b6a8f0e3"}
 
@@ -187,7 +189,7 @@ def settings_from(environment: dict[str, str]) -> Settings:
 
 
 def test_stack_has_every_service() -> None:
-    assert set(SERVICES) == {"postgres", "redis", "migrate", "api", "worker", "inference", "flower"}
+    assert set(SERVICES) == {"postgres", "redis", "migrate", "api", *WORKERS, "inference", "flower"}
 
 
 @pytest.mark.parametrize("name", CONCH_SERVICES)
@@ -205,11 +207,11 @@ def test_command_points_at_a_real_entry_point(name: str) -> None:
         assert module_defines("core.exposure:main")
 
 
-@pytest.mark.parametrize("name", ["migrate", "worker", "inference"])
+@pytest.mark.parametrize("name", ["migrate", *WORKERS, "inference"])
 def test_dockerfiles_exist_and_install_only_their_extra(name: str) -> None:
     build = SERVICES[name]["build"]
     dockerfile = (ROOT / build["dockerfile"]).read_text()
-    extra = {"migrate": "api", "worker": "worker", "inference": "inference"}[name]
+    extra = {"migrate": "api", "inference": "inference"}.get(name, "worker")
     # An image may take its extras as a build argument (the inference image can add llamacpp); its default counts.
     default = re.search(r"^ARG EXTRAS=(\S+)$", dockerfile, flags=re.MULTILINE)
     installed = re.findall(r'pip install "\.\[([^\]]+)\]"', dockerfile)
@@ -232,12 +234,12 @@ def test_service_environment_names_real_settings() -> None:
 
 
 def test_dependencies_wait_for_health_and_migration() -> None:
-    for name in ("api", "worker", "inference"):
+    for name in ("api", *WORKERS, "inference"):
         depends = SERVICES[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["redis"]["condition"] == "service_healthy"
     assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("worker", "inference"):
+    for name in (*WORKERS, "inference"):
         devices = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
 
@@ -264,7 +266,7 @@ def test_every_variable_is_resolved() -> None:
     leftovers = [s for s in strings(RENDERED) if "${" in s]
     assert leftovers == []
     # $$ reaches the container as one $, for its own shell.
-    assert "celery@$HOSTNAME" in " ".join(RENDERED_SERVICES["worker"]["healthcheck"]["test"])
+    assert "celery@$HOSTNAME" in " ".join(RENDERED_SERVICES["worker-gpu0"]["healthcheck"]["test"])
 
 
 def _check_jsonschema(model: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -349,12 +351,39 @@ def test_every_long_running_service_has_a_healthcheck(name: str) -> None:
     assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1
 
 
-def test_the_worker_healthcheck_pings_its_own_node() -> None:
-    command = service_command("worker")
+@pytest.mark.parametrize("name", WORKERS)
+def test_the_worker_healthcheck_pings_its_own_node(name: str) -> None:
+    command = service_command(name)
     # Without -n the node is celery@<hostname>, which is what the check pings.
     assert "-n" not in command and "--hostname" not in command
-    check = " ".join(RENDERED_SERVICES["worker"]["healthcheck"]["test"][1:])
+    check = " ".join(RENDERED_SERVICES[name]["healthcheck"]["test"][1:])
     assert "worker.app:celery_app inspect ping" in check and "-d celery@$HOSTNAME" in check
+
+
+def _reserved_gpus(service: dict[str, Any]) -> list[str]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return [str(i) for d in devices if "gpu" in d.get("capabilities", []) for i in d.get("device_ids", [])]
+
+
+def test_each_worker_reserves_its_own_gpu_and_names_its_device_class() -> None:
+    """``count: 1`` (or replicas of one service) would give every worker GPU 0: each names its own device id."""
+    workers = {name: s for name, s in RENDERED_SERVICES.items() if name.startswith("worker")}
+    assert set(workers) == set(WORKERS)
+    reserved = []
+    for name, service in workers.items():
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert all("count" not in d for d in devices) and "replicas" not in service["deploy"], name
+        assert len(_reserved_gpus(service)) == 1, name
+        reserved += _reserved_gpus(service)
+        device_class = service["environment"]["WORKER_DEVICE_CLASS"]
+        assert settings_from(service["environment"]).worker_device_class == device_class == "gpu-any", name
+        assert service["command"][service["command"].index("-Q") + 1] == "training"  # plus training.<class>
+    assert sorted(reserved) == [str(i) for i in range(len(WORKERS))]  # no GPU reserved twice
+    # The first GPU's worker runs by default; the others join with their profile on a host that has the GPU.
+    assert "profiles" not in workers["worker-gpu0"] and workers["worker-gpu1"]["profiles"] == ["gpu1"]
+    # An operator's class name reaches every worker.
+    rendered = render(operator_env(GPU_DEVICE_CLASS="gpu-a100"))["services"]
+    assert {rendered[name]["environment"]["WORKER_DEVICE_CLASS"] for name in WORKERS} == {"gpu-a100"}
 
 
 def _final_user(dockerfile: str) -> str | None:

@@ -1,6 +1,7 @@
 """The worker's Celery app: the shared client configuration plus worker-only options.
 
-Start it with ``celery -A worker.app:celery_app worker -Q <TRAINING_QUEUE> -c 1 --pool prefork``. Nothing here
+Start it with ``celery -A worker.app:celery_app worker -Q <TRAINING_QUEUE> -c 1 --pool prefork``; it also
+consumes ``<TRAINING_QUEUE>.<device class>`` (WORKER_DEVICE_CLASS, see worker.capabilities). Nothing here
 imports torch: the parent process stays small and never touches an accelerator; each training task runs in a
 fresh child (``worker_max_tasks_per_child=1``) that gives all its memory back when the task ends.
 
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -21,9 +23,11 @@ from typing import Any
 from celery import Celery, signals
 
 from core.db import reset_engine_cache
+from core.device_classes import class_queue
 from core.logging import configure_logging
 from core.queue import make_celery
 from core.settings import get_settings
+from worker.capabilities import worker_device_class
 
 log = logging.getLogger("conch.worker")
 
@@ -73,6 +77,33 @@ def _stop_running_training(sig: str = "", how: str = "", **_: Any) -> None:
                 os.kill(child.pid, signal.SIGTERM)
 
 
+_node_name = ""
+_probe: subprocess.Popen[bytes] | None = None
+
+
+@signals.celeryd_after_setup.connect
+def _consume_device_class_queue(sender: str = "", instance: Any = None, **_: Any) -> None:
+    """Besides the shared queue (``-Q``), take the jobs routed to this worker's device class."""
+    global _node_name
+    _node_name = sender
+    settings = get_settings()
+    device_class = worker_device_class(settings)
+    queue = class_queue(device_class, settings)
+    if instance is not None:
+        instance.app.amqp.queues.select_add(queue)
+    log.info("worker.device_class", extra={"device_class": device_class, "queue": queue})
+
+
+@signals.worker_ready.connect
+def _report_capabilities(**_: Any) -> None:
+    """Probe the device in a child process (torch and CUDA stay out of this parent, which forks the training
+    children) and record it for the api's checks at job creation."""
+    global _probe
+    settings = get_settings()
+    argv = [sys.executable, "-m", "worker.capabilities", "--device-class", worker_device_class(settings)]
+    _probe = subprocess.Popen([*argv, "--worker", _node_name or socket.gethostname()])
+
+
 _reconciler: subprocess.Popen[bytes] | None = None
 
 
@@ -91,7 +122,10 @@ def _start_reconciler(**_: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _stop_reconciler(**_: Any) -> None:
-    global _reconciler
+    global _reconciler, _probe
+    if _probe is not None and _probe.poll() is None:
+        _probe.kill()
+    _probe = None
     process, _reconciler = _reconciler, None
     if process is None or process.poll() is not None:
         return

@@ -1,11 +1,15 @@
 """Where training runs and in which precision.
 
-CUDA when present, else CPU. ``compute_type: auto`` picks bf16 where the hardware computes it natively (a CUDA
-device with bf16, or a CPU with AVX512-BF16 or AMX) and fp32 elsewhere; fp16 needs CUDA.
+CUDA when present, else CPU. ``compute_type: auto`` picks bf16 where the hardware computes it natively (a GPU of
+compute capability 8.0 or newer, or a CPU with AVX512-BF16 or AMX); older GPUs get fp16 (the training loop scales
+the loss), CPUs without bf16 fp32. fp16 needs CUDA, and so does 4-bit quantization (bitsandbytes).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -13,6 +17,9 @@ from typing import Literal
 
 import torch
 
+from core.contracts import Hyperparameters
+from core.device_classes import DeviceCapabilities, UnsupportedPrecision, choose_precision
+from core.memory_estimate import MemoryEstimate, ModelShape, estimate_memory, gib
 from worker.pipeline.errors import PipelineError
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -62,26 +69,103 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return int(major), int(minor)
+
+
 def resolve_compute(requested: str, device: torch.device | None = None) -> Compute:
+    """The run's device and precision; the choice itself is ``core.device_classes.choose_precision``, which the
+    api also applies to a device class's reported capabilities."""
     device = device or pick_device()
-    cuda = device.type == "cuda"
-    cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
-    if requested == "auto":
-        if cuda:
-            return Compute(device, "bf16" if cuda_bf16 else "fp16")
-        return Compute(device, "bf16" if cpu_has_native_bf16() else "fp32")
-    if requested == "fp16" and not cuda:
-        raise PipelineError(
-            "unsupported_compute_type",
-            "compute_type fp16 needs a CUDA device and this worker has only a CPU; use bf16, fp32 or auto.",
-            "compute_type",
+    try:
+        precision = choose_precision(
+            requested,
+            device=device.type,
+            compute_capability=cuda_capability(device),
+            cpu_native_bf16=cpu_has_native_bf16(),
         )
-    if requested == "bf16" and cuda and not cuda_bf16:
+    except UnsupportedPrecision as exc:
+        raise PipelineError(exc.code, exc.message, "compute_type") from exc
+    return Compute(device, precision)
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_quantization(quantization: str, compute: Compute) -> None:
+    """4-bit QLoRA runs on bitsandbytes' CUDA kernels: refuse it up front anywhere else."""
+    if quantization != "4bit":
+        return
+    if compute.device.type != "cuda":
         raise PipelineError(
-            "unsupported_compute_type",
-            "compute_type bf16 is not supported by this GPU; use fp16, fp32 or auto.",
-            "compute_type",
+            "unsupported_quantization",
+            "quantization 4bit (QLoRA) needs a CUDA GPU with bitsandbytes and this worker has only a CPU; train "
+            "without quantization, or send the job to a GPU device class.",
+            "quantization",
         )
-    if requested not in ("fp32", "fp16", "bf16"):
-        raise PipelineError("invalid_compute_type", f"unknown compute_type {requested!r}", "compute_type")
-    return Compute(device, requested)  # type: ignore[arg-type]
+    if not bitsandbytes_installed():
+        raise PipelineError(
+            "unsupported_quantization",
+            "quantization 4bit (QLoRA) needs the bitsandbytes package, which this worker lacks.",
+            "quantization",
+        )
+
+
+def total_memory_bytes(device: torch.device) -> int | None:
+    """The device's memory: the GPU's, or the host's physical memory for a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def device_capabilities() -> DeviceCapabilities:
+    """What this host offers for training, as a worker reports it for its device class."""
+    device = pick_device()
+    capability = cuda_capability(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return DeviceCapabilities(
+        device="cuda" if device.type == "cuda" else "cpu",
+        device_name=name,
+        compute_capability=capability,
+        cpu_native_bf16=cpu_has_native_bf16(),
+        total_memory_bytes=total_memory_bytes(device),
+        bitsandbytes=bitsandbytes_installed(),
+    )
+
+
+def preflight_memory(base_path: Path, hp: Hyperparameters, compute: Compute) -> MemoryEstimate | None:
+    """The run's memory estimate (None for an architecture the estimate does not know); raises PipelineError
+    when it exceeds the device's memory, so the job fails with the figures before the model is loaded."""
+    try:
+        config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    shape = ModelShape.from_config(config) if isinstance(config, dict) else None
+    if shape is None:
+        return None
+    estimate = estimate_memory(
+        shape,
+        lora_rank=hp.lora_rank,
+        lora_target=hp.lora_target,
+        batch_size=hp.per_device_train_batch_size,
+        cutoff_len=hp.cutoff_len,
+        precision=compute.precision,
+        quantization=hp.quantization,
+        gradient_checkpointing=hp.gradient_checkpointing,
+    )
+    available = total_memory_bytes(compute.device)
+    if available is not None and estimate.total > available:
+        raise PipelineError(
+            "insufficient_device_memory",
+            f"The run needs at least {estimate.describe()} but this {compute.device.type} has {gib(available)}; "
+            "lower per_device_train_batch_size or cutoff_len, or turn on gradient_checkpointing or quantization.",
+            "per_device_train_batch_size",
+        )
+    return estimate
