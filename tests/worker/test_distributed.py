@@ -126,6 +126,27 @@ def test_a_job_on_two_devices_through_a_celery_worker_reports_once(db: Session, 
         worker.kill()
 
 
+@pytest.mark.e2e
+def test_a_killed_worker_leaves_no_training_process_behind(db: Session, log_dir: Path) -> None:
+    worker = worker_process("ddp-doomed", log_dir, env={"TRAINING_CPU_PROCESSES": "true"}).start()
+    try:
+        worker.wait_for_log("ready", timeout=120)
+        job = make_job(
+            db,
+            make_file(db, alpaca_records(48)),
+            # Far longer than the test: the processes must end because the worker died, not because they finished.
+            hyperparameters={"num_devices": 2, "per_device_train_batch_size": 1, "num_train_epochs": 500},
+        )
+        db.commit()
+        enqueue_fine_tune(job.public_id, get_settings())
+        wait_until(lambda: len(metrics_events(db, job)) >= 2, "two processes to train")
+        assert len(rank_processes(job.public_id)) >= 3  # the launcher and two ranks, in a session of their own
+    finally:
+        worker.kill()  # SIGKILL to the worker's group: nothing of it gets to clean up
+    # The launcher dies with the worker's child and each rank with the launcher.
+    wait_until(lambda: not rank_processes(job.public_id), "the launcher and ranks to end", timeout=60)
+
+
 def test_cancel_stops_every_rank_and_leaves_no_process(db: Session) -> None:
     job = make_job(
         db,
