@@ -38,7 +38,7 @@ FT_NAME = f"ft:{MODEL_NAME}:bench:ftjob-vllm"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def make_finetune(base: Path, folder: Path, rank: int) -> Path:
+def make_finetune(base: Path, folder: Path, rank: int, seed: int = 0) -> Path:
     """The base's files (linked) plus a random PEFT adapter trained "on" it, where the worker publishes one."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -48,7 +48,7 @@ def make_finetune(base: Path, folder: Path, rank: int) -> Path:
     for path in base.iterdir():
         if path.is_file():
             (folder / path.name).symlink_to(path)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
@@ -56,7 +56,7 @@ def make_finetune(base: Path, folder: Path, rank: int) -> Path:
     return folder
 
 
-def add_model_row(database_url: str, folder: Path) -> None:
+def add_model_row(database_url: str, folder: Path, name: str = FT_NAME) -> None:
     from sqlalchemy.orm import Session
 
     from core.db import make_engine
@@ -67,7 +67,7 @@ def add_model_row(database_url: str, folder: Path) -> None:
     with Session(engine) as session:
         session.add(
             ModelRecord(
-                id=FT_NAME,
+                id=name,
                 tenant_id=DEFAULT_TENANT,
                 base_model=MODEL_NAME,
                 status="ready",
@@ -76,6 +76,31 @@ def add_model_row(database_url: str, folder: Path) -> None:
             )
         )
         session.commit()
+
+
+def publish_and_deploy(database_url: str, base_url: str, name: str) -> dict[str, float]:
+    """Write the deployment of a new adapter model as the worker does at success, then time until the service's
+    default answers with it, while a client keeps asking (its failed requests are counted)."""
+    from sqlalchemy.orm import Session
+
+    from core.db import make_engine
+    from core.orm import DEFAULT_TENANT, Deployment
+
+    failures = polls = 0
+    with Session(make_engine(database_url)) as session:
+        session.add(Deployment(tenant_id=DEFAULT_TENANT, model_id=name, status="pending", requested_by="bench"))
+        session.commit()
+    started = time.perf_counter()
+    with httpx.Client(timeout=120) as client:
+        while time.perf_counter() - started < 120:
+            polls += 1
+            response = client.get(f"{base_url}/generate", params={"prompt": "Hi", "max_new_tokens": 2})
+            if response.status_code != 200:
+                failures += 1
+            elif response.headers.get("x-conch-model") == name:
+                return {"seconds": time.perf_counter() - started, "failed": failures, "requests": polls}
+            time.sleep(0.05)
+    return {"seconds": float("inf"), "failed": failures, "requests": polls}
 
 
 def run_clients(url: str, model: str, ids: list[int], clients: int, requests: int, tokens: int) -> dict[str, float]:
@@ -127,6 +152,7 @@ def main() -> None:
         "VLLM_DTYPE": args.dtype,
         "VLLM_MAX_LORA_RANK": str(max(8, args.rank)),
         "LOG_LEVEL": "WARNING",
+        "DEPLOYMENT_POLL_SECONDS": "0.5",  # no Redis here: the deployment is found by polling
     }
     server = Server("inference.app:create_app", env, data_dir / "conch.log", factory=True)
     try:
@@ -150,6 +176,14 @@ def main() -> None:
             for label, figure, baseline in rows:
                 ratio = f"{figure['tokens_per_second'] / baseline['tokens_per_second']:.2f}x" if baseline else ""
                 print(f"{label:52} {figure['tokens_per_second']:9.1f} {ratio:>7}", flush=True)
+        second = f"{FT_NAME}-2"
+        make_finetune(base, data_dir / "ft-2", args.rank, seed=1)
+        add_model_row(database_url, data_dir / "ft-2", second)
+        swap = publish_and_deploy(database_url, server.base, second)
+        print(
+            f"published adapter answering as the default {swap['seconds']:.2f} s after its deployment row "
+            f"(polling every 0.5 s), {swap['failed']} failed of {swap['requests']} requests meanwhile"
+        )
         adapter_bytes = sum(p.stat().st_size for p in (finetune / "adapter").glob("*.safetensors"))
         model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         print(
