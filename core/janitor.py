@@ -18,6 +18,12 @@ times (the newest in a folder's tree) against this host's clock; ages of rows us
 names this product writes are touched (32-hex ids, its temporaries); anything else in those folders is left
 alone. Every removal is one ``janitor.removed`` log line.
 
+What no row names is a leftover only if the store belongs to this database: the first sweep writes one id into
+the database (``store_identity``) and into the store (``ARTIFACT_ROOT/.conch-store``). Where they differ or one is
+missing (a fresh database pointed at an old volume, a volume from another install), the sweep removes only
+what the rows themselves say is done with (failed jobs' checkpoints) and the product's own temporaries, and logs
+``janitor.store_unrecognised``; nothing merely unnamed is touched.
+
 The reconciler beside each worker runs it every ``JANITOR_INTERVAL_SECONDS``; on Postgres a sweep runs only
 while it holds an advisory lock, so one sweeps at a time.
 """
@@ -40,7 +46,7 @@ from sqlalchemy.orm import Session
 from core.contracts import LIVE_STATUSES, JobStatus
 from core.db import session_scope
 from core.jobs import LOCK_NAMESPACE, db_now, is_postgres
-from core.orm import Checkpoint, FileObject, FineTuningJob, IdempotencyRecord, ModelRecord
+from core.orm import Checkpoint, FileObject, FineTuningJob, IdempotencyRecord, ModelRecord, StoreIdentity
 from core.settings import Settings
 from core.storage import files_dir
 
@@ -56,6 +62,10 @@ _FILE_TEMPORARY = re.compile(r"^\.(upload-[0-9a-f]+|[0-9a-f]{32}\.[a-z0-9]+)\.tm
 _SIBLING_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]+$")  # core.storage.temporary_sibling
 _CACHED_EXPORT = re.compile(r"^([0-9a-f]{32})-.+")
 _CACHE_TEMPORARY = re.compile(r"^\.(export-.+|.+\.tmp)$")  # artifacts.gguf's scratch, inference.gate's
+
+STORE_MARKER = ".conch-store"
+# Kinds removed only because no row names them: never from a store this database does not own.
+UNNAMED_KINDS = frozenset({"orphaned_job_folders", "orphaned_models", "orphaned_uploads", "stale_exports"})
 
 # The kinds of leftover, as counted and logged.
 KINDS = (
@@ -102,6 +112,41 @@ def _take_lock(session: Session) -> bool:
     if not is_postgres(session):
         return True
     return bool(session.execute(select(func.pg_try_advisory_xact_lock(LOCK_NAMESPACE, JANITOR_LOCK))).scalar_one())
+
+
+def _store_is_ours(session: Session, settings: Settings) -> bool:
+    """Whether the artifact store belongs to this database; binds the two on the first sweep of an empty pair."""
+    marker = settings.artifacts / STORE_MARKER
+    owned = session.scalars(select(StoreIdentity.id)).all()
+    try:
+        written = uuid.UUID(marker.read_text().strip()) if marker.is_file() else None
+    except ValueError:
+        written = None
+    if written is not None and written in owned:
+        return True
+    store_is_empty = not any(any(_children(settings.artifacts / part)) for part in ("jobs", "models", "files"))
+    if written is None and (not owned or store_is_empty):
+        # A database that never swept (an install older than the marker, or a new one) with no marker yet, or an
+        # empty volume: nothing in the store can belong to another database. Bind them.
+        identity = owned[0] if owned else uuid.uuid4()
+        if not owned:
+            session.add(StoreIdentity(id=identity))
+            session.flush()
+        settings.artifacts.mkdir(parents=True, exist_ok=True)
+        partial = marker.with_name(f"{STORE_MARKER}.tmp")
+        partial.write_text(f"{identity}\n")
+        partial.replace(marker)
+        return True
+    log.warning(
+        "janitor.store_unrecognised",
+        extra={
+            "store": str(settings.artifacts),
+            "store_id": str(written) if written else None,
+            "database_ids": [str(i) for i in owned],
+            "hint": f"only if this store is this database's, write one of database_ids into {STORE_MARKER}",
+        },
+    )
+    return False
 
 
 def _job_folders(session: Session, settings: Settings, now: datetime, old: float) -> list[Leftover]:
@@ -255,6 +300,9 @@ def sweep_once(settings: Settings) -> dict[str, int]:
         counts["idempotency_records"] = _expired_idempotency_records(session, settings, now)
         # Removed while the lock is held (the rows above commit after), so two sweeps never race on a folder.
         roots = (settings.artifacts, settings.gguf_cache_dir)
+        # Checked (and on the first sweep bound) every time, so a later swap of database or volume is noticed.
+        if not _store_is_ours(session, settings):
+            leftovers = [leftover for leftover in leftovers if leftover.kind not in UNNAMED_KINDS]
         for leftover in leftovers:
             if _remove(leftover, roots):
                 counts[leftover.kind] += 1

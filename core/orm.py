@@ -284,3 +284,12 @@ class DeviceClass(Base):
     capabilities: Mapped[dict[str, Any]]
     worker: Mapped[str] = mapped_column(String(255))
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StoreIdentity(TimestampMixin, Base):
+    """The artifact store this database owns: the same id is written into the store (``core.janitor``), so the
+    janitor never takes a store's contents for leftovers of a database that never knew them."""
+
+    __tablename__ = "store_identity"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

@@ -12,14 +12,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from core.contracts import JobStatus
 from core.db import get_sessionmaker, session_scope
-from core.janitor import JANITOR_LOCK, sweep_once
+from core.janitor import JANITOR_LOCK, STORE_MARKER, UNNAMED_KINDS, sweep_once
 from core.jobs import LOCK_NAMESPACE
-from core.orm import Checkpoint, FileObject, IdempotencyRecord, utcnow
+from core.orm import Checkpoint, FileObject, IdempotencyRecord, StoreIdentity, utcnow
 from core.settings import Settings, get_settings
 from core.storage import checkpoints_dir, files_dir, fine_tuned_dir, job_dir, temporary_sibling
 from tests.factories import make_checkpoint, make_file, make_job, make_model, minutes_ago
@@ -251,3 +251,51 @@ def test_the_reconciler_beside_each_worker_runs_the_janitor(db: Session, setting
         stop.set()
         looping.join(timeout=30)
     assert not looping.is_alive()
+
+
+def _unnamed_leftovers(settings: Settings) -> list[Path]:
+    """A job folder, a model folder and a stored file no row names, all past the grace period."""
+    stored = files_dir(settings) / f"{uuid.uuid4().hex}.jsonl"
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_bytes(b"{}\n")
+    return [
+        age(folder_with_file(job_dir(uuid.uuid4(), settings))),
+        age(folder_with_file(fine_tuned_dir(uuid.uuid4(), settings))),
+        age(stored),
+    ]
+
+
+def test_a_fresh_database_never_takes_an_old_stores_contents_for_leftovers(db: Session, settings: Settings) -> None:
+    assert not any(sweep_once(settings).values())  # an empty store: bound to this database, nothing to remove
+    marker = settings.artifacts / STORE_MARKER
+    assert marker.is_file()
+    # The database is replaced by an empty one (a new DATABASE_URL, a restore gone wrong) over the same volume.
+    db.execute(delete(StoreIdentity))
+    db.commit()
+    unnamed = _unnamed_leftovers(settings)
+    killed_upload = files_dir(settings) / f".upload-{uuid.uuid4().hex}.tmp"
+    killed_upload.write_bytes(b"half")
+    age(killed_upload)
+
+    counts = sweep_once(settings)
+
+    assert all(path.exists() for path in unnamed)  # unnamed is not unwanted: the rows that named them are elsewhere
+    assert counts["upload_temporaries"] == 1 and not killed_upload.exists()  # the product's own temporaries go
+    assert not any(counts[kind] for kind in UNNAMED_KINDS)
+
+
+def test_another_installs_store_or_a_new_volume_with_content_is_left_alone(db: Session, settings: Settings) -> None:
+    db.add(StoreIdentity(id=uuid.uuid4()))
+    db.commit()
+    unnamed = _unnamed_leftovers(settings)  # a store that never had this database's marker
+    assert not any(sweep_once(settings)[kind] for kind in UNNAMED_KINDS)
+    (settings.artifacts / STORE_MARKER).write_text(f"{uuid.uuid4()}\n")  # another database's store
+    assert not any(sweep_once(settings)[kind] for kind in UNNAMED_KINDS)
+    assert all(path.exists() for path in unnamed)
+    # The operator confirms the store is this database's: the sweep goes ahead.
+    with session_scope() as session:
+        owned = session.scalars(select(StoreIdentity.id)).one()
+    (settings.artifacts / STORE_MARKER).write_text(f"{owned}\n")
+    counts = sweep_once(settings)
+    assert counts["orphaned_job_folders"] == 1 and counts["orphaned_models"] == 1 and counts["orphaned_uploads"] == 1
+    assert not any(path.exists() for path in unnamed)
