@@ -140,7 +140,9 @@ def _split_openai_batch(values: dict[str, Any], raw: dict[str, Any], prefix: str
     if not isinstance(cutoff, int) or cutoff < 1:
         return
     for steps in range(1, min(batch, MAX_ACCUMULATION) + 1):
-        if batch % steps == 0 and (batch // steps) * cutoff <= settings.max_tokens_per_step:
+        if batch % steps == 0 and (batch // steps) * cutoff * _sequences_per_example(values) <= (
+            settings.max_tokens_per_step
+        ):
             if steps > 1:
                 values["per_device_train_batch_size"] = batch // steps
                 values["gradient_accumulation_steps"] = steps
@@ -154,9 +156,15 @@ def _check_lora_target_syntax(resolved: Resolved) -> None:
         raise ValidationFailed(f"{param}: {problem}.", param=param, code="invalid_lora_target")
 
 
+def _sequences_per_example(values: dict[str, Any]) -> int:
+    """A DPO example is a pair: both replies go through the model in the same step."""
+    return 2 if values.get("method") == "dpo" else 1
+
+
 def _check_tokens_per_step(resolved: Resolved, settings: Settings) -> None:
     hp = resolved.hp
-    tokens = hp.per_device_train_batch_size * hp.cutoff_len
+    per_example = _sequences_per_example({"method": hp.method})
+    tokens = hp.per_device_train_batch_size * per_example * hp.cutoff_len
     if tokens <= settings.max_tokens_per_step:
         return
     # Name the knob to change: cutoff_len if one example alone is too long, else the one the client sent.
@@ -165,7 +173,8 @@ def _check_tokens_per_step(resolved: Resolved, settings: Settings) -> None:
     )
     param = resolved.param("cutoff_len" if cutoff_is_it else "per_device_train_batch_size")
     raise ValidationFailed(
-        f"{param}: {hp.per_device_train_batch_size} examples x cutoff_len {hp.cutoff_len} = {tokens} tokens per "
+        f"{param}: {hp.per_device_train_batch_size} examples{' x 2 replies' if per_example == 2 else ''} x "
+        f"cutoff_len {hp.cutoff_len} = {tokens} tokens per "
         f"training step, above this server's limit of {settings.max_tokens_per_step} (MAX_TOKENS_PER_STEP); lower "
         "the per-device batch or cutoff_len (gradient_accumulation_steps keeps the effective batch).",
         param=param,

@@ -208,6 +208,13 @@ BAD_BODIES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ),
     ("unknown_method", {"method": {"type": "reinforcement"}}, 422, "method.type"),
     (
+        # 16 x 1024 tokens is within the default limit for SFT, but a DPO step runs both replies of each pair.
+        "dpo_pairs_count_twice_per_step",
+        {"method": {"type": "dpo", "dpo": {"hyperparameters": {"per_device_train_batch_size": 16}}}},
+        422,
+        "method.dpo.hyperparameters.per_device_train_batch_size",
+    ),
+    (
         "hyperparameters_twice",
         {"hyperparameters": {"n_epochs": 1}, "method": {"type": "supervised", "supervised": {"hyperparameters": {}}}},
         400,
