@@ -12,8 +12,9 @@ worker reports the same figures in its pre-flight plan. The components:
   inputs and outputs (or, with gradient checkpointing, one hidden state per layer plus one layer recomputed),
   and the fp32 logits over the vocabulary with their softmax for the loss.
 
-It counts what must be resident, not allocator slack or the CUDA context, so it is a floor: a job whose
-estimate exceeds a device's memory cannot fit it, while one below may still need some headroom.
+It counts what a step keeps resident, not allocator slack, transient gradients of activations or the CUDA
+context (bench/memory_bench.py: the activations came within 8% of what autograd kept on the default model), so a
+job whose estimate exceeds a device's memory will not fit it, while one just below may still need headroom.
 """
 
 from __future__ import annotations
