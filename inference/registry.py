@@ -307,9 +307,9 @@ class Registry:
         settings = self.settings
         engine: Engine | None = None
         try:
-            gate: GateResult | None = None
-            if self.vllm is not None:
-                model, engine = self.vllm.load(source)
+            gate: GateResult | None
+            if self.vllm is not None:  # gated too: vLLM's answers against the fp32 reference
+                model, engine, gate = self.vllm.load(source)
             else:
                 model, gate = self._load_gated(source)
                 engine = Engine(

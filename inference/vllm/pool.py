@@ -15,12 +15,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
+from artifacts.golden import ReferenceError
 from core.base_models import base_model_path, is_prepared
 from core.settings import Settings
 from inference.catalog import ModelSource
 from inference.engine.engine import EngineObserver
 from inference.engine.loader import LoadedModel, ModelLoadError, load_model
+from inference.gate import GateResult, reference_for
 from inference.vllm.engine import VllmEngine
+from inference.vllm.fidelity import vllm_gate
 from inference.vllm.server import VllmOptions, VllmServer, VllmUnavailable
 
 log = logging.getLogger("conch.inference.vllm")
@@ -125,7 +130,44 @@ class VllmPool:
                 self._servers[name] = server
             return server
 
-    def load(self, source: ModelSource) -> tuple[LoadedModel, VllmEngine]:
+    def load(self, source: ModelSource) -> tuple[LoadedModel, VllmEngine, GateResult | None]:
+        """The model's tokenizer and stops, an engine that runs it on vLLM, and the fidelity gate it passed (none
+        for a checkpoint: no merged weights of it exist to take a reference from)."""
+        model, engine = self._load(source)
+        if source.adapter is not None:
+            return model, engine, None
+        try:
+            gate = self._gate(source, model, engine)
+        except BaseException:
+            engine.stop()
+            raise
+        if not gate.passed:
+            engine.stop()
+            raise ModelLoadError(
+                f"vLLM's answers drift from the model's fp32 reference: next-token agreement "
+                f"{gate.fidelity.agreement:.4f} < {gate.threshold} (FIDELITY_MIN_AGREEMENT)"
+            )
+        return model, engine, gate
+
+    def _gate(self, source: ModelSource, model: LoadedModel, engine: VllmEngine) -> GateResult:
+        try:
+            reference = reference_for(
+                source.folder, source.template, self.settings.gguf_cache_dir, sorted(model.stop_token_ids)
+            )
+            return vllm_gate(
+                engine.server.url,
+                engine.served_name,
+                reference,
+                int(model.decoder.vocab_size),
+                model.route,
+                self.settings.fidelity_min_agreement,
+            )
+        except ReferenceError as exc:
+            raise ModelLoadError(f"the model's reference answers are unusable: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise ModelLoadError(f"vLLM could not score the golden prompts: {exc}") from exc
+
+    def _load(self, source: ModelSource) -> tuple[LoadedModel, VllmEngine]:
         """The model's tokenizer and stops (Conch renders and tokenizes) and an engine that runs it on vLLM."""
         settings = self.settings
         model = load_model(

@@ -87,9 +87,15 @@ def save_adapter(base: Path, folder: Path, seed: int) -> Path:
 
 
 def build_finetune(base: Path, folder: Path) -> Path:
-    """The base's files plus its adapter in ``adapter/``, where the worker publishes it."""
+    """As the worker publishes a fine-tune: the merged weights with the base's tokenizer, and the adapter in
+    ``adapter/`` (the fidelity gate holds vLLM's adapter answers to the merged weights' fp32 reference)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     shutil.copytree(base, folder)
     save_adapter(base, folder / "adapter", seed=1)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(folder / "adapter"))
+    merged.merge_and_unload().save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -175,6 +181,11 @@ def test_base_and_adapter_answer_through_conch_as_vllm_answers_directly(
     assert isinstance(handle.engine, VllmEngine)
     assert handle.engine.server is server  # the adapter runs on the base's server, no second process
     assert handle.model.route == "vllm:lora"
+    # Both passed the fidelity gate: vLLM's next tokens against the fp32 reference (for the adapter, of the merged
+    # weights), teacher-forced on the golden prompts.
+    for name in (BASE, FT):
+        gate = _registry(vllm_client).loaded(name).gate
+        assert gate is not None and gate.passed and gate.fidelity.tokens > 0, name
     assert base["choices"][0]["text"] == _direct(server, BASE)
     assert tuned["choices"][0]["text"] == _direct(server, handle.engine.served_name)
     assert tuned["choices"][0]["text"] != base["choices"][0]["text"]  # the adapter changes the answer
@@ -268,3 +279,24 @@ def test_a_checkpoint_answers_as_its_adapter_on_the_base(
     assert missing.status_code == 404
     other = vllm_client.post("/v1/completions", json={"model": name, "prompt": PROMPT}, headers=_key(OTHER))
     assert other.status_code == 404
+
+
+def test_an_adapter_that_does_not_answer_as_its_merged_weights_is_refused(
+    db: Any, vllm_models: tuple[Path, Path, Path], vllm_client: TestClient, tenant_models: dict[str, str]
+) -> None:
+    base, finetune, _ = vllm_models
+    # The base's weights published beside the fine-tune's adapter: the reference (fp32, of the published weights)
+    # and vLLM's adapter answers disagree, so the fidelity gate refuses the deployment.
+    broken = base.parent / "ft-broken"
+    if not broken.exists():
+        shutil.copytree(base, broken)
+        shutil.copytree(finetune / "adapter", broken / "adapter")
+    name = "ft:tiny-vllm:broken:ftjob-v2"
+    make_model(db, name, storage_path=broken, tenant_id=TENANT, base_model=BASE)
+    db.commit()
+    row = deploy(db, name, tenant=TENANT)
+    failed = wait_deployment(db, row, ACTIVE, FAILED, timeout=120)
+    assert failed.status == FAILED
+    assert "drift from the model's fp32 reference" in (failed.reason or "")
+    assert _registry(vllm_client).loaded(name) is None
+    assert not [served for served in _server(vllm_client).adapters if served.startswith(name)]  # unloaded again
