@@ -7,7 +7,8 @@ of training for each, their ratio, and the per-step and final training loss of e
 difference.
 
     python bench/ddp_bench.py [--model SmolLM2-135M-Instruct] [--data data/persona.jsonl] [--examples 32]
-                              [--batch 4] [--epochs 1] [--compute-type auto]
+                              [--batch 4] [--epochs 1] [--compute-type auto] [--repeat 1]
+                              [--baseline-threads N]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,7 +126,10 @@ def launch(args: argparse.Namespace, processes: int, out: Path) -> dict[str, Any
     script = [str(Path(__file__).resolve()), "--rank-run", "--out", str(out), *passthrough(args)]
     launcher = launcher_argv(processes, get_settings()) if processes > 1 else [sys.executable]
     argv = [*launcher, *script]
-    subprocess.run(argv, env=rank_environment(processes), check=True, cwd=ROOT)
+    env = rank_environment(processes)
+    if processes == 1 and args.baseline_threads:
+        env["OMP_NUM_THREADS"] = str(args.baseline_threads)
+    subprocess.run(argv, env=env, check=True, cwd=ROOT)
     return dict(json.loads(out.read_text()))
 
 
@@ -166,6 +171,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--compute-type", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="pairs of runs, order alternating")
+    parser.add_argument(
+        "--baseline-threads", type=int, default=0, help="threads of the 1-process run (default: all cores)"
+    )
     parser.add_argument("--rank-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,20 +186,27 @@ def main() -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     host = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else f"{cpu_name()}, {os.cpu_count()} cores"
     print(f"host: {host}; model {args.model}; {args.examples} examples, effective batch {args.batch}")
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as folder:
-        one = launch(args, 1, Path(folder) / "one.json")
-        two = launch(args, 2, Path(folder) / "two.json")
-    for run in (one, two):
-        print(
-            f"{run['processes']} process(es) x {run['threads']} threads, {run['compute']}: {run['steps']} steps, "
-            f"{run['tokens']} tokens in {run['seconds']:.1f} s = {run['tokens_per_second']:.1f} non-pad tokens/s; "
-            f"train loss {run['train_loss']:.6f}"
-        )
+        # Other work on a small machine skews one pair of runs: repeats alternate the order; medians are compared.
+        for repeat in range(args.repeat):
+            for processes in (1, 2) if repeat % 2 == 0 else (2, 1):
+                load = os.getloadavg()[0]
+                run = launch(args, processes, Path(folder) / f"{processes}-{repeat}.json")
+                runs[processes].append(run)
+                print(
+                    f"{run['processes']} process(es) x {run['threads']} threads, {run['compute']}: {run['steps']} "
+                    f"steps, {run['tokens']} tokens in {run['seconds']:.1f} s = {run['tokens_per_second']:.1f} "
+                    f"non-pad tokens/s; train loss {run['train_loss']:.6f} [load average {load:.2f} -> "
+                    f"{os.getloadavg()[0]:.2f}]"
+                )
+    one, two = runs[1][0], runs[2][0]
     deltas = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(one["losses"], two["losses"], strict=True)]
+    rate = {n: statistics.median(r["tokens_per_second"] for r in runs[n]) for n in runs}
     print(
-        f"ratio 2 processes / 1 process: {two['tokens_per_second'] / one['tokens_per_second']:.2f}x tokens/s; "
-        f"per-step loss: largest relative difference {max(deltas):.2e} over {len(deltas)} steps; final train loss "
-        f"{one['train_loss']:.6f} vs {two['train_loss']:.6f}"
+        f"ratio 2 processes / 1 process: {rate[2] / rate[1]:.2f}x tokens/s ({rate[2]:.1f} vs {rate[1]:.1f}, median "
+        f"of {args.repeat}); per-step loss: largest relative difference {max(deltas):.2e} over {len(deltas)} steps; "
+        f"final train loss {one['train_loss']:.6f} vs {two['train_loss']:.6f}"
     )
 
 
