@@ -39,20 +39,24 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 def make_finetune(base: Path, folder: Path, rank: int, seed: int = 0) -> Path:
-    """The base's files (linked) plus a random PEFT adapter trained "on" it, where the worker publishes one."""
+    """As the worker publishes a fine-tune: merged weights with the base's tokenizer files, and the random PEFT
+    adapter "trained" on the base in ``adapter/`` (the fidelity gate holds vLLM's adapter answers to the merged
+    weights)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     folder.mkdir(parents=True)
     for path in base.iterdir():
-        if path.is_file():
-            (folder / path.name).symlink_to(path)
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy2(path, folder / path.name)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(str(folder / "adapter"))
+    peft_model = get_peft_model(model, lora)
+    peft_model.save_pretrained(str(folder / "adapter"))
+    peft_model.merge_and_unload().save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 
@@ -160,6 +164,15 @@ def main() -> None:
         vllm = httpx.get(f"{server.base}/readyz", timeout=10).json()["vllm"][0]
         direct_url = vllm["url"]
         print(f"conch+vllm ready after {ready_after:.1f} s; vLLM server {direct_url} (pid {vllm['pid']})", flush=True)
+        run_clients(server.base, FT_NAME, ids, 1, 1, 4)  # loads the adapter (and runs its fidelity gate)
+        for entry in httpx.get(f"{server.base}/readyz", timeout=10).json()["models"]:
+            gate = entry.get("fidelity") or {}
+            print(
+                f"fidelity gate {entry['id']} ({entry['route']}): agreement {gate.get('agreement')} "
+                f"(threshold {gate.get('threshold')}), max KL {gate.get('max_kl')} (approximate), "
+                f"{gate.get('positions')} positions in {gate.get('seconds')} s",
+                flush=True,
+            )
         # Warm both paths, and load the adapter (its first request loads it on the server).
         run_clients(server.base, MODEL_NAME, ids, 1, 1, 4)
         run_clients(server.base, FT_NAME, ids, 1, 1, 4)

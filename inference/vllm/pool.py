@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -32,6 +32,7 @@ log = logging.getLogger("conch.inference.vllm")
 
 ADAPTER_SUBDIR = "adapter"  # where the worker publishes a fine-tune's PEFT adapter inside its merged folder
 ADAPTER_CONFIG = "adapter_config.json"
+FAITHFUL_DTYPE = "float32"  # the gate's reference type: the fall-back when VLLM_DTYPE drifts from it
 
 
 def options_from(settings: Settings, threads: int) -> VllmOptions:
@@ -112,18 +113,21 @@ class VllmPool:
     def servers(self) -> list[VllmServer]:
         return list(self._servers.values())
 
-    def server(self, name: str, folder: Path) -> VllmServer:
-        """The running server of ``name`` (started once, whoever asks first; the others wait for it)."""
+    def server(self, name: str, folder: Path, *, faithful: bool = False) -> VllmServer:
+        """The running server of ``name`` (started once, whoever asks first; the others wait for it).
+        ``faithful``: in fp32 (replacing one in another type), the fall-back when the gate refuses VLLM_DTYPE."""
         with self._lock:
             starting = self._starting.setdefault(name, threading.Lock())
         with starting:
             server = self._servers.get(name)
-            if server is not None and not server.stopped and server.folder == folder:
+            fits = server is not None and (not faithful or server.options.dtype == FAITHFUL_DTYPE)
+            if server is not None and fits and not server.stopped and server.folder == folder:
                 return server
             if server is not None:
                 server.stop()
+            options = replace(self.options, dtype=FAITHFUL_DTYPE) if faithful else self.options
             try:
-                server = VllmServer(name, folder, self.options).start()
+                server = VllmServer(name, folder, options).start()
             except VllmUnavailable as exc:
                 raise ModelLoadError(f"vLLM could not serve {name!r}: {exc}") from exc
             with self._lock:
@@ -136,11 +140,27 @@ class VllmPool:
         model, engine = self._load(source)
         if source.adapter is not None:
             return model, engine, None
+        can_fall_back = model.route != "vllm:lora" and engine.server.options.dtype != FAITHFUL_DTYPE
+        rejected: dict[str, object] | None = None
         try:
-            gate = self._gate(source, model, engine)
-        except BaseException:
+            gate = self._gated(source, model, engine)
+            if not gate.passed and can_fall_back:
+                rejected = {
+                    "route": model.route,
+                    "agreement": round(gate.fidelity.agreement, 5),
+                    "reason": f"next-token agreement {gate.fidelity.agreement:.4f} < {gate.threshold}",
+                }
+        except ModelLoadError as exc:  # e.g. the server's kernels in this type crash on this model
+            if not can_fall_back:
+                raise
+            rejected = {"route": model.route, "reason": str(exc)}
+        if rejected is not None:
+            # As the registry's routes fall back to the faithful one: this model's own server again, in fp32.
+            log.warning("route.below_fidelity", extra={"model": source.name, **rejected})
             engine.stop()
-            raise
+            model, engine = self._load(source, faithful=True)
+            gate = self._gated(source, model, engine)
+            gate.rejected = [rejected]
         if not gate.passed:
             engine.stop()
             raise ModelLoadError(
@@ -148,6 +168,13 @@ class VllmPool:
                 f"{gate.fidelity.agreement:.4f} < {gate.threshold} (FIDELITY_MIN_AGREEMENT)"
             )
         return model, engine, gate
+
+    def _gated(self, source: ModelSource, model: LoadedModel, engine: VllmEngine) -> GateResult:
+        try:
+            return self._gate(source, model, engine)
+        except BaseException:
+            engine.stop()
+            raise
 
     def _gate(self, source: ModelSource, model: LoadedModel, engine: VllmEngine) -> GateResult:
         try:
@@ -167,7 +194,7 @@ class VllmPool:
         except httpx.HTTPError as exc:
             raise ModelLoadError(f"vLLM could not score the golden prompts: {exc}") from exc
 
-    def _load(self, source: ModelSource) -> tuple[LoadedModel, VllmEngine]:
+    def _load(self, source: ModelSource, *, faithful: bool = False) -> tuple[LoadedModel, VllmEngine]:
         """The model's tokenizer and stops (Conch renders and tokenizes) and an engine that runs it on vLLM."""
         settings = self.settings
         model = load_model(
@@ -178,10 +205,10 @@ class VllmPool:
             backend_setting="vllm",
             cache_rows=settings.max_batch_size,
         )
-        model.route = "vllm"
         model.max_positions = min(model.max_positions, self.options.max_model_len)
         place = placement_for(source, settings)
-        server = self.server(place.server_name, place.server_folder)
+        server = self.server(place.server_name, place.server_folder, faithful=faithful)
+        model.route = f"vllm:{server.options.dtype}"
         if place.adapter is None:
             return model, self._engine(model, server, place.server_name, None)
         served = f"{source.name}@{next(self._names)}"  # one name per load: unloading an old one spares the new
