@@ -81,3 +81,6 @@ def test_a_dpo_job_stopped_by_sigterm_resumes_from_its_checkpoint(
     # The resumed run trained only the steps left: one metrics event per step in all, none repeated.
     steps = [m["step"] for m in metrics_events(db, job) if "loss" in m]
     assert sorted(set(steps)) == list(range(1, TOTAL_STEPS + 1))
+    # Trained tokens carry on from the checkpoint's count instead of starting again from zero.
+    tokens = [m["trained_tokens"] for m in metrics_events(db, job)]
+    assert tokens == sorted(tokens) and row.trained_tokens == tokens[-1]

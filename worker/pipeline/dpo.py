@@ -154,10 +154,14 @@ def make_callback(hooks: TrainingHooks, fingerprint_value: str, tokens_per_pair:
             self.started = time.monotonic()
             self.last: dict[str, float] = {"time": self.started, "tokens": 0.0}
             self.figures: dict[str, Any] = {}
+            # TRL counts tokens from 0 in every process: a resumed run adds what the checkpoint had trained.
+            self.token_offset = 0.0
+            self.start_step = 0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.started = time.monotonic()
-            self.last = {"time": self.started, "tokens": 0.0}
+            self.start_step = int(state.global_step)  # after a resume, the checkpoint's step
+            self.last = {"time": self.started, "tokens": self.token_offset}
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             reason = hooks.should_stop()
@@ -180,7 +184,14 @@ def make_callback(hooks: TrainingHooks, fingerprint_value: str, tokens_per_pair:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             # Written last, so a folder with it is complete (checkpoints.is_complete); names the run it continues.
             (folder / STATE_FILE).write_text(
-                json.dumps({"step": state.global_step, "data_fingerprint": fingerprint_value, **self.figures})
+                json.dumps(
+                    {
+                        "step": state.global_step,
+                        "data_fingerprint": fingerprint_value,
+                        "trained_tokens": int(self.last["tokens"]),
+                        **self.figures,
+                    }
+                )
             )
             self.saved_step = state.global_step
             hooks.on_checkpoint(state.global_step, folder, {"step": state.global_step, **self.figures})
@@ -199,10 +210,13 @@ def make_callback(hooks: TrainingHooks, fingerprint_value: str, tokens_per_pair:
             if "loss" not in logs:
                 return  # the end-of-training summary; the job's final metrics come from run_dpo
             now = time.monotonic()
-            tokens = float(logs.get("num_tokens", step * args.per_device_train_batch_size * tokens_per_pair))
+            done = step - self.start_step
+            tokens = self.token_offset + float(
+                logs.get("num_tokens", done * args.per_device_train_batch_size * tokens_per_pair)
+            )
             rate = (tokens - self.last["tokens"]) / max(now - self.last["time"], 1e-9)
             self.last = {"time": now, "tokens": tokens}
-            per_step = (now - self.started) / max(step, 1)
+            per_step = (now - self.started) / max(step - self.start_step, 1)
             metrics: dict[str, Any] = {
                 "step": step,
                 "total_steps": total,
@@ -327,6 +341,7 @@ def run_dpo(
     resume_from = _resumable(reporter, run_fingerprint)
     reporter.stage(JobStage.TRAINING, "Training started" if resume_from is None else "Training resumed")
     if resume_from is not None:
+        callback.token_offset = float(json.loads((resume_from / STATE_FILE).read_text()).get("trained_tokens", 0))
         reporter.event(
             f"Resuming from the checkpoint {resume_from.name}",
             data={"checkpoint": resume_from.name},
