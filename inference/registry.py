@@ -594,6 +594,9 @@ class Registry:
         elif handle.engine.error is not None:
             detail["reason"] = f"engine error: {handle.engine.error}"
             ready = False
+        elif not handle.engine.healthy:  # a vLLM server restarting: requests wait for it, balancers go elsewhere
+            detail["reason"] = "engine restarting"
+            ready = False
         else:
             ready = self.synced
             if not ready:

@@ -256,7 +256,9 @@ def test_a_killed_vllm_server_comes_back_with_its_adapters(
     restarts, pid = server.restarts, server.pid
     assert pid is not None
     os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: vllm_client.get("/readyz").status_code == 503, what="/readyz 503 while it restarts")
     wait_until(lambda: server.restarts > restarts and server.healthy, timeout=300, what="vLLM restarted")
+    assert vllm_client.get("/readyz").status_code == 200
     assert server.pid != pid
     # The adapter is back on the new process (the registry of adapters survives it), same answer.
     assert _conch(vllm_client, FT, headers)["choices"][0]["text"] == before
