@@ -64,6 +64,11 @@ class ControlTokens:
             for m in messages
         ]
 
+    @staticmethod
+    def unmark(text: str) -> str:
+        """A marked rendering as readers should see it (the wrapped tokens as the characters they were)."""
+        return text.replace(OPEN, "").replace(CLOSE, "")
+
     # ---------------------------------------------------------------------------------------- after rendering
 
     def encode(self, rendered: str) -> list[int]:

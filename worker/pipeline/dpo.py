@@ -8,7 +8,10 @@ between steps, and records each checkpoint TRL writes (its own ``checkpoint-N`` 
 optimizer, scheduler and RNG state, so a resumed job continues through ``resume_from_checkpoint``).
 
 Prompts are rendered exactly as for supervised training and serving (``core.templates``): the prompt is the
-conversation up to the final assistant turn, each reply is that turn's text through its end-of-turn token.
+conversation up to the final assistant turn, each reply is that turn's text through its end-of-turn token. Pairs
+are tokenized here, as supervised examples are (``core.control_tokens``): a control token typed inside a message is
+text, never a turn boundary; TRL's own tokenization, which parses every special token in the rendered text, is
+skipped.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from typing import Any, cast
 import torch
 
 from core.contracts import Hyperparameters, JobStage, fine_tuned_model_id
+from core.control_tokens import ControlTokens
 from core.datasets import PreferencePair, is_preference_format, load_preference_pairs
 from core.db import SessionFactory
 from core.settings import Settings
 from core.storage import checkpoints_dir
-from core.templates import conversation_segments, resolve_template
+from core.templates import conversation_segments, resolve_template, template_text
 from worker.pipeline.checkpoints import STATE_FILE, is_complete
 from worker.pipeline.data import split_validation, steps_per_epoch
 from worker.pipeline.device import Compute, check_quantization, resolve_compute
@@ -55,14 +59,25 @@ _REWARD_FIGURES = {
 
 @dataclass(frozen=True)
 class RenderedPair:
-    """A pair as the model reads it: the rendered prompt, and each reply through its end-of-turn token."""
+    """A pair as the model reads it: the rendered prompt, and each reply through its end-of-turn token, as text
+    (for the job's report and the checkpoint fingerprint) and as the token ids it trains on."""
 
     prompt: str
     chosen: str
     rejected: str
+    prompt_ids: tuple[int, ...] = ()
+    chosen_ids: tuple[int, ...] = ()
+    rejected_ids: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, str]:
         return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+
+    def to_tokens(self) -> dict[str, list[int]]:
+        return {
+            "prompt_ids": list(self.prompt_ids),
+            "chosen_ids": list(self.chosen_ids),
+            "rejected_ids": list(self.rejected_ids),
+        }
 
 
 def read_pairs(file: FileSpec, param: str) -> list[PreferencePair]:
@@ -83,29 +98,51 @@ def _reply_text(text: str, eos: str | None) -> str:
     return stripped if eos and stripped.endswith(eos) else text
 
 
-def render_pair(tokenizer: Any, pair: PreferencePair, template: str) -> RenderedPair:
-    chosen = conversation_segments(tokenizer, pair.conversation(preferred=True), template)
-    rejected = conversation_segments(tokenizer, pair.conversation(preferred=False), template)
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def render_pair(tokenizer: Any, control: ControlTokens, pair: PreferencePair, template: str) -> RenderedPair:
+    chosen = conversation_segments(tokenizer, control.mark(pair.conversation(preferred=True)), template)
+    rejected = conversation_segments(tokenizer, control.mark(pair.conversation(preferred=False)), template)
     prompt = "".join(s.text for s in chosen[:-1])
     if "".join(s.text for s in rejected[:-1]) != prompt:
         raise ValueError("the chat template renders the prompt differently before the two replies")
     eos = getattr(tokenizer, "eos_token", None)
-    return RenderedPair(prompt, _reply_text(chosen[-1].text, eos), _reply_text(rejected[-1].text, eos))
+    chosen_text, rejected_text = _reply_text(chosen[-1].text, eos), _reply_text(rejected[-1].text, eos)
+    prompt_ids, with_chosen, with_rejected = control.encode_many([prompt, prompt + chosen_text, prompt + rejected_text])
+    # A reply starts where the prompt's tokens and the whole pair's part (a merge across the boundary moves it).
+    cut = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    replies = [with_chosen[cut:], with_rejected[cut:]]
+    if isinstance(eos_id, int):  # every reply ends the turn, whatever the template's end-of-turn token is
+        replies = [ids if ids[-1:] == [eos_id] else [*ids, eos_id] for ids in replies]
+    return RenderedPair(
+        control.unmark(prompt),
+        control.unmark(chosen_text),
+        control.unmark(rejected_text),
+        tuple(prompt_ids[:cut]),
+        tuple(replies[0]),
+        tuple(replies[1]),
+    )
 
 
 def render_pairs(tokenizer: Any, pairs: list[PreferencePair], template: str) -> list[RenderedPair]:
+    control = ControlTokens(tokenizer, template_text(template, tokenizer))
     try:
-        return [render_pair(tokenizer, pair, template) for pair in pairs]
+        return [render_pair(tokenizer, control, pair, template) for pair in pairs]
     except ValueError as exc:  # a chat template that cannot render these conversations
         raise PipelineError("invalid_template", str(exc), "template") from exc
 
 
-def pair_stats(tokenizer: Any, rows: list[RenderedPair], cutoff_len: int) -> dict[str, Any]:
+def pair_stats(rows: list[RenderedPair], cutoff_len: int) -> dict[str, Any]:
     """Token counts the pre-flight report shows; a pair longer than ``cutoff_len`` is cut at its end."""
-    lengths = [
-        (len(tokenizer(r.prompt + r.chosen)["input_ids"]), len(tokenizer(r.prompt + r.rejected)["input_ids"]))
-        for r in rows
-    ]
+    lengths = [(len(r.prompt_ids) + len(r.chosen_ids), len(r.prompt_ids) + len(r.rejected_ids)) for r in rows]
     tokens = sum(a + b for a, b in lengths)
     return {
         "pairs": len(rows),
@@ -240,9 +277,18 @@ def make_callback(hooks: TrainingHooks, fingerprint_value: str, tokens_per_pair:
 def _config(
     hp: Hyperparameters, compute: Compute, output_dir: Path, seed: int, total_steps: int, has_eval: bool
 ) -> Any:
+    from transformers import TrainingArguments
     from trl import DPOConfig
 
+    # TRL turns checkpointing on unless told otherwise; transformers 5 names it activation_checkpointing (the old
+    # name warns), 4.57 knows only gradient_checkpointing.
+    checkpointing: dict[str, Any] = (
+        {"activation_checkpointing": hp.gradient_checkpointing, "gradient_checkpointing": None}
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+        else {"gradient_checkpointing": hp.gradient_checkpointing}
+    )
     return DPOConfig(
+        **checkpointing,
         output_dir=str(output_dir),
         beta=hp.beta,
         learning_rate=hp.learning_rate,
@@ -266,7 +312,6 @@ def _config(
         bf16=compute.precision == "bf16",
         fp16=compute.precision == "fp16",
         use_cpu=compute.device.type == "cpu",
-        gradient_checkpointing=hp.gradient_checkpointing,
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=compute.device.type == "cuda",
@@ -298,7 +343,7 @@ def run_dpo(
         held = split_validation(pairs, hp.val_size, spec.seed)  # type: ignore[arg-type]
         pairs, eval_pairs = cast(tuple[list[PreferencePair], list[PreferencePair]], held)
     rows, eval_rows = render_pairs(tokenizer, pairs, template), render_pairs(tokenizer, eval_pairs, template)
-    stats = pair_stats(tokenizer, rows, hp.cutoff_len)
+    stats = pair_stats(rows, hp.cutoff_len)
     first = rows[0]
     reporter.event(
         f"Preference data: {stats['pairs']} pairs, {stats['tokens']} tokens (prompt + reply, both replies); "
@@ -415,13 +460,23 @@ def _trainer(
     from transformers import PrinterCallback
     from trl import DPOTrainer
 
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """TRL's trainer on pairs tokenized by ``render_pair``: its own preparation (prompt extraction, EOS text,
+        tokenization with every special token parsed) is replaced by the one filter it applies afterwards."""
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                # A prompt that fills max_length leaves no reply token to learn from (TRL drops those too).
+                return dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+            return dataset
+
     datasets.disable_progress_bars()  # the job's events report progress; bars would only clutter the worker log
-    train = Dataset.from_list([r.to_json() for r in rows])
-    evaluation = Dataset.from_list([r.to_json() for r in eval_rows]) if eval_rows else None
+    train = Dataset.from_list([r.to_tokens() for r in rows])
+    evaluation = Dataset.from_list([r.to_tokens() for r in eval_rows]) if eval_rows else None
     try:
         # With a LoRA config TRL wraps the plain model itself, and then takes the reference log-probabilities
         # with the adapter disabled: one copy of the weights.
-        trainer = DPOTrainer(
+        trainer = PretokenizedDPOTrainer(
             model=base,
             args=_config(hp, compute, output_dir, seed, total_steps, bool(eval_rows)),
             train_dataset=train,
