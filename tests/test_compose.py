@@ -31,8 +31,9 @@ COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES = COMPOSE["services"]
 # One training worker per GPU, each reserving its own device.
 WORKERS = ("worker-gpu0", "worker-gpu1")
-CONCH_SERVICES = ("migrate", "api", *WORKERS, "inference", "flower")
-LONG_RUNNING = ("postgres", "redis", "api", *WORKERS, "inference", "flower")
+INFERENCES = ("inference", "inference-vllm-gpu0")  # the second: INFERENCE_BACKEND=vllm, profile vllm
+CONCH_SERVICES = ("migrate", "api", *WORKERS, *INFERENCES, "flower")
+LONG_RUNNING = ("postgres", "redis", "api", *WORKERS, *INFERENCES, "flower")
 # What an operator writes into .env next to the example's values.
 OPERATOR_SECRETS = {"POSTGRES_PASSWORD": "5f0c2a9e7b1d44e6a3c8", "FLOWER_BASIC_AUTH": "ops:91d7e2c4b6a8f0e3"}
 
@@ -189,7 +190,7 @@ def settings_from(environment: dict[str, str]) -> Settings:
 
 
 def test_stack_has_every_service() -> None:
-    assert set(SERVICES) == {"postgres", "redis", "migrate", "api", *WORKERS, "inference", "flower"}
+    assert set(SERVICES) == {"postgres", "redis", "migrate", "api", *WORKERS, *INFERENCES, "flower"}
 
 
 @pytest.mark.parametrize("name", CONCH_SERVICES)
@@ -207,11 +208,11 @@ def test_command_points_at_a_real_entry_point(name: str) -> None:
         assert module_defines("core.exposure:main")
 
 
-@pytest.mark.parametrize("name", ["migrate", *WORKERS, "inference"])
+@pytest.mark.parametrize("name", ["migrate", *WORKERS, *INFERENCES])
 def test_dockerfiles_exist_and_install_only_their_extra(name: str) -> None:
     build = SERVICES[name]["build"]
     dockerfile = (ROOT / build["dockerfile"]).read_text()
-    extra = {"migrate": "api", "inference": "inference"}.get(name, "worker")
+    extra = {"migrate": "api", **dict.fromkeys(INFERENCES, "inference")}.get(name, "worker")
     # An image may take its extras as a build argument (the inference image can add llamacpp); its default counts.
     default = re.search(r"^ARG EXTRAS=(\S+)$", dockerfile, flags=re.MULTILINE)
     installed = re.findall(r'pip install "\.\[([^\]]+)\]"', dockerfile)
@@ -264,12 +265,12 @@ def test_service_environment_names_real_settings() -> None:
 
 
 def test_dependencies_wait_for_health_and_migration() -> None:
-    for name in ("api", *WORKERS, "inference"):
+    for name in ("api", *WORKERS, *INFERENCES):
         depends = SERVICES[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["redis"]["condition"] == "service_healthy"
     assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in (*WORKERS, "inference"):
+    for name in (*WORKERS, *INFERENCES):
         devices = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
 
@@ -334,7 +335,7 @@ def test_only_the_authenticated_services_are_published_beyond_loopback() -> None
     for name, service in RENDERED_SERVICES.items():
         for address, host_port, container_port in _published(service):
             assert host_port.isdigit() and container_port.isdigit(), (name, service["ports"])
-            if name in ("api", "inference"):
+            if name in ("api", *INFERENCES):
                 command = service["command"]
                 assert container_port == command[command.index("--port") + 1]
             else:
@@ -342,7 +343,7 @@ def test_only_the_authenticated_services_are_published_beyond_loopback() -> None
     assert not RENDERED_SERVICES["postgres"].get("ports") and not RENDERED_SERVICES["redis"].get("ports")
 
 
-@pytest.mark.parametrize("name", ["api", "inference"])
+@pytest.mark.parametrize("name", ["api", *INFERENCES])
 def test_the_start_up_guard_accepts_the_stack_and_refuses_it_without_auth(name: str) -> None:
     service = RENDERED_SERVICES[name]
     host = service["command"][service["command"].index("--host") + 1]
