@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_name  # noqa: E402
 from core.contracts import Hyperparameters  # noqa: E402
 from core.datasets import load_preference_pairs  # noqa: E402
 from core.settings import get_settings  # noqa: E402
@@ -86,16 +86,6 @@ def preference(model: Any, tokenizer: Any, rows: list[RenderedPair]) -> tuple[fl
     ]
     model.train(was_training)
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from core.settings import BUILTIN_SMOLLM2, Settings
 from core.storage import base_models_dir
@@ -19,6 +21,16 @@ def base_model_path(name: str, settings: Settings) -> Path:
     if spec == BUILTIN_SMOLLM2:
         return base_models_dir(settings) / name
     return Path(spec).expanduser().resolve()
+
+
+def base_model_config(name: str, settings: Settings) -> dict[str, Any] | None:
+    """The configured base model's config.json, or None when it is not prepared yet or unreadable (the api then
+    falls back to what it knows of the builtin model)."""
+    try:
+        config = json.loads((base_model_path(name, settings) / "config.json").read_text(encoding="utf-8"))
+    except (KeyError, OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def is_prepared(name: str, settings: Settings) -> bool:

@@ -242,12 +242,11 @@ def _alpaca(record: dict[str, Any], mapping: ColumnMapping) -> Conversation:
     return conversation
 
 
-def _check_turns(conversation: Conversation, field_name: str) -> Conversation:
-    turns = [m for m in conversation if m["role"] != "system"]
+def _alternating_turns(conversation: Conversation, field_name: str) -> Conversation:
+    """The turns after an optional leading system message, checked to alternate user, assistant, user, ..."""
     if any(m["role"] == "system" for m in conversation[1:]):
         raise ExampleError("invalid_order", "a system message may only come first", field_name)
-    if not turns:
-        raise ExampleError("no_assistant", "the conversation has no assistant message", field_name)
+    turns = [m for m in conversation if m["role"] != "system"]
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
@@ -256,6 +255,13 @@ def _check_turns(conversation: Conversation, field_name: str) -> Conversation:
                 f"turn {i + 1} should be from the {expected}, not the {message['role']}",
                 field_name,
             )
+    return turns
+
+
+def _check_turns(conversation: Conversation, field_name: str) -> Conversation:
+    turns = _alternating_turns(conversation, field_name)
+    if not turns:
+        raise ExampleError("no_assistant", "the conversation has no assistant message", field_name)
     if turns[-1]["role"] != "assistant":
         raise ExampleError("no_assistant", "the conversation must end with an assistant message", field_name)
     if not any(m.get("train", True) for m in turns if m["role"] == "assistant"):
@@ -385,17 +391,7 @@ def normalise(record: Any, fmt: Format, mapping: ColumnMapping | None = None) ->
 
 def _check_prompt(conversation: Conversation, field_name: str) -> Conversation:
     """A preference prompt: an optional system message, then user and assistant turns ending on a user turn."""
-    if any(m["role"] == "system" for m in conversation[1:]):
-        raise ExampleError("invalid_order", "a system message may only come first", field_name)
-    turns = [m for m in conversation if m["role"] != "system"]
-    for i, message in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise ExampleError(
-                "invalid_order",
-                f"turn {i + 1} should be from the {expected}, not the {message['role']}",
-                field_name,
-            )
+    turns = _alternating_turns(conversation, field_name)
     if not turns or turns[-1]["role"] != "user":
         raise ExampleError("no_prompt", "the prompt must end with a user message", field_name)
     return [{"role": m["role"], "content": m["content"]} for m in conversation]

@@ -10,11 +10,10 @@ shape the merge and export steps are built for.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
-from core.base_models import base_model_path
+from core.base_models import base_model_config
 from core.settings import BUILTIN_SMOLLM2, Settings
 
 ALL = "all"
@@ -79,11 +78,8 @@ def architecture(model: str, settings: Settings) -> Architecture | None:
     spec = settings.base_models.get(model)
     if spec is None:
         return None
-    try:
-        config = json.loads((base_model_path(model, settings) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return BUILTIN_ARCHITECTURES.get(spec)
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+    config = base_model_config(model, settings)
+    if config is None or not isinstance(config.get("model_type"), str):
         return BUILTIN_ARCHITECTURES.get(spec)
     layers = config.get("num_hidden_layers")
     return Architecture(config["model_type"], layers if isinstance(layers, int) and layers > 0 else None)

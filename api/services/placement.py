@@ -8,13 +8,12 @@ nothing: the job is accepted and waits for one (an event on the job says so).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
 from api.services.hyperparameters import Resolved
-from core.base_models import base_model_path
+from core.base_models import base_model_config
 from core.device_classes import DeviceCapabilities, UnsupportedPrecision, choose_precision, class_queue, reported
 from core.errors import ValidationFailed
 from core.memory_estimate import SMOLLM2_135M, MemoryEstimate, ModelShape, estimate_memory, gib
@@ -33,11 +32,10 @@ def model_shape(model: str, settings: Settings) -> ModelShape | None:
     spec = settings.base_models.get(model)
     if spec is None:
         return None
-    try:
-        config = json.loads((base_model_path(model, settings) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    config = base_model_config(model, settings)
+    if config is None:
         return SMOLLM2_135M if spec == BUILTIN_SMOLLM2 else None
-    return ModelShape.from_config(config) if isinstance(config, dict) else None
+    return ModelShape.from_config(config)
 
 
 def place_job(
