@@ -41,7 +41,7 @@ from worker.pipeline.device import Compute, check_quantization, resolve_compute
 from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
 from worker.pipeline.progress import JobReporter
 from worker.pipeline.recipe import merge_and_publish, prepare_start
-from worker.pipeline.train import TrainingHooks, load_base_model, lora_target_modules, trainable_parameters
+from worker.pipeline.train import TrainingHooks, load_base_model, lora_config, trainable_parameters
 from worker.spec import FileSpec, JobSpec
 
 log = logging.getLogger("conch.worker.dpo")
@@ -159,24 +159,6 @@ def fingerprint(rows: list[RenderedPair], hp: Hyperparameters, seed: int) -> str
     for row in rows:
         digest.update(json.dumps(row.to_json(), sort_keys=True).encode())
     return digest.hexdigest()[:32]
-
-
-def lora_config(hp: Hyperparameters) -> Any:
-    from peft import LoraConfig
-
-    alpha = hp.effective_lora_alpha
-    return LoraConfig(
-        r=hp.lora_rank,
-        # peft annotates an int but computes alpha / r in floats; keep whole numbers whole.
-        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,  # type: ignore[arg-type]
-        lora_dropout=hp.lora_dropout,
-        target_modules=lora_target_modules(hp.lora_target),
-        task_type="CAUSAL_LM",
-        bias="none",
-    )
-
-
-# ------------------------------------------------------------------------------------------------ the job's side
 
 
 def make_callback(hooks: TrainingHooks, fingerprint_value: str, tokens_per_pair: float) -> Any:

@@ -157,11 +157,12 @@ def lora_target_modules(target: str | list[str]) -> str | list[str]:
     return "all-linear" if names == ["all"] else names
 
 
-def attach_lora(model: Any, hp: Hyperparameters, seed: int) -> Any:
-    from peft import LoraConfig, get_peft_model
+def lora_config(hp: Hyperparameters) -> Any:
+    """The job's LoRA adapter as peft describes it (supervised and DPO recipes alike)."""
+    from peft import LoraConfig
 
     alpha = hp.effective_lora_alpha
-    config = LoraConfig(
+    return LoraConfig(
         r=hp.lora_rank,
         # peft annotates an int but computes alpha / r in floats; keep whole numbers whole.
         lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,  # type: ignore[arg-type]
@@ -170,6 +171,12 @@ def attach_lora(model: Any, hp: Hyperparameters, seed: int) -> Any:
         task_type="CAUSAL_LM",
         bias="none",
     )
+
+
+def attach_lora(model: Any, hp: Hyperparameters, seed: int) -> Any:
+    from peft import get_peft_model
+
+    config = lora_config(hp)
     torch.manual_seed(seed)  # the adapter's initial weights follow the job's seed
     try:
         peft_model = get_peft_model(model, config)
