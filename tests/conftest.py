@@ -116,15 +116,28 @@ def database() -> Iterator[str]:
 
 @pytest.fixture
 def clean_db(database: str) -> Iterator[None]:
-    """Empty every table before the test (real processes share the database, so no per-test rollback)."""
+    """Empty every table before the test (real processes share the database, so no per-test rollback).
+
+    A service a module keeps running (its heartbeat and deployment poll write rows) can take its row locks in
+    the other order than TRUNCATE takes its table locks; Postgres then cancels one side as a deadlock, and the
+    truncation is simply tried again."""
+    from psycopg.errors import DeadlockDetected
     from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
 
     from core.db import get_engine
     from core.orm import Base
 
     tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-    with get_engine().begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    for attempt in range(5):
+        try:
+            with get_engine().begin() as conn:
+                conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            break
+        except OperationalError as exc:
+            if not isinstance(exc.orig, DeadlockDetected) or attempt == 4:
+                raise
+            time.sleep(0.2)
     yield
 
 
