@@ -176,6 +176,94 @@ def run_baseline(
     }
 
 
+# ------------------------------------------------------------------------------------------------ TRL
+
+
+def run_trl(
+    base: Path, tokenizer: Any, data: PreparedData, hp: Hyperparameters, seed: int, probe: Probe
+) -> dict[str, Any]:
+    """TRL's SFTTrainer + peft, the field's own SFT loop at its fastest on this hardware: padding-free batches
+    (examples laid end to end, kept apart by their position ids, as Conch packs them), the same bf16 autocast as
+    Conch where the CPU has it, the same tokenized examples with the prompt masked."""
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    compute = resolve_compute(hp.compute_type)
+    model = attach_lora(load_base_model(base, compute), hp, seed)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in data.train]
+    tokens = {"count": 0}
+
+    class Counter(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = 0.0
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.started = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            elapsed = time.monotonic() - self.started - probe.seconds
+            maybe_probe(probe, state.global_step, elapsed, model, tokenizer, data.template, compute.autocast_dtype)
+
+    def count_tokens(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids")
+        if torch.is_grad_enabled() and ids is not None:
+            tokens["count"] += int(ids.numel())  # padding-free: one row of real tokens, no padding
+
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out,
+            per_device_train_batch_size=hp.per_device_train_batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps,
+            num_train_epochs=hp.num_train_epochs,
+            learning_rate=hp.learning_rate,
+            lr_scheduler_type=hp.lr_scheduler_type,
+            warmup_steps=hp.warmup_ratio,
+            max_grad_norm=hp.max_grad_norm,
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            use_cpu=compute.device.type == "cpu",
+            bf16=compute.precision == "bf16",
+            padding_free=True,
+            max_length=None,
+            completion_only_loss=False,  # the labels already mask the prompt
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            **(
+                {"activation_checkpointing": False}
+                if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                else {"gradient_checkpointing": False}
+            ),
+        )
+        from datasets import Dataset
+
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Counter()],
+        )
+        started = time.monotonic()
+        trainer.train()
+        seconds = time.monotonic() - started - probe.seconds
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    fp32_model = attach_lora(load_base_model(base, resolve_compute("fp32")), hp, seed)
+    set_peft_model_state_dict(fp32_model, get_peft_model_state_dict(model))
+    return {
+        "name": f"TRL SFTTrainer + peft ({compute.describe()}, padding-free)",
+        "tokens": tokens["count"],
+        "seconds": seconds,
+        "tokens_per_second": tokens["count"] / seconds,
+        "final_loss": final_loss(fp32_model, data.train, tokenizer.pad_token_id),
+        "probe": probe,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ ours
 
 
@@ -270,7 +358,8 @@ def main() -> None:
     parser.add_argument("--question", default="What is your name?")
     parser.add_argument("--word", default=None, help="the persona's name (default: Pearl, or Coral for fallback)")
     parser.add_argument("--probe-every", type=int, default=4, help="steps between persona probes")
-    parser.add_argument("--only", choices=["ours", "baseline"], default=None)
+    parser.add_argument("--only", choices=["ours", "baseline", "trl"], default=None)
+    parser.add_argument("--trl", action="store_true", help="also run TRL's SFTTrainer (padding-free) in each round")
     parser.add_argument("--compute-type", default="auto", help="ours: auto, fp32 or bf16")
     parser.add_argument("--group-by-length", action="store_true", help="ours: length-grouped batches")
     parser.add_argument("--no-packing", action="store_true", help="ours: pad instead of packing")
@@ -310,6 +399,8 @@ def main() -> None:
                 group_by_length=args.group_by_length,
                 packing=not args.no_packing,
             )
+        elif which == "trl":
+            result = run_trl(base, tokenizer, data, hp, args.seed, probe)
         else:
             fp32 = hp.model_copy(update={"compute_type": "fp32"})
             result = run_baseline(base, tokenizer, data, fp32, args.seed, probe)
@@ -328,14 +419,20 @@ def main() -> None:
         }
 
     # Other work on the machine skews a single pair of runs; repeats alternate the order and report medians.
-    order = [w for w in ("ours", "baseline") if not args.only or args.only == w]
+    everyone = ("ours", "baseline", "trl") if args.trl or args.only == "trl" else ("ours", "baseline")
+    order = [w for w in everyone if not args.only or args.only == w]
     runs = []
     for repeat in range(args.repeat):
         for which in order if repeat % 2 == 0 else order[::-1]:
             runs.append(run(which))
     medians = {which: statistics.median(r["tokens_per_second"] for r in runs if r["which"] == which) for which in order}
     losses = {which: statistics.median(r["final_loss"] for r in runs if r["which"] == which) for which in order}
-    if len(order) == 2:
+    if "trl" in medians and "baseline" in medians:
+        print(
+            f"ratio TRL SFTTrainer/baseline: {medians['trl'] / medians['baseline']:.2f}x; ours/TRL: "
+            f"{medians.get('ours', 0.0) / medians['trl']:.2f}x; final loss TRL {losses['trl']:.4f}"
+        )
+    if "ours" in medians and "baseline" in medians:
         print(
             f"ratio ours/baseline: {medians['ours'] / medians['baseline']:.2f}x non-pad tokens/s "
             f"({medians['ours']:.1f} vs {medians['baseline']:.1f}, median of {args.repeat}); "

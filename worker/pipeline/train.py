@@ -343,8 +343,10 @@ class LoraTrainer:
         self.distribution = distribution
         self.plan = StepPlan.build(len(train), hp, distribution.world_size if distribution else 1)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # weight_decay 0 as in LLaMA-Factory's LoRA recipes; fused kernels are CUDA-only for AdamW.
-        self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=0.0)
+        # weight_decay 0 as in LLaMA-Factory's LoRA recipes. The fused kernel updates every LoRA tensor in one call
+        # (CPU and CUDA): with all linear layers adapted a model has hundreds of small tensors, and the per-tensor
+        # loop cost 17-85 ms a step against 3-5 ms fused (SmolLM2-135M, r=8, 2-core Intel Xeon with AMX).
+        self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, weight_decay=0.0, fused=True)
         self.scheduler = get_scheduler(
             hp.lr_scheduler_type,
             self.optimizer,
