@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.orm import DeviceClass, utcnow
+from core.jobs import db_now
+from core.orm import DeviceClass
 from core.settings import Settings
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -104,7 +106,11 @@ def class_queue(device_class: str | None, settings: Settings) -> str:
 
 def publish(session: Session, device_class: str, capabilities: DeviceCapabilities, worker: str) -> None:
     """Record a worker's report for its class (the latest report wins)."""
-    values = {"capabilities": capabilities.model_dump(mode="json"), "worker": worker[:255], "seen_at": utcnow()}
+    values = {
+        "capabilities": capabilities.model_dump(mode="json"),
+        "worker": worker[:255],
+        "seen_at": db_now(session),
+    }
     row = session.get(DeviceClass, device_class)
     if row is None:
         try:
@@ -118,9 +124,20 @@ def publish(session: Session, device_class: str, capabilities: DeviceCapabilitie
         setattr(row, key, value)
 
 
-def reported(session: Session, names: Sequence[str] | None = None) -> dict[str, DeviceCapabilities]:
-    """The classes workers reported (only ``names`` when given), by name."""
+def renew(session: Session, device_class: str) -> None:
+    """A worker of ``device_class`` is still there (its reconciler says so every sweep)."""
+    session.execute(update(DeviceClass).where(DeviceClass.name == device_class).values(seen_at=db_now(session)))
+
+
+def reported(
+    session: Session, names: Sequence[str] | None = None, *, max_age_seconds: float | None = None
+) -> dict[str, DeviceCapabilities]:
+    """The classes workers reported (only ``names`` when given), by name; with ``max_age_seconds``, only those a
+    worker reported or renewed that recently (database time): a class whose workers are all gone stops
+    constraining jobs."""
     stmt = select(DeviceClass)
+    if max_age_seconds is not None:
+        stmt = stmt.where(DeviceClass.seen_at >= db_now(session) - timedelta(seconds=max_age_seconds))
     if names is not None:
         stmt = stmt.where(DeviceClass.name.in_(list(names)))
     out: dict[str, DeviceCapabilities] = {}

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         pattern=r"^([a-z0-9][a-z0-9_-]{0,62})?$",
         description="device class of a job that names none; empty: the shared queue, which every worker takes from",
     )
+    device_class_ttl_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="a device class no worker has reported or renewed for this long (a worker's reconciler renews "
+        "it every sweep) no longer constrains the api's checks at job creation",
+    )
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 5.0
     max_attempts: int = 3

@@ -116,6 +116,7 @@ def _start_reconciler(**_: Any) -> None:
     if not settings.worker_reconciler or settings.reconcile_interval_seconds <= 0 or _reconciler is not None:
         return
     argv = [sys.executable, "-m", "worker.reconciler", "--parent", str(os.getpid())]
+    argv += ["--device-class", worker_device_class(settings)]
     _reconciler = subprocess.Popen(argv)
     log.info("worker.reconciler_started", extra={"pid": _reconciler.pid})
 

@@ -43,7 +43,9 @@ def place_job(
 ) -> Placement:
     device_class = device_class or settings.default_device_class or None
     queue = class_queue(device_class, settings)
-    known = reported(session, [device_class] if device_class else None)
+    known = reported(
+        session, [device_class] if device_class else None, max_age_seconds=settings.device_class_ttl_seconds
+    )
     notes: list[str] = []
     if device_class and device_class not in known:
         notes.append(

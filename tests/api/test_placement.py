@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from core.db import session_scope
 from core.device_classes import DeviceCapabilities, publish
 from tests.api.helpers import make_client
+from tests.polling import wait_until
 
 T4 = DeviceCapabilities(
     device="cuda", device_name="Tesla T4", compute_capability=(7, 5), total_memory_bytes=1024**3, bitsandbytes=True
@@ -147,3 +148,47 @@ def test_default_device_class_routes_jobs_that_name_none(
 
 def _supervised(hp: dict[str, Any]) -> dict[str, Any]:
     return {"type": "supervised", "supervised": {"hyperparameters": hp}}
+
+
+def test_a_class_whose_workers_are_gone_stops_constraining_jobs_and_a_live_one_is_renewed(
+    client: TestClient, training_file: str
+) -> None:
+    import threading
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.orm import DeviceClass
+    from core.settings import get_settings
+    from worker import reconciler
+
+    report("cpu", CPU)
+    four_bit = {"hyperparameters": {"quantization": "4bit"}}
+    assert create(client, training_file, **four_bit).status_code == 422  # a CPU worker may take it
+
+    def age_report(seconds: float) -> None:
+        with session_scope() as session:
+            session.execute(update(DeviceClass).values(seen_at=DeviceClass.seen_at - timedelta(seconds=seconds)))
+
+    # No worker of the class has been heard from for longer than DEVICE_CLASS_TTL_SECONDS: its report no longer
+    # refuses jobs that name no class.
+    age_report(get_settings().device_class_ttl_seconds + 60)
+    assert create(client, training_file, **four_bit).status_code == 200
+    # A living worker's reconciler renews its class every sweep: the report constrains jobs again.
+    with session_scope() as session:
+        aged = session.get(DeviceClass, "cpu").seen_at  # type: ignore[union-attr]
+    stop = threading.Event()
+    settings = get_settings().model_copy(update={"janitor_interval_seconds": 0.0})
+    sweeping = threading.Thread(target=reconciler.run, args=(settings, stop), kwargs={"device_class": "cpu"})
+    sweeping.start()
+    try:
+
+        def renewed() -> bool:
+            with session_scope() as session:
+                return bool(session.get(DeviceClass, "cpu", populate_existing=True).seen_at > aged)  # type: ignore[union-attr]
+
+        wait_until(renewed, what="the reconciler to renew the cpu class")
+    finally:
+        stop.set()
+        sweeping.join(30)
+    assert create(client, training_file, **four_bit).status_code == 422
