@@ -108,20 +108,23 @@ def final_loss(model: Any, examples: list[Example], pad_id: int) -> float:
     return total / count
 
 
-# ------------------------------------------------------------------------------------------------ baseline
+@torch.no_grad()
+def final_loss_in_fp32(
+    model: Any, base: Path, hp: Hyperparameters, seed: int, data: PreparedData, pad_id: int
+) -> float:
+    """The trained LoRA weights on an fp32 base, so every run's final loss is measured the same way."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    fp32_model = attach_lora(load_base_model(base, resolve_compute("fp32")), hp, seed)
+    set_peft_model_state_dict(fp32_model, get_peft_model_state_dict(model))
+    return final_loss(fp32_model, data.train, pad_id)
 
 
-def run_baseline(
-    base: Path, tokenizer: Any, data: PreparedData, hp: Hyperparameters, seed: int, probe: Probe
-) -> dict[str, Any]:
-    """transformers.Trainer + peft in fp32, random batches padded to the longest example."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+def probe_callback(probe: Probe, model: Any, tokenizer: Any, template: str, dtype: torch.dtype | None) -> Any:
+    """A transformers TrainerCallback that probes the persona every few steps (probe time not counted)."""
+    from transformers import TrainerCallback
 
-    model = attach_lora(load_base_model(base, resolve_compute("fp32")), hp, seed)
-    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in data.train]
-    tokens = {"count": 0}
-
-    class Counter(TrainerCallback):
+    class ProbeCallback(TrainerCallback):
         def __init__(self) -> None:
             self.started = 0.0
 
@@ -130,8 +133,44 @@ def run_baseline(
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             elapsed = time.monotonic() - self.started - probe.seconds
-            maybe_probe(probe, state.global_step, elapsed, model, tokenizer, data.template, None)
+            maybe_probe(probe, state.global_step, elapsed, model, tokenizer, template, dtype)
 
+    return ProbeCallback()
+
+
+def trainer_arguments(hp: Hyperparameters, seed: int, output_dir: str) -> dict[str, Any]:
+    """The knobs a transformers/TRL trainer run shares with Conch's, as TrainingArguments names them."""
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": hp.per_device_train_batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "num_train_epochs": hp.num_train_epochs,
+        "learning_rate": hp.learning_rate,
+        "lr_scheduler_type": hp.lr_scheduler_type,
+        "warmup_steps": hp.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio
+        "max_grad_norm": hp.max_grad_norm,
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": seed,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+
+
+def run_baseline(
+    base: Path, tokenizer: Any, data: PreparedData, hp: Hyperparameters, seed: int, probe: Probe
+) -> dict[str, Any]:
+    """transformers.Trainer + peft in fp32, random batches padded to the longest example."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model = attach_lora(load_base_model(base, resolve_compute("fp32")), hp, seed)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in data.train]
+    tokens = {"count": 0}
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
 
     def count_tokens(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
@@ -143,26 +182,9 @@ def run_baseline(
     model.register_forward_pre_hook(count_tokens, with_kwargs=True)
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
-            per_device_train_batch_size=hp.per_device_train_batch_size,
-            gradient_accumulation_steps=hp.gradient_accumulation_steps,
-            num_train_epochs=hp.num_train_epochs,
-            learning_rate=hp.learning_rate,
-            lr_scheduler_type=hp.lr_scheduler_type,
-            warmup_steps=hp.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio
-            max_grad_norm=hp.max_grad_norm,
-            weight_decay=0.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            seed=seed,
-            use_cpu=True,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Counter()])
+        args = TrainingArguments(**trainer_arguments(hp, seed, out), use_cpu=True, remove_unused_columns=False)
+        callback = probe_callback(probe, model, tokenizer, data.template, None)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[callback])
         started = time.monotonic()
         trainer.train()
         seconds = time.monotonic() - started - probe.seconds
@@ -185,24 +207,12 @@ def run_trl(
     """TRL's SFTTrainer + peft, the field's own SFT loop at its fastest on this hardware: padding-free batches
     (examples laid end to end, kept apart by their position ids, as Conch packs them), the same bf16 autocast as
     Conch where the CPU has it, the same tokenized examples with the prompt masked."""
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     compute = resolve_compute(hp.compute_type)
     model = attach_lora(load_base_model(base, compute), hp, seed)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in data.train]
     tokens = {"count": 0}
-
-    class Counter(TrainerCallback):
-        def __init__(self) -> None:
-            self.started = 0.0
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            self.started = time.monotonic()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            elapsed = time.monotonic() - self.started - probe.seconds
-            maybe_probe(probe, state.global_step, elapsed, model, tokenizer, data.template, compute.autocast_dtype)
 
     def count_tokens(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids")
@@ -212,26 +222,12 @@ def run_trl(
     model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out,
-            per_device_train_batch_size=hp.per_device_train_batch_size,
-            gradient_accumulation_steps=hp.gradient_accumulation_steps,
-            num_train_epochs=hp.num_train_epochs,
-            learning_rate=hp.learning_rate,
-            lr_scheduler_type=hp.lr_scheduler_type,
-            warmup_steps=hp.warmup_ratio,
-            max_grad_norm=hp.max_grad_norm,
-            weight_decay=0.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            seed=seed,
+            **trainer_arguments(hp, seed, out),
             use_cpu=compute.device.type == "cpu",
             bf16=compute.precision == "bf16",
             padding_free=True,
             max_length=None,
             completion_only_loss=False,  # the labels already mask the prompt
-            dataloader_num_workers=0,
-            disable_tqdm=True,
             **(
                 {"activation_checkpointing": False}
                 if "activation_checkpointing" in SFTConfig.__dataclass_fields__
@@ -245,21 +241,17 @@ def run_trl(
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            callbacks=[Counter()],
+            callbacks=[probe_callback(probe, model, tokenizer, data.template, compute.autocast_dtype)],
         )
         started = time.monotonic()
         trainer.train()
         seconds = time.monotonic() - started - probe.seconds
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-    fp32_model = attach_lora(load_base_model(base, resolve_compute("fp32")), hp, seed)
-    set_peft_model_state_dict(fp32_model, get_peft_model_state_dict(model))
     return {
         "name": f"TRL SFTTrainer + peft ({compute.describe()}, padding-free)",
         "tokens": tokens["count"],
         "seconds": seconds,
         "tokens_per_second": tokens["count"] / seconds,
-        "final_loss": final_loss(fp32_model, data.train, tokenizer.pad_token_id),
+        "final_loss": final_loss_in_fp32(model, base, hp, seed, data, tokenizer.pad_token_id),
         "probe": probe,
     }
 
@@ -321,18 +313,13 @@ def run_ours(
         hooks.started = time.monotonic()
         result = trainer.run()
         seconds = time.monotonic() - hooks.started - probe.seconds
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-    # The trained LoRA weights on an fp32 base, so both final losses are measured the same way.
-    fp32_model = attach_lora(load_base_model(base, resolve_compute("fp32")), hp, seed)
-    set_peft_model_state_dict(fp32_model, get_peft_model_state_dict(model))
     return {
         "name": f"conch ({compute.describe()}, {layout} {'length-grouped' if group_by_length else 'random'} "
         "batches, head at trained positions)",
         "tokens": result.trained_tokens,
         "seconds": seconds,
         "tokens_per_second": result.trained_tokens / seconds,
-        "final_loss": final_loss(fp32_model, data.train, tokenizer.pad_token_id),
+        "final_loss": final_loss_in_fp32(model, base, hp, seed, data, tokenizer.pad_token_id),
         "probe": probe,
     }
 
