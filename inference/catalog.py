@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.base_models import base_model_path, is_prepared
+from core.checkpoint_models import checkpoint_models
 from core.contracts import ModelStatus, parse_checkpoint_model_id
 from core.errors import NotFound, ServiceUnavailable
 from core.orm import Checkpoint, FineTuningJob, ModelRecord
@@ -143,8 +144,8 @@ def visible_models(session: Session, tenant: str, settings: Settings) -> list[Mo
         ModelEntry(id=name, created=0, owned_by="conch", base_model=None, ready=is_prepared(name, settings))
         for name in settings.base_models
     ]
-    records = session.scalars(
-        select(ModelRecord).where(ModelRecord.tenant_id == tenant).order_by(ModelRecord.created_at)
+    records = list(
+        session.scalars(select(ModelRecord).where(ModelRecord.tenant_id == tenant).order_by(ModelRecord.created_at))
     )
     entries += [
         ModelEntry(
@@ -156,4 +157,16 @@ def visible_models(session: Session, tenant: str, settings: Settings) -> list[Mo
         )
         for r in records
     ]
+    if settings.inference_backend == "vllm":  # only there does a checkpoint answer (as its adapter)
+        ready = {r.id: r for r in records if r.status == ModelStatus.READY}
+        entries += [
+            ModelEntry(
+                id=c.id,
+                created=_timestamp(c.created_at),
+                owned_by=tenant,
+                base_model=ready[c.model_id].base_model,
+                ready=True,
+            )
+            for c in checkpoint_models(session, tenant, list(ready))
+        ]
     return entries

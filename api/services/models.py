@@ -15,6 +15,7 @@ from api.db import on_commit
 from api.schemas import DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
 from api.services.common import cursor_page, unix, unix_required, unknown_cursor
 from core.base_models import base_model_path, is_prepared
+from core.checkpoint_models import CheckpointModel, checkpoint_models
 from core.contracts import LIVE_STATUSES, DeploymentStatus, ModelStatus, parse_checkpoint_model_id
 from core.deployments import (
     ROLLBACK_PREFIX,
@@ -128,7 +129,45 @@ def list_models(session: Session, tenant_id: str, settings: Settings) -> ModelLi
         select(ModelRecord).where(ModelRecord.tenant_id == tenant_id).order_by(ModelRecord.created_at.desc())
     ).all()
     by_id = {r.id: r for r in tuned}
-    return ModelList(data=base + [fine_tuned_out(r, active, serving.get(r.id), by_id.get) for r in tuned])
+    checkpoints: dict[str, list[CheckpointModel]] = {}
+    for checkpoint in checkpoint_models(session, tenant_id, [r.id for r in tuned if r.status == ModelStatus.READY]):
+        checkpoints.setdefault(checkpoint.model_id, []).append(checkpoint)
+    data = list(base)
+    for row in tuned:
+        data.append(fine_tuned_out(row, active, serving.get(row.id), by_id.get))
+        # Each checkpoint right after its model, newest step first, as a model of its own.
+        data += [
+            checkpoint_model_out(row, c, active, serving.get(c.id), settings)
+            for c in reversed(checkpoints.get(row.id, []))
+        ]
+    return ModelList(data=data)
+
+
+def checkpoint_model_out(
+    parent: ModelRecord,
+    checkpoint: CheckpointModel,
+    active_model: str | None,
+    serving: dict[str, Any] | None,
+    settings: Settings,
+) -> ModelOut:
+    """A checkpoint as a model: a new job may continue from it, and where the serving engine loads adapters
+    (vLLM) it answers as its adapter on the base model."""
+    return ModelOut(
+        id=checkpoint.id,
+        created=unix_required(checkpoint.created_at),
+        owned_by=parent.tenant_id,
+        conch={
+            "kind": "checkpoint",
+            "base_model": parent.base_model,
+            "parent_model": parent.id,
+            "step": checkpoint.step,
+            "job_id": checkpoint.job_id,
+            "metrics": checkpoint.metrics,
+            "servable": settings.inference_backend == "vllm",
+            "deployed": checkpoint.id == active_model,
+            "serving": serving,
+        },
+    )
 
 
 def _fine_tuned(session: Session, tenant_id: str, model_id: str) -> ModelRecord | None:
@@ -142,7 +181,13 @@ def get_model(session: Session, tenant_id: str, model_id: str, settings: Setting
     serving = _serving(session, tenant_id).get(model_id)
     if model_id in settings.base_models:
         return base_model_out(model_id, settings, active, serving)
-    row = _fine_tuned(session, tenant_id, model_id)
+    checkpoint = parse_checkpoint_model_id(model_id)
+    row = _fine_tuned(session, tenant_id, checkpoint[0] if checkpoint else model_id)
+    if row is not None and checkpoint is not None:
+        found = [c for c in checkpoint_models(session, tenant_id, [row.id]) if c.step == checkpoint[1]]
+        if found and row.status == ModelStatus.READY:
+            return checkpoint_model_out(row, found[0], active, serving, settings)
+        row = None
     if row is None:
         raise NotFound(f"No such model: {model_id}", param="model")
     return fine_tuned_out(row, active, serving, lambda parent: _fine_tuned(session, tenant_id, parent))
@@ -221,6 +266,13 @@ def _remove_exports(folder: Path, settings: Settings) -> None:
 def delete_model(session: Session, tenant_id: str, model_id: str, settings: Settings) -> ModelDeleted:
     if model_id in settings.base_models:
         raise InvalidRequest("Base models come from configuration and cannot be deleted.", param="model")
+    checkpoint = parse_checkpoint_model_id(model_id)
+    if checkpoint is not None and _fine_tuned(session, tenant_id, checkpoint[0]) is not None:
+        raise InvalidRequest(
+            f"{model_id} is a checkpoint of {checkpoint[0]}: it is deleted with that model.",
+            param="model",
+            code="checkpoint_not_deletable",
+        )
     row = session.scalars(
         select(ModelRecord).where(ModelRecord.id == model_id, ModelRecord.tenant_id == tenant_id).with_for_update()
     ).first()

@@ -14,7 +14,7 @@ import pytest
 from artifacts.serving import DEFAULT_CPU_TYPE
 from core.api_keys import hash_key
 from core.orm import ApiKey
-from tests.factories import make_model
+from tests.factories import make_checkpoint, make_job, make_model
 from tests.inference.helpers import app_client, metric
 from tests.polling import wait_until
 
@@ -227,10 +227,14 @@ def test_malformed_json_is_a_400_envelope() -> None:
 def test_a_named_fine_tuned_model_loads_on_demand(db, finetuned) -> None:  # type: ignore[no-untyped-def]
     model_id = "ft:tiny-llama:shell:ftjob-ondemand"
     make_model(db, model_id, storage_path=finetuned)
+    job = make_job(db, status="succeeded", fine_tuned_model=model_id)
+    make_checkpoint(db, job.id, 3)
     db.commit()
     with app_client() as client:
         listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
         assert listed["tiny-llama"]["deployed"] and listed["tiny-llama"]["loaded"]
+        # Merged weights are served here, so a checkpoint (an adapter) is not a model this service answers as.
+        assert f"{model_id}:ckpt-step-3" not in listed
         assert not listed[model_id]["loaded"]
         assert client.get(f"/v1/models/{model_id}").json()["base_model"] == "tiny-llama"
         response = client.get("/generate", params={"prompt": "Hello", "model": model_id, "max_new_tokens": 4})

@@ -275,6 +275,11 @@ def test_a_checkpoint_answers_as_its_adapter_on_the_base(
     assert handle.engine.server is _server(vllm_client) and handle.model.route == "vllm:lora"
     assert answer == _direct(_server(vllm_client), handle.engine.served_name)
     assert answer != _conch(vllm_client, FT, headers)["choices"][0]["text"]  # step 5's weights, not the final ones
+    # Listed among the tenant's models (and only theirs), as the model it answers as.
+    assert name in [m["id"] for m in vllm_client.get("/v1/models", headers=headers).json()["data"]]
+    listed = vllm_client.get(f"/v1/models/{name}", headers=headers).json()
+    assert listed["base_model"] == BASE and listed["ready"] is True and listed["loaded"] is True
+    assert name not in [m["id"] for m in vllm_client.get("/v1/models", headers=_key(OTHER)).json()["data"]]
     missing = vllm_client.post(
         "/v1/completions", json={"model": f"{FT}:ckpt-step-6", "prompt": PROMPT}, headers=headers
     )
