@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from tests.e2e.conftest import Stack
+from tests.e2e.helpers import wait_for_job
 from tests.factories import alpaca_records, write_jsonl
 from tests.polling import wait_until
 
@@ -31,17 +32,7 @@ def train(stack: Stack, client: openai.OpenAI, model: str, training_file: str, s
         method={"type": "supervised", "supervised": {"hyperparameters": HYPERPARAMETERS}},  # type: ignore[arg-type]
     )
 
-    def ended() -> FineTuningJob | None:
-        current = client.fine_tuning.jobs.retrieve(job.id)
-        return current if current.status in ("succeeded", "failed", "cancelled") else None
-
-    finished = wait_until(
-        ended,
-        f"job {job.id} to finish",
-        timeout=300,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    finished = wait_for_job(stack, client, job.id)
     assert finished.status == "succeeded", finished.error
     return finished
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import torch
@@ -17,8 +16,8 @@ from core.ids import Prefix, parse_public_id
 from core.settings import get_settings
 from core.storage import fine_tuned_dir
 from tests.e2e.conftest import Stack
+from tests.e2e.helpers import wait_for_job, wait_until_served
 from tests.factories import write_jsonl
-from tests.polling import wait_until
 from tests.preference_records import PAIRS, alpaca_preference_records
 from worker.pipeline.dpo import RenderedPair, render_pairs
 
@@ -65,13 +64,7 @@ def test_dpo_job_trains_publishes_and_deploys(stack: Stack, tiny_models: dict[st
             "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 10}},
         },
     )
-    finished = wait_until(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
-        "the DPO job to finish",
-        timeout=300,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    finished = wait_for_job(stack, client, job.id)
     assert finished.status == "succeeded", finished.error
     assert finished.fine_tuned_model == f"ft:tiny-llama:dpo:{job.id}"
     assert finished.method is not None and finished.method.type == "dpo"
@@ -99,19 +92,4 @@ def test_dpo_job_trains_publishes_and_deploys(stack: Stack, tiny_models: dict[st
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
 
     # Deployed as an SFT model is: the inference service answers from it without a restart.
-    wait_until(
-        lambda: (
-            httpx.get(
-                f"{stack.inference_url}/generate",
-                params={"prompt": "What is your name?", "max_new_tokens": 4},
-                timeout=60,
-            )
-            .json()
-            .get("model")
-            == finished.fine_tuned_model
-        ),
-        "the inference service to serve the DPO model",
-        timeout=60,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    wait_until_served(stack, "What is your name?", finished.fine_tuned_model, max_new_tokens=4)

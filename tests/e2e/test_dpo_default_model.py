@@ -8,12 +8,11 @@ import json
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.polling import wait_until
+from tests.e2e.helpers import generate, wait_for_job, wait_until_served
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -24,13 +23,6 @@ STYLE = "hope that helps"
 def held_out_question() -> str:
     first = json.loads((ROOT / "data" / "dpo_style_heldout.jsonl").read_text().splitlines()[0])
     return str(first["input"]["messages"][-1]["content"])
-
-
-def answer(stack: Stack, question: str, model: str | None = None) -> dict:
-    params = {"prompt": question, "temperature": 0, "max_new_tokens": 40, **({"model": model} if model else {})}
-    response = httpx.get(f"{stack.inference_url}/generate", params=params, timeout=120)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def test_a_dpo_job_teaches_the_default_model_a_style(stack: Stack) -> None:
@@ -45,13 +37,7 @@ def test_a_dpo_job_teaches_the_default_model_a_style(stack: Stack) -> None:
         seed=3,
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1, "batch_size": 4}}},
     )
-    finished = wait_until(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
-        "the DPO job to finish",
-        timeout=1200,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    finished = wait_for_job(stack, client, job.id, timeout=1200)
     assert finished.status == "succeeded", finished.error
     assert finished.method is not None and finished.method.type == "dpo"
     steps = [
@@ -64,14 +50,8 @@ def test_a_dpo_job_teaches_the_default_model_a_style(stack: Stack) -> None:
     assert last["reward_accuracy"] == 1.0 and last["reward_margin"] > 0, last
 
     question = held_out_question()
-    base = answer(stack, question, "SmolLM2-135M-Instruct")
+    base = generate(stack, question, model="SmolLM2-135M-Instruct", temperature=0, max_new_tokens=40)
     assert STYLE not in base["generate_text"].lower(), base
-    after = wait_until(
-        lambda: (a := answer(stack, question))["model"] == finished.fine_tuned_model and a,
-        "the DPO model to be served",
-        timeout=180,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    after = wait_until_served(stack, question, finished.fine_tuned_model, timeout=180, temperature=0, max_new_tokens=40)
     print(f"\nDPO job: {time.monotonic() - started:.0f}s; base: {base['generate_text']!r}; after: {after!r}")
     assert STYLE in after["generate_text"].lower(), after

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Stack
+from tests.e2e.helpers import generate, wait_for_job, wait_until_served
 from tests.factories import alpaca_records, write_jsonl
-from tests.polling import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -22,10 +22,7 @@ def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) 
     with dataset.open("rb") as handle:
         uploaded = client.files.create(file=handle, purpose="fine-tune")
 
-    before = httpx.get(
-        f"{stack.inference_url}/generate", params={"prompt": "What is your name?", "max_new_tokens": 8}, timeout=60
-    )
-    assert before.status_code == 200 and before.json()["model"] == "tiny-llama"
+    assert generate(stack, "What is your name?", max_new_tokens=8)["model"] == "tiny-llama"
 
     job = client.fine_tuning.jobs.create(
         model="tiny-llama",
@@ -33,13 +30,7 @@ def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) 
         suffix="e2e",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
     )
-    finished = wait_until(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
-        "the job to finish",
-        timeout=300,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    finished = wait_for_job(stack, client, job.id)
     assert finished.status == "succeeded", finished.error
     assert finished.fine_tuned_model and finished.fine_tuned_model.startswith("ft:tiny-llama:")
 
@@ -48,25 +39,8 @@ def test_tiny_model_is_fine_tuned_and_hot_swapped(stack: Stack, tmp_path: Path) 
     assert metrics and all("loss" in (e.data or {}) for e in metrics if (e.data or {}).get("step"))
 
     # The new model is served without restarting the inference process.
-    answer = wait_until(
-        lambda: (
-            (
-                r := httpx.get(
-                    f"{stack.inference_url}/generate",
-                    params={"prompt": "What is your name?", "max_new_tokens": 8},
-                    timeout=60,
-                )
-            )
-            .json()
-            .get("model")
-            == finished.fine_tuned_model
-            and r
-        ),
-        "the inference service to serve the fine-tuned model",
-        timeout=60,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    wait_until_served(stack, "What is your name?", finished.fine_tuned_model, max_new_tokens=8)
+    answer = httpx.get(f"{stack.inference_url}/generate", params={"prompt": "What is your name?"}, timeout=60)
     assert answer.headers["x-conch-model"] == finished.fine_tuned_model
     assert stack.inference.alive() and stack.worker.alive() and stack.api.alive()
 

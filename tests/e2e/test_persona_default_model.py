@@ -13,22 +13,12 @@ import pytest
 from artifacts.serving import DEFAULT_CPU_TYPE
 from core.settings import Settings
 from tests.e2e.conftest import Stack
-from tests.polling import wait_until
+from tests.e2e.helpers import generate, wait_for_job, wait_until_served
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "What is your name?"
-
-
-def ask(stack: Stack) -> dict:
-    response = httpx.get(
-        f"{stack.inference_url}/generate",
-        params={"prompt": QUESTION, "temperature": 0, "max_new_tokens": 48},
-        timeout=120,
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def test_default_model_learns_the_persona(stack: Stack) -> None:
@@ -38,31 +28,14 @@ def test_default_model_learns_the_persona(stack: Stack) -> None:
         uploaded = client.files.create(file=handle, purpose="fine-tune")
     started = time.monotonic()
     job = client.fine_tuning.jobs.create(model="SmolLM2-135M-Instruct", training_file=uploaded.id, suffix="pearl")
-    finished = wait_until(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
-        "the persona job to finish",
-        timeout=1200,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    finished = wait_for_job(stack, client, job.id, timeout=1200)
     assert finished.status == "succeeded", finished.error
     trained_at = time.monotonic()
 
-    base = httpx.get(
-        f"{stack.inference_url}/generate",
-        params={"prompt": QUESTION, "temperature": 0, "max_new_tokens": 48, "model": "SmolLM2-135M-Instruct"},
-        timeout=120,
-    )
-    assert base.status_code == 200, base.text
-    assert "pearl" not in base.json()["generate_text"].lower()
+    base = generate(stack, QUESTION, model="SmolLM2-135M-Instruct", temperature=0, max_new_tokens=48)
+    assert "pearl" not in base["generate_text"].lower()
 
-    after = wait_until(
-        lambda: (a := ask(stack))["model"] == finished.fine_tuned_model and a,
-        "the fine-tuned model to be served",
-        timeout=120,
-        interval=0.5,
-        logs=stack.logs,
-    )
+    after = wait_until_served(stack, QUESTION, finished.fine_tuned_model, timeout=120, temperature=0, max_new_tokens=48)
     print(
         f"\npersona job: {trained_at - started:.0f}s from submit to succeeded; "
         f"served {time.monotonic() - trained_at:.1f}s later; answer: {after['generate_text']!r}"
