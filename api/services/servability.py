@@ -1,27 +1,32 @@
 """Can the serving engine serve what this job will produce? Checked at job creation, so a job that could never be
 deployed is refused with the field to change (422) instead of training for hours and failing at deploy time.
 
-With ``INFERENCE_BACKEND=vllm`` every fine-tune is served as a LoRA adapter on its base model's vLLM server,
-which accepts adapters up to ``--max-lora-rank`` (``VLLM_MAX_LORA_RANK``). The other backends serve the merged
-model, whatever the rank, so nothing is refused there.
+The rules are ``core.servability``'s, the same the worker applies to the saved adapter at publish. With
+``INFERENCE_BACKEND=vllm`` every fine-tune is served as a LoRA adapter on its base model's vLLM server: the rank
+must be within ``--max-lora-rank`` (``VLLM_MAX_LORA_RANK``), the target modules ones the model class takes LoRA on,
+the base model one of the types vLLM serves adapters on. The other backends serve the merged model, whatever the
+adapter, so nothing is refused there.
 """
 
 from __future__ import annotations
 
+from api.services import lora_targets
 from api.services.hyperparameters import Resolved
+from core import servability
+from core.contracts import Hyperparameters
 from core.errors import ValidationFailed
 from core.settings import Settings
 
 
-def check_servable(resolved: Resolved, settings: Settings) -> None:
-    if settings.inference_backend != "vllm":
+def check_servable(resolved: Resolved, base_model: str, settings: Settings) -> None:
+    if not servability.serves_adapters(settings):
         return
-    limit = settings.vllm_max_lora_rank
-    if resolved.hp.lora_rank > limit:
-        param = resolved.param("lora_rank")
-        raise ValidationFailed(
-            f"{param}: {resolved.hp.lora_rank} is above the serving limit of {limit} (VLLM_MAX_LORA_RANK): the "
-            "fine-tune could not be served as an adapter; send a lora_rank of at most that.",
-            param=param,
-            code="not_servable",
-        )
+    arch = lora_targets.architecture(base_model, settings)
+    hp = resolved.hp
+    adapter = servability.Adapter(rank=hp.lora_rank, target_modules=tuple(lora_targets.split_names(hp.lora_target)))
+    base = servability.BaseModel(base_model, arch.model_type if arch else None)
+    problem = servability.check(settings, base, adapter)
+    if problem is None:
+        return
+    param = resolved.param(problem.field) if problem.field in Hyperparameters.model_fields else problem.field
+    raise ValidationFailed(f"{param}: {problem.message}", param=param, code="not_servable")
