@@ -6,8 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -23,7 +22,8 @@ from core.settings import get_settings
 from tests import polling
 from tests.api.helpers import make_client
 from tests.factories import fresh, make_file, make_job
-from tests.processes import ServiceProcess, worker_process
+from tests.processes import ServiceProcess
+from tests.worker.helpers import StartWorker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("tiny_models")]
 QUEUE = os.environ["TRAINING_QUEUE"]
@@ -39,21 +39,6 @@ def broker() -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture
-def class_worker(log_dir: Path) -> Iterator[Callable[[str], ServiceProcess]]:
-    started: list[ServiceProcess] = []
-
-    def start(device_class: str) -> ServiceProcess:
-        process = worker_process(device_class, log_dir, env={"WORKER_DEVICE_CLASS": device_class}).start()
-        started.append(process)
-        process.wait_for_log("ready", timeout=120)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
-
-
 def claimed(process: ServiceProcess, job_id: str) -> bool:
     return any("job.claimed" in line and job_id in line for line in process.log().splitlines())
 
@@ -64,9 +49,9 @@ def reported(db: Session, name: str) -> DeviceClass | None:
 
 
 def test_a_class_s_job_is_trained_by_its_worker_only_and_4bit_is_refused_on_its_cpu(
-    db: Session, broker: redis.Redis, class_worker: Callable[[str], ServiceProcess]
+    db: Session, broker: redis.Redis, start_worker: StartWorker
 ) -> None:
-    alpha = class_worker("alpha")
+    alpha = start_worker("alpha", env={"WORKER_DEVICE_CLASS": "alpha"})
     row = polling.wait_until(lambda: reported(db, "alpha"), "the worker to report its device", timeout=120)
     assert row.capabilities["device"] == "cpu" and row.worker.startswith("alpha@")
     assert row.capabilities["bitsandbytes"] == (importlib.util.find_spec("bitsandbytes") is not None)
@@ -90,7 +75,7 @@ def test_a_class_s_job_is_trained_by_its_worker_only_and_4bit_is_refused_on_its_
     polling.wait_until(lambda: "job.claim_refused" in alpha.log() and marker in alpha.log(), "alpha's doorbell")
     assert broker.llen(f"{QUEUE}.beta") >= 1 and fresh(db, job).status == JobStatus.QUEUED
 
-    beta = class_worker("beta")
+    beta = start_worker("beta", env={"WORKER_DEVICE_CLASS": "beta"})
     polling.wait_until(
         lambda: fresh(db, job).status in (JobStatus.SUCCEEDED, JobStatus.FAILED),
         "beta to train the job",

@@ -4,7 +4,6 @@ a worker shut down mid-run checkpoints, and the next worker resumes from that ch
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 
 import pytest
 from sqlalchemy import select
@@ -13,15 +12,14 @@ from sqlalchemy.orm import Session
 from core.contracts import JobStatus
 from core.db import session_scope
 from core.jobs import request_cancel
-from core.orm import Checkpoint, FineTuningJob, ModelRecord
+from core.orm import FineTuningJob, ModelRecord
 from core.queue import enqueue_fine_tune
 from core.settings import get_settings
-from core.storage import fine_tuned_dir, job_dir
 from tests.factories import fresh, job_events, make_file, make_job, metrics_events
 from tests.preference_records import alpaca_preference_records
-from tests.processes import ServiceProcess
+from tests.worker.helpers import StartWorker, assert_cancelled_without_trace
 from tests.worker.test_runner import start_in_thread, wait_for_metrics
-from tests.worker.test_worker_process import checkpoint_steps, status_is, wait_until, workers  # noqa: F401
+from tests.worker.test_worker_process import checkpoint_steps, status_is, wait_until
 
 pytestmark = pytest.mark.usefixtures("tiny_models")
 
@@ -45,20 +43,17 @@ def test_cancel_stops_a_dpo_job_between_steps(db: Session) -> None:
         request_cancel(session, job.id)
     thread.join(120)
     assert outcome == {"result": "cancelled"}
-    row = fresh(db, job)
-    assert row.status == JobStatus.CANCELLED and row.fine_tuned_model is None
+    assert_cancelled_without_trace(db, job)
     assert len(metrics_events(db, job)) < TOTAL_STEPS
-    assert db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)).first() is None
-    assert not job_dir(job.id, get_settings()).exists() and not fine_tuned_dir(job.id, get_settings()).exists()
     assert db.scalars(select(ModelRecord)).first() is None
 
 
 @pytest.mark.e2e
 def test_a_dpo_job_stopped_by_sigterm_resumes_from_its_checkpoint(
     db: Session,
-    workers: Callable[[str], ServiceProcess],  # noqa: F811
+    start_worker: StartWorker,
 ) -> None:
-    stopping = workers("stopping")
+    stopping = start_worker("stopping")
     job = long_dpo_job(db)
     enqueue_fine_tune(job.public_id, get_settings())
     wait_until(lambda: len(metrics_events(db, job)) >= 12, "DPO training to pass its first checkpoint")
@@ -71,7 +66,7 @@ def test_a_dpo_job_stopped_by_sigterm_resumes_from_its_checkpoint(
     saved = checkpoint_steps(db, job)
     assert saved and saved[-1] < TOTAL_STEPS
 
-    workers("successor")
+    start_worker("successor")
     wait_until(status_is(db, job, JobStatus.SUCCEEDED, JobStatus.FAILED), "the DPO job to finish", timeout=600)
     row = fresh(db, job)
     assert row.status == JobStatus.SUCCEEDED, row.error

@@ -17,8 +17,9 @@ from core.db import session_scope
 from core.jobs import request_cancel
 from core.orm import Checkpoint, Deployment, FineTuningJob, JobEvent, ModelRecord
 from core.settings import get_settings
-from core.storage import directory_size, fine_tuned_dir, job_dir
+from core.storage import directory_size, fine_tuned_dir
 from tests.factories import alpaca_records, fresh, job_events, make_file, make_job, metrics_events
+from tests.worker.helpers import assert_cancelled_without_trace
 from worker.runner import run_job
 
 pytestmark = pytest.mark.usefixtures("tiny_models")
@@ -189,12 +190,9 @@ def test_cancel_stops_training_cleans_up_and_ends_once(db: Session) -> None:
         request_cancel(session, job.id)
     thread.join(120)
     assert outcome == {"result": "cancelled"}
-    row = fresh(db, job)
-    assert row.status == JobStatus.CANCELLED and row.fine_tuned_model is None
+    row = assert_cancelled_without_trace(db, job)
     assert row.metrics is None or row.metrics.get("steps") is None
     assert len(metrics_events(db, job)) < 6 * 64
-    assert db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)).first() is None
-    assert not job_dir(job.id, get_settings()).exists() and not fine_tuned_dir(job.id, get_settings()).exists()
     assert [e.message for e in job_events(db, job)].count("Job cancelled") == 1
     assert db.scalars(select(ModelRecord)).first() is None
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
@@ -20,7 +19,8 @@ from core.reconcile import reconcile_once
 from core.settings import get_settings
 from tests import polling
 from tests.factories import alpaca_records, fresh, job_events, make_file, make_job, metrics_events
-from tests.processes import ROOT, ServiceProcess, worker_process
+from tests.processes import ROOT
+from tests.worker.helpers import StartWorker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("tiny_models")]
 T = TypeVar("T")
@@ -28,21 +28,6 @@ T = TypeVar("T")
 # Long enough on a tiny model to be interrupted: 48 examples, one per step, 4 epochs.
 RUN = {"num_train_epochs": 4, "per_device_train_batch_size": 1, "save_steps": 10}
 TOTAL_STEPS = 4 * 48
-
-
-@pytest.fixture
-def workers(log_dir: Path) -> Iterator[Callable[[str], ServiceProcess]]:
-    started: list[ServiceProcess] = []
-
-    def start(name: str) -> ServiceProcess:
-        process = worker_process(name, log_dir).start()
-        started.append(process)
-        process.wait_for_log("ready", timeout=120)
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
 
 
 def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 180) -> T:
@@ -71,10 +56,8 @@ def test_worker_modules_do_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_a_copy_delivered_while_the_job_runs_does_not_train_it_again(
-    db: Session, workers: Callable[[str], ServiceProcess]
-) -> None:
-    first, second = workers("first"), workers("second")
+def test_a_copy_delivered_while_the_job_runs_does_not_train_it_again(db: Session, start_worker: StartWorker) -> None:
+    first, second = start_worker("first"), start_worker("second")
     job = long_job(db)
     enqueue_fine_tune(job.public_id, get_settings())
     wait_until(lambda: len(metrics_events(db, job)) >= 3, "training to start")
@@ -92,9 +75,9 @@ def test_a_copy_delivered_while_the_job_runs_does_not_train_it_again(
 
 
 def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_another_worker(
-    db: Session, workers: Callable[[str], ServiceProcess]
+    db: Session, start_worker: StartWorker
 ) -> None:
-    doomed = workers("doomed")
+    doomed = start_worker("doomed")
     job = long_job(db)
     enqueue_fine_tune(job.public_id, get_settings())
     wait_until(lambda: checkpoint_steps(db, job), "a checkpoint")
@@ -108,7 +91,7 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_another_worker(
     assert row.lease_expires_at is not None
     wait_until(lambda: fresh(db, job).lease_expires_at < utcnow(), "the lease to expire", timeout=30)  # type: ignore[operator]
     assert reconcile_once(get_settings())["recovered"] == 1
-    workers("rescuer")
+    start_worker("rescuer")
     wait_until(status_is(db, job, JobStatus.SUCCEEDED, JobStatus.FAILED), "the job to finish")
 
     row = fresh(db, job)
@@ -127,9 +110,9 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_another_worker(
 
 
 def test_sigterm_checkpoints_and_requeues_the_job_without_spending_an_attempt(
-    db: Session, workers: Callable[[str], ServiceProcess]
+    db: Session, start_worker: StartWorker
 ) -> None:
-    stopping = workers("stopping")
+    stopping = start_worker("stopping")
     job = long_job(db)
     enqueue_fine_tune(job.public_id, get_settings())
     wait_until(lambda: len(metrics_events(db, job)) >= 3, "training to start")
@@ -143,7 +126,7 @@ def test_sigterm_checkpoints_and_requeues_the_job_without_spending_an_attempt(
     assert saved, "no checkpoint was written on the way out"
     assert any(e.message.startswith("The worker is shutting down") for e in job_events(db, job))
 
-    workers("successor")  # the job was enqueued again: no reconciler needed
+    start_worker("successor")  # the job was enqueued again: no reconciler needed
     wait_until(status_is(db, job, JobStatus.SUCCEEDED, JobStatus.FAILED), "the job to finish")
     row = fresh(db, job)
     assert row.status == JobStatus.SUCCEEDED and row.attempts == 1
