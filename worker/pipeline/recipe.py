@@ -26,7 +26,7 @@ from worker.pipeline.merge import merge_adapter
 from worker.pipeline.prepare import BaseModelError, prepare_start_model
 from worker.pipeline.progress import JobReporter
 from worker.pipeline.publish import register_model
-from worker.pipeline.serving import write_model_serving_files
+from worker.pipeline.serving import check_adapter_servable, write_model_serving_files
 from worker.pipeline.train import LoraTrainer, attach_lora, load_base_model, trainable_parameters
 from worker.spec import FileSpec, JobSpec
 
@@ -240,6 +240,8 @@ def merge_and_publish(
 ) -> str:
     """The tail every method shares: merge the trained adapter into the start model, write the serving files,
     publish the model; returns its id. A cancel is honoured up to the moment of publishing."""
+    # An adapter the serving engine would refuse fails the job here, before anything is merged or published.
+    check_adapter_servable(adapter_dir, spec.model, settings, continued=spec.parent_model is not None)
     reporter.stage(JobStage.MERGING, "Merging the adapter into the base model")
     folder = fine_tuned_dir(spec.job_id, settings)
     manifest = {
