@@ -327,11 +327,28 @@ class ModelDeleted(BaseModel):
     deleted: bool
 
 
+ServeAs = Literal["adapter", "merged"]
+
+
+class DeployRequest(RequestModel):
+    """The optional body of a deploy: how to serve the model."""
+
+    serve_as: ServeAs | None = Field(
+        default=None,
+        description="adapter: a fine-tune's LoRA adapter on its base model's server (INFERENCE_BACKEND=vllm only); "
+        "merged: its merged weights as a model of their own (every backend). Default: adapter where the backend "
+        "can serve the model as one, else merged",
+    )
+
+
 class DeploymentOut(BaseModel):
     id: str
     object: Literal["deployment"] = "deployment"
     model: str
     status: str
+    serve_as: str | None = Field(
+        default=None, description="adapter or merged; null: the backend's default (requested before this field)"
+    )
     reason: str | None
     requested_by: str | None
     created_at: int

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, aliased
 from core import ids
 from core.contracts import DeploymentAnnouncement, DeploymentStatus
 from core.jobs import LOCK_NAMESPACE, db_now, is_postgres
-from core.orm import Deployment, DeploymentReplica, InferenceReplica
+from core.orm import Deployment, DeploymentReplica, InferenceReplica, ModelRecord
 from core.pubsub import announce_deployment
 from core.redact import hide_paths
 from core.settings import Settings
@@ -70,9 +70,48 @@ def pending_count(session: Session, tenant_id: str) -> int:
     )
 
 
-def request_deployment(session: Session, *, tenant_id: str, model_id: str, requested_by: str) -> Deployment:
+# How a deployment serves a fine-tune (``Deployment.serve_as``): as its LoRA adapter on its base model's server (only
+# INFERENCE_BACKEND=vllm loads adapters), or as its merged weights, a model of its own (every backend; a base model
+# is always its own weights).
+ADAPTER = "adapter"
+MERGED = "merged"
+SERVE_AS = (ADAPTER, MERGED)
+
+
+def adapter_refusal(settings: Settings, record: ModelRecord | None) -> str | None:
+    """Why the model (``record``; None for a base model) cannot be served as its adapter, or None when it can."""
+    if settings.inference_backend != "vllm":
+        return (
+            f"INFERENCE_BACKEND={settings.inference_backend} serves every model from its merged weights; only "
+            "INFERENCE_BACKEND=vllm serves a fine-tune as its adapter"
+        )
+    if record is None:
+        return "a base model is served as its own weights, it has no adapter"
+    if record.parent_model:
+        return (
+            f"{record.id} continued {record.parent_model}: its adapter applies to that model's weights, not to a "
+            "base model's"
+        )
+    if record.base_model not in settings.base_models:
+        return f"its base model {record.base_model!r} is not configured"
+    return None
+
+
+def default_serve_as(settings: Settings, record: ModelRecord | None) -> str:
+    """The adapter where the backend can serve it as one, else the merged weights."""
+    return ADAPTER if adapter_refusal(settings, record) is None else MERGED
+
+
+def request_deployment(
+    session: Session, *, tenant_id: str, model_id: str, requested_by: str, serve_as: str | None = None
+) -> Deployment:
+    """``serve_as``: ``adapter`` or ``merged`` (checked by the caller); None: the backend's default."""
     deployment = Deployment(
-        tenant_id=tenant_id, model_id=model_id, requested_by=requested_by, status=DeploymentStatus.PENDING
+        tenant_id=tenant_id,
+        model_id=model_id,
+        requested_by=requested_by,
+        status=DeploymentStatus.PENDING,
+        serve_as=serve_as,
     )
     session.add(deployment)
     session.flush()
@@ -441,13 +480,28 @@ def replica_view(session: Session, replica_id: str) -> ReplicaView:
 ROLLBACK_PREFIX = "rollback:"
 
 
-def serving_history(session: Session, tenant_id: str, base_model: str) -> list[str]:
-    """The models that served this tenant, oldest first, as a stack: ``base_model`` (what serves before any
-    deployment) at the bottom, each activation pushed on top, and each activated rollback popping back down to the
-    model it returned to. Repeated rollbacks therefore walk back through history rather than toggle between the
-    last two models."""
+@dataclass(frozen=True)
+class Served:
+    """One entry of a tenant's serving history: a model and how it was served (``serve_as``; None: the backend's
+    default)."""
+
+    model_id: str
+    serve_as: str | None = None
+
+    def same(self, other: Served) -> bool:
+        """The same model served the same way (an unknown way, None, is taken as the same)."""
+        if self.model_id != other.model_id:
+            return False
+        return self.serve_as is None or other.serve_as is None or self.serve_as == other.serve_as
+
+
+def serving_history(session: Session, tenant_id: str, base_model: str) -> list[Served]:
+    """What served this tenant, oldest first, as a stack: ``base_model`` (what serves before any deployment) at the
+    bottom, each activation pushed on top (the same model served another way is a new entry), and each activated
+    rollback popping back down to the entry it returned to. Repeated rollbacks therefore walk back through history
+    rather than toggle between the last two models."""
     rows = session.execute(
-        select(Deployment.model_id, Deployment.requested_by)
+        select(Deployment.model_id, Deployment.serve_as, Deployment.requested_by)
         .where(
             Deployment.tenant_id == tenant_id,
             Deployment.status.in_([DeploymentStatus.ACTIVE, DeploymentStatus.SUPERSEDED]),
@@ -455,26 +509,49 @@ def serving_history(session: Session, tenant_id: str, base_model: str) -> list[s
         )
         .order_by(Deployment.activated_at.asc(), Deployment.created_at.asc())
     ).all()
-    stack = [base_model]
-    for model_id, requested_by in rows:
-        if (requested_by or "").startswith(ROLLBACK_PREFIX) and model_id in stack:
-            last = len(stack) - 1 - stack[::-1].index(model_id)
-            del stack[last + 1 :]
-        elif stack[-1] != model_id:
-            stack.append(model_id)
+    stack = [Served(base_model)]
+    for model_id, serve_as, requested_by in rows:
+        entry = Served(model_id, serve_as)
+        if (requested_by or "").startswith(ROLLBACK_PREFIX):
+            returned = _last_index(stack, entry)
+            if returned is None:  # a row older than serve_as, or the base model: the same model will do
+                returned = _last_index(stack, model_id)
+            if returned is not None:
+                del stack[returned + 1 :]
+                continue
+        if not stack[-1].same(entry):
+            stack.append(entry)
     return stack
+
+
+def _last_index(stack: list[Served], match: Served | str) -> int | None:
+    """The last position of ``match`` (an entry, or any entry of a model id) in ``stack``."""
+    for index in range(len(stack) - 1, -1, -1):
+        if stack[index].model_id == match if isinstance(match, str) else stack[index].same(match):
+            return index
+    return None
+
+
+def rollback_entry(
+    session: Session, tenant_id: str, current_model_id: str, *, base_model: str, servable: Callable[[str], bool]
+) -> Served | None:
+    """What served before ``current_model_id`` (its latest entry in the history) and can still serve
+    (``servable``: not deleted), with the way it was served; None when ``current_model_id`` never served or nothing
+    servable came before it. The same model served the other way counts as what came before."""
+    stack = serving_history(session, tenant_id, base_model)
+    last = _last_index(stack, current_model_id)
+    if last is None:
+        return None
+    current = stack[last]
+    for entry in reversed(stack[:last]):
+        if not entry.same(current) and servable(entry.model_id):
+            return entry
+    return None
 
 
 def rollback_target(
     session: Session, tenant_id: str, current_model_id: str, *, base_model: str, servable: Callable[[str], bool]
 ) -> str | None:
-    """The model that served before ``current_model_id`` and can still serve (``servable``: not deleted), or None
-    when ``current_model_id`` never served or nothing servable came before it."""
-    stack = serving_history(session, tenant_id, base_model)
-    if current_model_id not in stack:
-        return None
-    last = len(stack) - 1 - stack[::-1].index(current_model_id)
-    for model_id in reversed(stack[:last]):
-        if model_id != current_model_id and servable(model_id):
-            return model_id
-    return None
+    """The model of ``rollback_entry``."""
+    entry = rollback_entry(session, tenant_id, current_model_id, base_model=base_model, servable=servable)
+    return entry.model_id if entry is not None else None

@@ -236,6 +236,9 @@ class Deployment(TimestampMixin, Base):
     fidelity: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Loads started: one that is still "loading" after several starts crashed its inference process each time.
     load_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # How a fine-tune is served: "adapter" (its LoRA adapter on its base model's server, INFERENCE_BACKEND=vllm)
+    # or "merged" (its merged weights as a model of their own); null: the backend's default.
+    serve_as: Mapped[str | None] = mapped_column(String(16))
 
     @property
     def public_id(self) -> str:

@@ -7,13 +7,22 @@ id is matched with a path converter; the deploy and rollback routes are declared
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import After, IdempotencyKey, LimitDep, PrincipalDep, SessionDep, SettingsDep
 from api.http import idempotency
-from api.schemas import ERROR_RESPONSES, DeploymentList, DeploymentOut, ModelDeleted, ModelList, ModelOut
+from api.schemas import (
+    ERROR_RESPONSES,
+    DeploymentList,
+    DeploymentOut,
+    DeployRequest,
+    ModelDeleted,
+    ModelList,
+    ModelOut,
+)
 from api.services import models as service
 from core.api_keys import Principal
 from core.orm import Deployment
@@ -27,14 +36,18 @@ def _with_idempotency(
     principal: Principal,
     idempotency_key: str | None,
     create: Callable[[], Deployment],
+    body: DeployRequest | None = None,
 ) -> DeploymentOut | JSONResponse:
-    """Deploy-like POSTs have no body: the key, the route and the path identify the request."""
+    """The key, the route, the path and the optional body (``serve_as``) identify the request."""
+    identity: dict[str, object] = {"path": request.url.path}
+    if body is not None and body.serve_as is not None:
+        identity["serve_as"] = body.serve_as
     return idempotency.respond_once(
         session,
         tenant_id=principal.tenant_id,
         key=idempotency_key,
         route=f"POST {request.url.path}",
-        req_hash=idempotency.request_hash({"path": request.url.path}),
+        req_hash=idempotency.request_hash(identity),
         create=lambda: service.deployment_out(create()),
     )
 
@@ -52,15 +65,23 @@ def deploy_model(
     principal: PrincipalDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
+    body: Annotated[DeployRequest | None, Body()] = None,
 ) -> DeploymentOut | JSONResponse:
+    serve_as = body.serve_as if body is not None else None
     return _with_idempotency(
         request,
         session,
         principal,
         idempotency_key,
         lambda: service.deploy(
-            session, tenant_id=principal.tenant_id, model_id=model_id, actor=principal.actor, settings=settings
+            session,
+            tenant_id=principal.tenant_id,
+            model_id=model_id,
+            actor=principal.actor,
+            settings=settings,
+            serve_as=serve_as,
         ),
+        body,
     )
 
 

@@ -18,15 +18,19 @@ from core.base_models import base_model_path, is_prepared
 from core.checkpoint_models import CheckpointModel, checkpoint_models
 from core.contracts import LIVE_STATUSES, DeploymentStatus, ModelStatus, parse_checkpoint_model_id
 from core.deployments import (
+    ADAPTER,
+    MERGED,
     ROLLBACK_PREFIX,
     active_deployment,
+    adapter_refusal,
     announce,
+    default_serve_as,
     lock_tenant_deployments,
     pending_count,
     request_deployment,
-    rollback_target,
+    rollback_entry,
 )
-from core.errors import Conflict, InvalidRequest, NotFound, RateLimited
+from core.errors import Conflict, InvalidRequest, NotFound, RateLimited, ValidationFailed
 from core.ids import Prefix, parse_public_id, public_id
 from core.orm import Checkpoint, Deployment, FineTuningJob, ModelRecord
 from core.settings import Settings
@@ -337,12 +341,14 @@ def deployment_out(row: Deployment) -> DeploymentOut:
         latency_seconds=row.latency_seconds,
         route=row.route,
         fidelity=row.fidelity,
+        serve_as=row.serve_as,
     )
 
 
-def _check_deployable(session: Session, tenant_id: str, model_id: str, settings: Settings) -> None:
+def _check_deployable(session: Session, tenant_id: str, model_id: str, settings: Settings) -> ModelRecord | None:
+    """The fine-tuned model's row (None for a base model)."""
     if model_id in settings.base_models:
-        return
+        return None
     # FOR SHARE until this transaction ends: a concurrent delete (FOR UPDATE on the same row) either commits
     # first, and this finds no row, or waits and then sees this deployment in flight and refuses.
     row = session.scalars(
@@ -354,6 +360,20 @@ def _check_deployable(session: Session, tenant_id: str, model_id: str, settings:
         raise NotFound(f"No such model: {model_id}", param="model")
     if row.status != ModelStatus.READY:
         raise Conflict(f"{model_id} is {row.status}, not ready to serve.", code="model_not_ready")
+    return row
+
+
+def _serve_as(requested: str | None, row: ModelRecord | None, settings: Settings, *, strict: bool = True) -> str:
+    """How to serve the model: as requested, else the backend's default (its adapter where the backend serves one).
+    ``merged`` is honoured everywhere; ``adapter`` only where it can be, else 422 (``strict``) or the default."""
+    if requested == ADAPTER:
+        refusal = adapter_refusal(settings, row)
+        if refusal is None:
+            return ADAPTER
+        if strict:
+            raise ValidationFailed(f"serve_as 'adapter' cannot be honoured: {refusal}.", param="serve_as")
+        return MERGED
+    return requested or default_serve_as(settings, row)
 
 
 def _check_pending_cap(session: Session, tenant_id: str, settings: Settings) -> None:
@@ -371,11 +391,22 @@ def _check_pending_cap(session: Session, tenant_id: str, settings: Settings) -> 
         )
 
 
-def deploy(session: Session, *, tenant_id: str, model_id: str, actor: str, settings: Settings) -> Deployment:
-    """Record the request; once committed, tell inference services to load the model now."""
-    _check_deployable(session, tenant_id, model_id, settings)
+def deploy(
+    session: Session,
+    *,
+    tenant_id: str,
+    model_id: str,
+    actor: str,
+    settings: Settings,
+    serve_as: str | None = None,
+    strict: bool = True,
+) -> Deployment:
+    """Record the request; once committed, tell inference services to load the model now. ``serve_as``: adapter or
+    merged (None: the backend's default); ``strict``: an adapter that cannot be honoured is a 422, not merged."""
+    row = _check_deployable(session, tenant_id, model_id, settings)
+    mode = _serve_as(serve_as, row, settings, strict=strict)
     _check_pending_cap(session, tenant_id, settings)
-    deployment = request_deployment(session, tenant_id=tenant_id, model_id=model_id, requested_by=actor)
+    deployment = request_deployment(session, tenant_id=tenant_id, model_id=model_id, requested_by=actor, serve_as=mode)
     session.refresh(deployment)
     on_commit(session, lambda: announce(deployment, settings))
     log.info("deployment.requested", extra={"deployment_id": deployment.public_id, "model_id": model_id})
@@ -393,13 +424,14 @@ def rollback(
     session: Session, *, tenant_id: str, current_model: str | None, actor: str, settings: Settings
 ) -> Deployment:
     """Deploy the model that served before ``current_model`` (default: the active one), skipping deleted models;
-    before the first deployment the default base model served. Repeated rollbacks keep walking back."""
+    before the first deployment the default base model served. Repeated rollbacks keep walking back. The model is
+    served the way it was then (adapter or merged; the same model served the other way is a step back too)."""
     if current_model is None:
         active = active_deployment(session, tenant_id)
         if active is None:
             raise Conflict("No model is deployed, so there is nothing to roll back.", code="nothing_to_roll_back")
         current_model = active.model_id
-    target = rollback_target(
+    target = rollback_entry(
         session,
         tenant_id,
         current_model,
@@ -412,7 +444,15 @@ def rollback(
             code="nothing_to_roll_back",
         )
     requested_by = f"{ROLLBACK_PREFIX}{actor}"[:64]
-    return deploy(session, tenant_id=tenant_id, model_id=target, actor=requested_by, settings=settings)
+    return deploy(
+        session,
+        tenant_id=tenant_id,
+        model_id=target.model_id,
+        actor=requested_by,
+        settings=settings,
+        serve_as=target.serve_as,
+        strict=False,  # the backend may have changed since: then the way it can serve it now
+    )
 
 
 def get_deployment(session: Session, tenant_id: str, public_id: str) -> Deployment:
