@@ -351,20 +351,24 @@ def settle_failed(
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def heartbeat(session: Session, replica_id: str) -> int:
-    """This replica is up: renew its presence, and its rows of deployments still in flight or active. Returns how
-    many such rows it holds."""
+def heartbeat(session: Session, replica_id: str, *, max_lora_rank: int | None = None) -> int:
+    """This replica is up: renew its presence (with the LoRA rank it serves as adapters, if it does), and its rows
+    of deployments still in flight or active. Returns how many such rows it holds."""
     now = db_now(session)
     present = session.execute(
         update(InferenceReplica)
         .where(InferenceReplica.replica_id == replica_id)
-        .values(heartbeat_at=now)
+        .values(heartbeat_at=now, max_lora_rank=max_lora_rank)
         .execution_options(synchronize_session=False)
     )
     if not present.rowcount:  # type: ignore[attr-defined]
         try:
             with session.begin_nested():
-                session.add(InferenceReplica(replica_id=replica_id, started_at=now, heartbeat_at=now))
+                session.add(
+                    InferenceReplica(
+                        replica_id=replica_id, started_at=now, heartbeat_at=now, max_lora_rank=max_lora_rank
+                    )
+                )
         except IntegrityError:
             pass  # another process of the same name got there first: its beat counts as this one's
     open_deployments = select(Deployment.id).where(Deployment.status.in_([*IN_FLIGHT, DeploymentStatus.ACTIVE.value]))
@@ -375,6 +379,17 @@ def heartbeat(session: Session, replica_id: str) -> int:
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def adapter_replicas(session: Session, settings: Settings) -> list[tuple[str, int]]:
+    """(replica, highest LoRA rank it loads) of each live inference replica that serves fine-tunes as adapters."""
+    since = db_now(session) - timedelta(seconds=settings.replica_stale_seconds)
+    rows = session.execute(
+        select(InferenceReplica.replica_id, InferenceReplica.max_lora_rank)
+        .where(InferenceReplica.heartbeat_at >= since, InferenceReplica.max_lora_rank.is_not(None))
+        .order_by(InferenceReplica.replica_id)
+    ).all()
+    return [(replica, rank) for replica, rank in rows if rank is not None]
 
 
 def leave(session: Session, replica_id: str) -> None:

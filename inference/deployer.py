@@ -41,6 +41,9 @@ class Deployer:
         self.settings = settings
         self.metrics = metrics
         self.replica_id = store.replica_identity(settings)
+        # Advertised in the heartbeat: the api and the workers hold new jobs to the adapter limits of the live
+        # replicas (core.servability), whatever their own INFERENCE_BACKEND.
+        self.max_lora_rank = settings.vllm_max_lora_rank if settings.inference_backend == "vllm" else None
         # tenant -> (model this replica serves it, the deployment that model comes from)
         self._serving: dict[str, tuple[str, uuid.UUID | None]] = {}
         self._to_load: list[uuid.UUID] = []  # active deployments not loaded on this replica yet
@@ -51,7 +54,7 @@ class Deployer:
         self.registry.maintain()
         self.registry.retune_threads()
         with session_scope() as session:
-            store.heartbeat(session, self.replica_id)
+            store.heartbeat(session, self.replica_id, max_lora_rank=self.max_lora_rank)
             store.coalesce_pending(session)
         self._settle_abandoned()
         self._refresh_defaults()
@@ -65,7 +68,7 @@ class Deployer:
         """Renew this replica's presence and its hold on the deployments it loads or serves (also during a long
         load)."""
         with session_scope() as session:
-            store.heartbeat(session, self.replica_id)
+            store.heartbeat(session, self.replica_id, max_lora_rank=self.max_lora_rank)
 
     def leave(self) -> None:
         """This replica stops: deployments no longer wait for it to try them."""

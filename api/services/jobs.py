@@ -137,7 +137,9 @@ def create_job(session: Session, *, tenant_id: str, body: JobCreate, settings: S
     base_model = start_model_base(session, tenant_id, body.model, settings)
     resolved = _hyperparameters(body, settings)
     hparams.check_lora_modules(resolved, base_model, settings)
-    check_servable(resolved, base_model, settings)  # a fine-tune the serving engine would refuse is refused now
+    check_servable(
+        session, resolved, base_model, settings
+    )  # a fine-tune the serving engine would refuse is refused now
     training = _training_file(session, tenant_id, body.training_file, "training_file")
     validation = (
         _training_file(session, tenant_id, body.validation_file, "validation_file") if body.validation_file else None

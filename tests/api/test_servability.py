@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
-from core.orm import FineTuningJob
+from core import deployments
+from core.db import session_scope
+from core.orm import FineTuningJob, InferenceReplica, utcnow
 from tests.api.helpers import assert_envelope, count_rows, make_client
 from tests.factories import alpaca_records, jsonl
 
@@ -126,6 +130,35 @@ def test_other_backends_serve_merged_models_whatever_the_adapter(lean_client: Te
     ]:
         response = _create(lean_client, knobs, model=model)
         assert response.status_code == 200, response.text  # type: ignore[attr-defined]
+
+
+def test_a_live_vllm_replica_holds_an_api_on_another_backend_to_its_limit(
+    lean_client: TestClient, redis_client: redis.Redis, queue_name: str
+) -> None:
+    """As in ``docker compose --profile vllm``: the api and the workers keep their backend, the vLLM replica
+    advertises its VLLM_MAX_LORA_RANK in its heartbeat, and new jobs are held to the lowest live one."""
+    with session_scope() as session:
+        deployments.heartbeat(session, "vllm-gpu0", max_lora_rank=8)
+        deployments.heartbeat(session, "vllm-gpu1", max_lora_rank=32)
+        deployments.heartbeat(session, "merged-only")  # serves merged weights: no limit
+    response = _create(lean_client, {"lora_rank": 16})
+    assert_envelope(response, 422, param="method.supervised.hyperparameters.lora_rank", code="not_servable")
+    assert "inference replica 'vllm-gpu0'" in response.json()["error"]["message"]  # type: ignore[attr-defined]
+    assert count_rows(FineTuningJob) == 0 and redis_client.llen(queue_name) == 0
+    # The target modules are held to vLLM's too, though this api's own backend would take any.
+    assert_envelope(_create(lean_client, {"lora_target": "c_attn"}, model="tiny-gpt2"), 422, code="not_servable")
+
+    # A replica that stopped beating (or left) no longer constrains: the other one's limit is the one now.
+    with session_scope() as session:
+        session.execute(
+            update(InferenceReplica)
+            .where(InferenceReplica.replica_id == "vllm-gpu0")
+            .values(heartbeat_at=utcnow() - timedelta(hours=1))
+        )
+    assert _create(lean_client, {"lora_rank": 16}).status_code == 200  # type: ignore[attr-defined]
+    with session_scope() as session:
+        deployments.leave(session, "vllm-gpu1")
+    assert _create(lean_client, {"lora_rank": 64}).status_code == 200  # type: ignore[attr-defined]
 
 
 def test_the_serving_limit_is_one_vllm_accepts() -> None:

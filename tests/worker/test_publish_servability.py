@@ -6,6 +6,7 @@ it refuses is one the gate refuses, and the ones it loads pass."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core import deployments
 from core.contracts import JobStatus
+from core.db import session_scope
 from core.orm import Deployment, ModelRecord
 from core.queue import enqueue_fine_tune
+from core.servability import adapter_serving
 from core.settings import Settings, get_settings
 from core.storage import fine_tuned_dir
 from tests import polling
@@ -53,7 +57,7 @@ def save_adapter(base: Path, folder: Path, *, resize: int = 0, **lora: Any) -> P
 
 def _problem(adapter: Path, base: str, settings: Settings, *, continued: bool = False) -> tuple[str | None, str]:
     try:
-        check_adapter_servable(adapter, base, settings, continued=continued)
+        check_adapter_servable(adapter, base, settings, adapter_serving(settings), continued=continued)
     except PipelineError as exc:
         assert exc.code == "not_servable" and exc.message.startswith(f"{exc.param}: ")
         return exc.param, exc.message
@@ -133,6 +137,27 @@ def vllm_worker(log_dir: Path) -> Iterator[ServiceProcess]:
     process.kill()
 
 
+@pytest.fixture
+def live_vllm_replica() -> Iterator[str]:
+    """An inference replica that serves adapters up to rank 8 and says so in its heartbeat (the real one's code,
+    beating as often as a replica does), for as long as the test runs."""
+    name, stop = "vllm-replica", threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            with session_scope() as session:
+                deployments.heartbeat(session, name, max_lora_rank=8)
+            stop.wait(1.0)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    yield name
+    stop.set()
+    thread.join(10)
+    with session_scope() as session:
+        deployments.leave(session, name)
+
+
 @pytest.mark.e2e
 @pytest.mark.usefixtures("tiny_models")
 def test_a_job_the_workers_engine_cannot_serve_fails_at_publish_and_publishes_nothing(
@@ -163,6 +188,31 @@ def test_a_job_the_workers_engine_cannot_serve_fails_at_publish_and_publishes_no
     models = db.scalars(select(ModelRecord)).all()
     assert [m.job_id for m in models] == [served.id]
     assert [d.model_id for d in db.scalars(select(Deployment)).all()] == [row.fine_tuned_model]
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("tiny_models")
+def test_a_worker_on_another_backend_is_held_to_a_live_vllm_replicas_limit(
+    db: Session, log_dir: Path, live_vllm_replica: str
+) -> None:
+    """As in ``docker compose --profile vllm``: the worker keeps its own backend (lean here, which serves merged
+    weights), and the vLLM replica's advertised limit still refuses the adapter it could not load."""
+    worker = worker_process("servegate-lean", log_dir, env={"INFERENCE_BACKEND": "lean"}).start()
+    try:
+        worker.wait_for_log("ready", timeout=120)
+        job = make_job(db, make_file(db, alpaca_records(4)), hyperparameters={"lora_rank": 16})
+        db.commit()
+        enqueue_fine_tune(job.public_id, get_settings())
+        polling.wait_until(
+            lambda: fresh(db, job).status in (JobStatus.SUCCEEDED, JobStatus.FAILED), "the job to end", timeout=300
+        )
+        row = fresh(db, job)
+        assert row.status == JobStatus.FAILED and row.error is not None, worker.log()[-3000:]
+        assert (row.error["code"], row.error["param"]) == ("not_servable", "lora_rank")
+        assert f"inference replica {live_vllm_replica!r}" in row.error["message"]
+        assert db.scalars(select(ModelRecord)).first() is None
+    finally:
+        worker.kill()
 
 
 # ------------------------------------------------------------------------------------------------ against vLLM

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from core.contracts import Hyperparameters, JobStage, fine_tuned_model_id
 from core.datasets import load_conversations
 from core.db import SessionFactory
+from core.deployments import adapter_replicas
+from core.servability import adapter_serving
 from core.settings import Settings
 from core.storage import atomic_directory, checkpoints_dir, fine_tuned_dir
 from worker.pipeline.data import PreparedData, prepare_data, render_with_mask
@@ -241,7 +243,9 @@ def merge_and_publish(
     """The tail every method shares: merge the trained adapter into the start model, write the serving files,
     publish the model; returns its id. A cancel is honoured up to the moment of publishing."""
     # An adapter the serving engine would refuse fails the job here, before anything is merged or published.
-    check_adapter_servable(adapter_dir, spec.model, settings, continued=spec.parent_model is not None)
+    with session_factory() as session:
+        serving = adapter_serving(settings, adapter_replicas(session, settings))
+    check_adapter_servable(adapter_dir, spec.model, settings, serving, continued=spec.parent_model is not None)
     reporter.stage(JobStage.MERGING, "Merging the adapter into the base model")
     folder = fine_tuned_dir(spec.job_id, settings)
     manifest = {

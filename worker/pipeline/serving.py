@@ -54,14 +54,21 @@ def write_model_serving_files(
         raise PipelineError("model_unusable", f"the fine-tuned model fails its reference check: {exc}") from exc
 
 
-def check_adapter_servable(adapter_dir: Path, base_model: str, settings: Settings, *, continued: bool = False) -> None:
+def check_adapter_servable(
+    adapter_dir: Path,
+    base_model: str,
+    settings: Settings,
+    serving: servability.AdapterServing | None,
+    *,
+    continued: bool = False,
+) -> None:
     """Apply the serve-compatibility rules (``core.servability``, the api's at creation) to the adapter as saved:
     its adapter_config.json and its weights' names and shapes, against the base model as this worker has it
     (``continued``: the job trained on a fine-tune of it).
-    Raises PipelineError ``not_servable`` naming the field, before anything is merged or published. The settings
-    here decide (INFERENCE_BACKEND, VLLM_MAX_LORA_RANK): on other backends the merged weights are served and
-    nothing is refused."""
-    if not servability.serves_adapters(settings):
+    Raises PipelineError ``not_servable`` naming the field, before anything is merged or published. ``serving``
+    (``servability.adapter_serving``: this worker's INFERENCE_BACKEND and VLLM_MAX_LORA_RANK, and the live
+    inference replicas that serve adapters) decides; None: the merged weights are served and nothing is refused."""
+    if serving is None:
         return
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
@@ -79,7 +86,7 @@ def check_adapter_servable(adapter_dir: Path, base_model: str, settings: Setting
         # a server of its own (inference/vllm/pool.py), so only a job on the base must name the base's folder.
         folder=None if continued else str(base_folder),
     )
-    problem = servability.check(settings, base, describe_adapter(config, shapes))
+    problem = servability.check(serving, base, describe_adapter(config, shapes))
     if problem is not None:
         raise PipelineError("not_servable", f"{problem.field}: {problem.message}", problem.field)
 
