@@ -78,12 +78,14 @@ MERGED = "merged"
 SERVE_AS = (ADAPTER, MERGED)
 
 
-def adapter_refusal(settings: Settings, record: ModelRecord | None) -> str | None:
-    """Why the model (``record``; None for a base model) cannot be served as its adapter, or None when it can."""
-    if settings.inference_backend != "vllm":
+def adapter_refusal(settings: Settings, record: ModelRecord | None, *, vllm_replicas: bool = False) -> str | None:
+    """Why the model (``record``; None for a base model) cannot be served as its adapter, or None when it can.
+    ``vllm_replicas``: some live inference replica serves adapters (``adapter_replicas``), whatever this process's
+    own INFERENCE_BACKEND."""
+    if settings.inference_backend != "vllm" and not vllm_replicas:
         return (
-            f"INFERENCE_BACKEND={settings.inference_backend} serves every model from its merged weights; only "
-            "INFERENCE_BACKEND=vllm serves a fine-tune as its adapter"
+            f"INFERENCE_BACKEND={settings.inference_backend} serves every model from its merged weights and no "
+            "live inference replica serves adapters; only INFERENCE_BACKEND=vllm serves a fine-tune as its adapter"
         )
     if record is None:
         return "a base model is served as its own weights, it has no adapter"
@@ -97,9 +99,9 @@ def adapter_refusal(settings: Settings, record: ModelRecord | None) -> str | Non
     return None
 
 
-def default_serve_as(settings: Settings, record: ModelRecord | None) -> str:
+def default_serve_as(settings: Settings, record: ModelRecord | None, *, vllm_replicas: bool = False) -> str:
     """The adapter where the backend can serve it as one, else the merged weights."""
-    return ADAPTER if adapter_refusal(settings, record) is None else MERGED
+    return ADAPTER if adapter_refusal(settings, record, vllm_replicas=vllm_replicas) is None else MERGED
 
 
 def request_deployment(

@@ -23,6 +23,7 @@ from core.deployments import (
     ROLLBACK_PREFIX,
     active_deployment,
     adapter_refusal,
+    adapter_replicas,
     announce,
     default_serve_as,
     lock_tenant_deployments,
@@ -363,17 +364,24 @@ def _check_deployable(session: Session, tenant_id: str, model_id: str, settings:
     return row
 
 
-def _serve_as(requested: str | None, row: ModelRecord | None, settings: Settings, *, strict: bool = True) -> str:
-    """How to serve the model: as requested, else the backend's default (its adapter where the backend serves one).
-    ``merged`` is honoured everywhere; ``adapter`` only where it can be, else 422 (``strict``) or the default."""
+def _serve_as(
+    session: Session, requested: str | None, row: ModelRecord | None, settings: Settings, *, strict: bool = True
+) -> str:
+    """How to serve the model: as requested, else the backend's default (its adapter where the backend serves one:
+    this api's INFERENCE_BACKEND=vllm, or a live vLLM replica). ``merged`` is honoured everywhere; ``adapter`` only
+    where it can be, else 422 (``strict``) or the default."""
+    if requested == MERGED:
+        return MERGED
+    vllm_replicas = (
+        row is not None and settings.inference_backend != "vllm" and bool(adapter_replicas(session, settings))
+    )
     if requested == ADAPTER:
-        refusal = adapter_refusal(settings, row)
+        refusal = adapter_refusal(settings, row, vllm_replicas=vllm_replicas)
         if refusal is None:
             return ADAPTER
         if strict:
             raise ValidationFailed(f"serve_as 'adapter' cannot be honoured: {refusal}.", param="serve_as")
-        return MERGED
-    return requested or default_serve_as(settings, row)
+    return default_serve_as(settings, row, vllm_replicas=vllm_replicas)
 
 
 def _check_pending_cap(session: Session, tenant_id: str, settings: Settings) -> None:
@@ -404,7 +412,7 @@ def deploy(
     """Record the request; once committed, tell inference services to load the model now. ``serve_as``: adapter or
     merged (None: the backend's default); ``strict``: an adapter that cannot be honoured is a 422, not merged."""
     row = _check_deployable(session, tenant_id, model_id, settings)
-    mode = _serve_as(serve_as, row, settings, strict=strict)
+    mode = _serve_as(session, serve_as, row, settings, strict=strict)
     _check_pending_cap(session, tenant_id, settings)
     deployment = request_deployment(session, tenant_id=tenant_id, model_id=model_id, requested_by=actor, serve_as=mode)
     session.refresh(deployment)

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from core.contracts import DeploymentStatus
 from core.db import session_scope
 from core.ids import Prefix, parse_public_id
-from core.orm import Deployment, utcnow
+from core.orm import Deployment, InferenceReplica, utcnow
 from tests.api.helpers import assert_envelope, count_rows, make_client
 from tests.factories import make_model
 
@@ -96,6 +96,18 @@ def test_adapter_is_the_default_on_vllm_where_the_adapter_fits_a_base(clean_db: 
         assert_envelope(
             client.post("/v1/models/tiny-qwen2/deploy", json={"serve_as": "adapter"}), 422, param="serve_as"
         )
+
+
+def test_a_live_vllm_replica_serves_adapters_whatever_the_apis_own_backend(client: TestClient) -> None:
+    """As in ``docker compose --profile vllm``: the api on the default backend, a vLLM replica beside it (it
+    advertises its VLLM_MAX_LORA_RANK in its heartbeat)."""
+    _models()
+    assert _deploy(client, FT)["serve_as"] == "merged"
+    with session_scope() as session:
+        now = utcnow()
+        session.add(InferenceReplica(replica_id="vllm-gpu0", started_at=now, heartbeat_at=now, max_lora_rank=8))
+    assert _deploy(client, FT)["serve_as"] == "adapter"
+    assert _deploy(client, FT, "adapter")["serve_as"] == "adapter"
 
 
 def test_the_same_idempotency_key_with_another_serve_as_is_another_request(clean_db: None) -> None:
