@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from core.base_models import base_model_path, is_prepared
 from core.checkpoint_models import checkpoint_models
 from core.contracts import ModelStatus, parse_checkpoint_model_id
+from core.deployments import ADAPTER, MERGED, default_serve_as
 from core.errors import NotFound, ServiceUnavailable
 from core.orm import Checkpoint, FineTuningJob, ModelRecord
 from core.settings import Settings
@@ -37,6 +38,9 @@ class ModelSource:
     base_model: str | None
     created: int
     adapter: Path | None = None  # a checkpoint's LoRA adapter, served on its base (INFERENCE_BACKEND=vllm only)
+    # "adapter": a fine-tune served as its LoRA adapter on its base model's vLLM server (where it fits that base);
+    # "merged": its merged weights as a model of their own (the only way of the other backends, and of base models).
+    serve_as: str = MERGED
 
     def visible_to(self, tenant: str) -> bool:
         return self.owner is None or self.owner == tenant
@@ -99,6 +103,7 @@ def resolve(session: Session, name: str, tenant: str, settings: Settings) -> Mod
         owner=record.tenant_id,
         base_model=record.base_model,
         created=_timestamp(record.created_at),
+        serve_as=default_serve_as(settings, record),
     )
 
 
@@ -127,6 +132,7 @@ def _checkpoint_source(session: Session, name: str, checkpoint: tuple[str, int],
         base_model=record.base_model,
         created=_timestamp(record.created_at),
         adapter=adapter,
+        serve_as=ADAPTER,  # a checkpoint has no merged weights of its own
     )
 
 

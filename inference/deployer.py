@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 
 from core import deployments as store
 from core.base_models import is_prepared
@@ -159,7 +160,7 @@ class Deployer:
         claimed = self._claim(deployment_id)
         if claimed is None:
             return
-        tenant, model_id, attempts, status = claimed
+        tenant, model_id, attempts, status, serve_as = claimed
         in_flight = status in store.IN_FLIGHT
         if attempts > MAX_LOAD_ATTEMPTS:
             self._fail(
@@ -171,6 +172,8 @@ class Deployer:
         log.info("deployment.loading", extra={"deployment_id": str(deployment_id), "model": model_id})
         try:
             source = self._source(model_id, tenant)
+            if serve_as is not None:  # as the deployment asks (adapter or merged), else the backend's default
+                source = replace(source, serve_as=serve_as)
         except ModelNotReady as exc:
             if model_id in self.settings.base_models and not is_prepared(model_id, self.settings):
                 with session_scope() as session:  # wait: the base model is being prepared
@@ -189,7 +192,7 @@ class Deployer:
             return
         self._activate(deployment_id, tenant, model_id, handle, in_flight=in_flight)
 
-    def _claim(self, deployment_id: uuid.UUID) -> tuple[str, str, int, str] | None:
+    def _claim(self, deployment_id: uuid.UUID) -> tuple[str, str, int, str, str | None] | None:
         """Mark this replica loading and count its attempt (committed before the load starts, so a load that
         kills the process is still counted)."""
         with session_scope() as session:
@@ -199,7 +202,13 @@ class Deployer:
             deployment = session.get(Deployment, deployment_id)
             assert deployment is not None
             session.refresh(deployment)
-            return deployment.tenant_id, deployment.model_id, row.load_attempts, deployment.status
+            return (
+                deployment.tenant_id,
+                deployment.model_id,
+                row.load_attempts,
+                deployment.status,
+                deployment.serve_as,
+            )
 
     def _activate(
         self, deployment_id: uuid.UUID, tenant: str, model_id: str, handle: ModelHandle, *, in_flight: bool

@@ -287,7 +287,8 @@ class Registry:
         if not owner:
             return future.result()
         try:
-            if handle is not None and handle.engine.alive and handle.source.folder == source.folder:
+            same = handle is not None and handle.source.serve_as == source.serve_as  # adapter or merged (vLLM)
+            if handle is not None and same and handle.engine.alive and handle.source.folder == source.folder:
                 smoke_test(handle.engine, handle.model)
                 result = handle
             else:
@@ -344,7 +345,9 @@ class Registry:
         self.problems.pop(source.name, None)
         self._failed_at.pop(source.name, None)
         self.metrics.loads.labels("ok").inc()
-        for old in ([replaced] if replaced else []) + evicted:
+        if replaced is not None:  # the same model loaded another way: requests on the old one finish there
+            self._retire(replaced)
+        for old in evicted:
             self._unload(old)
         self._report()
         return handle
@@ -509,10 +512,19 @@ class Registry:
             log.warning("registry.over_budget", extra={"bytes": total, "budget": budget})
         return evicted
 
+    def _retire(self, handle: ModelHandle) -> None:
+        """``handle`` left the registry: stopped now if no request holds it, else when the last one lets go."""
+        with self._lock:
+            handle.retired = True
+            idle = handle.in_use == 0
+        if idle:
+            self._unload(handle)
+
     def _unload(self, handle: ModelHandle) -> None:
         log.info("model.unloaded", extra={"model": handle.name})
         handle.engine.stop()
-        self.metrics.forget_model(handle.name)
+        if handle.name not in self._handles:  # not replaced by another load of the same model
+            self.metrics.forget_model(handle.name)
 
     def maintain(self) -> None:
         """Drop models whose generation thread died (the next request or reconcile loads them again), and probe

@@ -27,8 +27,9 @@ class VllmDecoder:
         self.dtype = dtype
         self.device = torch.device("cpu")
         self.vocab_size = vocab_size
-        # The weights vLLM reads (an adapter's own size when the model is served as one, set by the pool) and
-        # the KV cache it allocates are what the memory budget counts.
+        # What the memory budget counts, set by the pool once it knows where the model runs
+        # (``inference.vllm.pool.account``): the weights vLLM reads and the KV cache its server allocates for a
+        # model that owns a server (a base model, a merged fine-tune); an adapter's own size for an adapter.
         self.parameter_bytes_value = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
         self.kv_cache_bytes_value = 0
 

@@ -2,8 +2,14 @@
 
 A base model runs on its own server. A fine-tune whose PEFT adapter (``<folder>/adapter``, published with every
 merged model) was trained on a configured base model is served as that adapter on the base's server: a load costs
-the adapter's size, not a model's. Any other fine-tune (one trained on top of another fine-tune, whose adapter
-applies to that fine-tune's weights, not the base's) runs its merged folder on a server of its own.
+the adapter's size, not a model's. A fine-tune deployed ``serve_as: merged``, and any fine-tune whose adapter does
+not fit a configured base (one trained on top of another fine-tune, whose adapter applies to that fine-tune's
+weights), runs its merged folder on a server of its own: started for that load (the engine it serves is gated
+before anyone is switched to it) and stopped with that engine, which the registry unloads only once no request
+holds it, so a switch between the two ways is blue/green.
+
+The memory budget counts what each model adds: a server's owner (a base model, a merged fine-tune) its weights and
+the KV cache its server allocates (``VLLM_CPU_KVCACHE_GIB`` on a CPU); an adapter its own size.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import httpx
 
 from artifacts.golden import ReferenceError
 from core.base_models import base_model_path, is_prepared
+from core.deployments import MERGED
 from core.settings import Settings
 from inference.catalog import ModelSource
 from inference.engine.engine import EngineObserver
@@ -80,6 +87,8 @@ def _same_folder(named: Path | None, base: Path) -> bool:
 def placement_for(source: ModelSource, settings: Settings) -> Placement:
     if source.owner is None:
         return Placement(source.name, source.folder, None)
+    if source.serve_as == MERGED and source.adapter is None:  # as deployed: its merged weights, a server of its own
+        return Placement(source.name, source.folder, None)
     # A checkpoint names its adapter; a published fine-tune carries its own next to the merged weights.
     adapter = source.adapter or source.folder / ADAPTER_SUBDIR
     base = source.base_model
@@ -98,6 +107,22 @@ def placement_for(source: ModelSource, settings: Settings) -> Placement:
 
 def _adapter_bytes(adapter: Path) -> int:
     return sum(path.stat().st_size for path in adapter.glob("*.safetensors"))
+
+
+def server_kv_cache_bytes(options: VllmOptions) -> int:
+    """The KV cache a vLLM server allocates at start (on a CPU: ``VLLM_CPU_KVCACHE_SPACE``, VLLM_CPU_KVCACHE_GIB)."""
+    return options.cpu_kvcache_gib * 1024**3
+
+
+def account(model: LoadedModel, place: Placement, options: VllmOptions) -> None:
+    """What the memory budget counts for ``model`` served at ``place``: the owner of a server its weights and the
+    server's KV cache; an adapter its own size (the base's server, weights and cache, is counted by the base)."""
+    decoder = model.decoder
+    if place.adapter is None:
+        decoder.kv_cache_bytes_value = server_kv_cache_bytes(options)  # type: ignore[attr-defined]
+    else:
+        decoder.parameter_bytes_value = _adapter_bytes(place.adapter)  # type: ignore[attr-defined]
+        decoder.kv_cache_bytes_value = 0  # type: ignore[attr-defined]
 
 
 class VllmPool:
@@ -207,6 +232,9 @@ class VllmPool:
         )
         model.max_positions = min(model.max_positions, self.options.max_model_len)
         place = placement_for(source, settings)
+        account(model, place, self.options)
+        if source.owner is not None and place.adapter is None:
+            return self._merged(model, place, faithful=faithful)
         server = self.server(place.server_name, place.server_folder, faithful=faithful)
         model.route = f"vllm:{server.options.dtype}"
         if place.adapter is None:
@@ -217,9 +245,31 @@ class VllmPool:
         except VllmUnavailable as exc:
             raise ModelLoadError(f"vLLM could not load the adapter of {source.name!r}: {exc}") from exc
         model.route = "vllm:lora"
-        model.decoder.parameter_bytes_value = _adapter_bytes(place.adapter)  # type: ignore[attr-defined]
-        model.decoder.kv_cache_bytes_value = 0  # type: ignore[attr-defined]  # the base's cache serves it
         return model, self._engine(model, server, served, lambda: server.unload_adapter(served))
+
+    def _merged(self, model: LoadedModel, place: Placement, *, faithful: bool) -> tuple[LoadedModel, VllmEngine]:
+        """A fine-tune's merged folder on a server of its own, started for this load and stopped with its engine:
+        the engine it replaces keeps its own server (and its requests) until the registry unloads it."""
+        key = f"{place.server_name}@{next(self._names)}"
+        options = replace(self.options, dtype=FAITHFUL_DTYPE) if faithful else self.options
+        try:
+            server = VllmServer(place.server_name, place.server_folder, options).start()
+        except VllmUnavailable as exc:
+            raise ModelLoadError(f"vLLM could not serve {place.server_name!r}: {exc}") from exc
+        with self._lock:
+            self._servers[key] = server
+
+        def stop_server() -> None:
+            with self._lock:
+                self._servers.pop(key, None)
+            server.stop()
+
+        model.route = f"vllm:{options.dtype}"
+        try:
+            return model, self._engine(model, server, place.server_name, stop_server)
+        except BaseException:
+            stop_server()
+            raise
 
     def _engine(self, model: LoadedModel, server: VllmServer, served: str, on_stop: object) -> VllmEngine:
         return VllmEngine(
