@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import logging
 import os
@@ -101,7 +102,9 @@ def requested_devices(spec: JobSpec, settings: Settings) -> int:
             f"{settings.training_devices_max} (TRAINING_DEVICES_MAX)",
             "num_devices",
         )
-    if settings.training_accelerate_config:
+    config = read_accelerate_config(settings.training_accelerate_config) if settings.training_accelerate_config else {}
+    check_accelerate_config(config, settings.training_accelerate_config)
+    if int(config.get("num_machines") or 1) > 1:
         return devices  # the config file describes the machines; accelerate checks them
     gpus = visible_gpus()
     if gpus == 0 and not settings.training_cpu_processes:
@@ -120,6 +123,72 @@ def requested_devices(spec: JobSpec, settings: Settings) -> int:
     return devices
 
 
+def read_accelerate_config(path: str) -> dict[str, Any]:
+    """TRAINING_ACCELERATE_CONFIG as accelerate reads it (YAML, or JSON by its suffix); PipelineError when it
+    cannot be read, so the job fails at once rather than in the launcher."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+        loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise PipelineError(
+            "devices_unavailable",
+            f"num_devices: this worker's TRAINING_ACCELERATE_CONFIG ({path}) cannot be read: {exc}",
+            "num_devices",
+        ) from exc
+    if not isinstance(loaded, dict):
+        raise PipelineError(
+            "devices_unavailable",
+            f"num_devices: this worker's TRAINING_ACCELERATE_CONFIG ({path}) is not an accelerate config",
+            "num_devices",
+        )
+    return loaded
+
+
+def check_accelerate_config(config: dict[str, Any], path: str) -> None:
+    """Refuse, before any process starts, an accelerate config this worker's training loop cannot run.
+
+    - DeepSpeed: accelerate runs it only on GPUs, with the ``deepspeed`` package; without them the launcher or
+      the ranks die at start-up.
+    - FSDP1 (``fsdp_version: 1``, accelerate's default): the loop runs FSDP2 (``fully_shard``) only. FSDP1 keeps
+      the embeddings and output layer in the root's flat parameter, which the loop's direct calls to the decoder
+      cannot reach, and on CPU (gloo, torch 2.13) gathering its full state dict crashed the process (SIGSEGV).
+    - Other kinds (TPU, Megatron-LM): not a loop this worker has.
+    """
+    kind = str(config.get("distributed_type") or "NO").upper()
+    where = f"this worker's TRAINING_ACCELERATE_CONFIG ({path})"
+    if kind == "DEEPSPEED":
+        if importlib.util.find_spec("deepspeed") is None:
+            reason = "the deepspeed package is not installed"
+        elif visible_gpus() == 0:
+            reason = "accelerate runs DeepSpeed only on GPUs and this worker has none"
+        else:
+            return
+        raise PipelineError(
+            "devices_unavailable",
+            f"num_devices: {where} asks for DeepSpeed, and {reason}; send num_devices=1",
+            "num_devices",
+        )
+    if kind == "FSDP":
+        fsdp = config.get("fsdp_config") or {}
+        version = int(fsdp.get("fsdp_version") or 1)
+        if version != 2:
+            raise PipelineError(
+                "devices_unavailable",
+                f"num_devices: {where} asks for FSDP version {version}; Conch trains under FSDP2 only "
+                "(fsdp_version: 2 in fsdp_config); send num_devices=1",
+                "num_devices",
+            )
+        return
+    if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"):
+        raise PipelineError(
+            "devices_unavailable",
+            f"num_devices: {where} asks for {kind}, which Conch's training loop does not run; send num_devices=1",
+            "num_devices",
+        )
+
+
 def visible_gpus() -> int:
     import torch  # only a worker that claimed a multi-device job pays for the import
 
@@ -131,6 +200,9 @@ def launcher_argv(devices: int, settings: Settings) -> list[str]:
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(devices)]
     if settings.training_accelerate_config:
         argv += ["--config_file", settings.training_accelerate_config]
+        config = read_accelerate_config(settings.training_accelerate_config)
+        if int(config.get("num_machines") or 1) <= 1 and not config.get("main_process_port"):
+            argv += ["--main_process_port", "0"]  # one host: a free port, as below
     else:
         # Port 0: a free port, so several jobs (or test runs) on one host do not collide.
         argv += ["--multi_gpu", "--num_machines", "1", "--main_process_port", "0"]

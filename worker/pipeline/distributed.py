@@ -26,17 +26,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from core.jobs import LeaseLost
 from core.storage import remove_stale_temporaries, temporary_sibling
 from worker.launch import FINISHING_FILE, STOP_FILE, STOP_REASONS, die_with_parent, outcome_file
-from worker.pipeline.checkpoints import STATE_FILE, LoopState, checkpoint_name
+from worker.pipeline.checkpoints import ADAPTER_FILE, STATE_FILE, LoopState, checkpoint_name, load_checkpoint
 from worker.pipeline.data import IGNORE, Batch
 from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
 from worker.pipeline.progress import JobReporter
 
 log = logging.getLogger("conch.worker.distributed")
 T = TypeVar("T")
+# Full (unsharded) state dicts of the trained weights only, gathered on rank 0 (the other ranks get none).
+_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+FSDP_OPTIMIZER_FILE = "optimizer.pt"  # under FSDP: the whole optimizer state, keyed by parameter name
 
 
 # ------------------------------------------------------------------------------------------------ control
@@ -100,6 +111,8 @@ class Distribution:
         self.device = torch.device("cpu") if device.type == "cpu" else device
         self.together = True  # every rank is still in the recipe (False once the others left after training)
         self.module: Any = None
+        # FSDP shards parameters, gradients and optimizer state; DDP keeps a whole copy on every rank.
+        self.sharded = str(accelerator.distributed_type) == str(DistributedType.FSDP)
 
     # ---------------------------------------------------------------------------------------- agreeing
 
@@ -141,7 +154,8 @@ class Distribution:
     # ---------------------------------------------------------------------------------------- training
 
     def prepare(self, loss_fn: Any, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-        """The loss as one module wrapped by accelerate (DDP, FSDP...), and the prepared optimizer."""
+        """The loss as one module wrapped by accelerate (DDP, FSDP...), and the prepared optimizer. Every pass
+        goes through that module afterwards: under FSDP the parameters are shards outside of it."""
         module, prepared = self.accelerator.prepare(LossModule(loss_fn), optimizer)
         self.module = module
         return module, prepared
@@ -154,7 +168,20 @@ class Distribution:
         self.accelerator.backward(loss)
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], limit: float) -> float:
+        """The whole gradient's norm, clipped to ``limit``. Under FSDP the wrapped module's own parameters (the
+        sharded ones, which replaced those the loop collected) go to accelerate's FSDP-aware clipping."""
+        if self.sharded:
+            params = list(self.module.parameters())
         return float(self.accelerator.clip_grad_norm_(params, limit))
+
+    def deal(self, items: list[T]) -> list[tuple[T, bool]]:
+        """This rank's every n-th item, each with whether it counts. A pass through the wrapped module is a
+        collective (FSDP gathers shards, DDP syncs buffers), so each rank makes the same number of them: a rank
+        short of one repeats the first item, not counted."""
+        mine = [(item, True) for item in items[self.rank :: self.world_size]]
+        if items:
+            mine += [(items[0], False)] * (-(-len(items) // self.world_size) - len(mine))
+        return mine
 
     # ---------------------------------------------------------------------------------------- checkpoints
 
@@ -180,9 +207,14 @@ class Distribution:
             partial.mkdir()
         partial = Path(self.share(str(partial)))
         suffix = "" if self.is_main else f"-rank{self.rank}"
-        torch.save(optimizer.state_dict(), partial / f"optimizer{suffix}.pt")
+        if self.sharded:  # the whole optimizer state, gathered on rank 0 and keyed by parameter name
+            whole = get_optimizer_state_dict(self.module, optimizer, options=_FULL_ON_RANK0)
+            if self.is_main:
+                torch.save(whole, partial / FSDP_OPTIMIZER_FILE)
+        else:  # DDP: each rank's own copy
+            torch.save(optimizer.state_dict(), partial / f"optimizer{suffix}.pt")
         torch.save(rng_state(), partial / f"rng{suffix}.pt")
-        adapter = self._adapter_state()  # a collective under FSDP and DeepSpeed
+        adapter = self._adapter_state()  # a collective under FSDP
         if self.is_main:
             model.save_pretrained(str(partial), state_dict=adapter, safe_serialization=True)
             torch.save(scheduler.state_dict(), partial / "scheduler.pt")
@@ -190,14 +222,62 @@ class Distribution:
                 torch.save(scaler.state_dict(), partial / "scaler.pt")
         self.accelerator.wait_for_everyone()  # every rank's part is written
         if self.is_main:
-            (partial / STATE_FILE).write_text(json.dumps({**state.to_json(), "ranks": self.world_size}, indent=1))
+            written = {**state.to_json(), "ranks": self.world_size, "sharded": self.sharded}
+            (partial / STATE_FILE).write_text(json.dumps(written, indent=1))
             _publish_folder(partial, final)
         return final
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
-        whole = self.accelerator.get_state_dict(self.module)
+        """The trained (adapter) weights whole on rank 0, empty elsewhere; the frozen base is not gathered."""
+        whole = get_model_state_dict(self.module, options=_FULL_ON_RANK0)
         prefix = "model."  # LossModule's attribute holding the PEFT model
-        return {k[len(prefix) :]: v for k, v in whole.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in whole.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+
+    def load_checkpoint(
+        self,
+        folder: Path,
+        model: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: torch.amp.GradScaler | None,
+    ) -> LoopState:
+        """Restore a checkpoint written by ``save_checkpoint`` with the same number of ranks and the same kind of
+        wrapping (DDP or FSDP); returns the loop state."""
+        written = json.loads((folder / STATE_FILE).read_text())
+        if bool(written.get("sharded")) != self.sharded:
+            kind = "FSDP" if written.get("sharded") else "DDP"
+            raise PipelineError(
+                "checkpoint_mismatch",
+                f"the job's last checkpoint was written under {kind} and this worker trains under "
+                f"{'FSDP' if self.sharded else 'DDP'} (TRAINING_ACCELERATE_CONFIG changed); it cannot be resumed",
+            )
+        if not self.sharded:
+            state = load_checkpoint(folder, model, optimizer, scheduler, scaler)
+            self.load_rank_part(folder, optimizer)
+            return state
+        from safetensors.torch import load_file
+
+        # The adapter file names each weight as peft saves it (without the adapter's name); the wrapped module's
+        # trainable parameters are the same weights under their full names.
+        saved = load_file(str(folder / ADAPTER_FILE))
+        adapter_name = f".{getattr(model, 'active_adapter', 'default')}."
+        weights: dict[str, Any] = {}
+        for name, parameter in self.module.named_parameters():
+            if parameter.requires_grad:
+                key = name.removeprefix("model.").replace(adapter_name, ".")
+                if key not in saved:
+                    raise FileNotFoundError(f"checkpoint {folder} lacks {key}")
+                weights[name] = saved[key]
+        # Every rank reads the whole state and keeps its own shards of it.
+        set_model_state_dict(self.module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        whole = torch.load(folder / FSDP_OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.module, optimizer, whole, options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        if scaler is not None and (folder / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        suffix = "" if self.is_main else f"-rank{self.rank}"
+        _set_rng(torch.load(folder / f"rng{suffix}.pt", weights_only=True))
+        return LoopState.from_json(written)
 
     def load_rank_part(self, folder: Path, optimizer: torch.optim.Optimizer) -> None:
         """After the one-process restore (rank 0's part), a rank > 0 takes its own optimizer state and RNG."""
@@ -206,10 +286,7 @@ class Distribution:
         optimizer.load_state_dict(
             torch.load(folder / f"optimizer-rank{self.rank}.pt", map_location=self.device, weights_only=True)
         )
-        rng = torch.load(folder / f"rng-rank{self.rank}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_rng(torch.load(folder / f"rng-rank{self.rank}.pt", weights_only=True))
 
 
 class LossModule(torch.nn.Module):
@@ -220,6 +297,17 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = loss_fn.model
         self.loss_fn = loss_fn
+        # What accelerate's FSDP wrapping reads from a transformers model: one shard unit per decoder layer, and the
+        # embeddings and the output layer in units of their own.
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._no_split_modules = getattr(inner, "_no_split_modules", None)
+        self.inner = [inner]  # a list, so the module is not registered twice
+
+    def get_input_embeddings(self) -> Any:
+        return self.inner[0].get_input_embeddings()
+
+    def get_output_embeddings(self) -> Any:
+        return self.inner[0].get_output_embeddings()
 
     def forward(
         self,
@@ -238,6 +326,12 @@ def stand_in(batch: Batch) -> Batch:
     the gradient all-reduce: on a real example, with nothing trained, so it adds zero."""
     untrained = torch.full_like(batch.targets, IGNORE)
     return Batch(batch.input_ids, batch.attention_mask, batch.position_ids, untrained, 0, 0)
+
+
+def _set_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def rng_state() -> dict[str, Any]:
@@ -301,6 +395,29 @@ class RankReporter(JobReporter):
 # ------------------------------------------------------------------------------------------------ entry point
 
 
+def shard_on_cpu(accelerator: Any) -> None:
+    """FSDP2 on CPU ranks (gloo), from the same accelerate config that gives FSDP on GPUs.
+
+    accelerate 1.16 turns FSDP on only for accelerator devices: a CPU process group stays MULTI_CPU and the
+    config's FSDP plugin is dropped without a word, so the job would train as DDP. torch's ``fully_shard`` runs on
+    CPU with gloo, so the accelerator is switched to FSDP with the config's plugin and ``prepare`` then shards the
+    model exactly as it does on GPUs. FSDP1 is not: ``worker.launch`` refuses it on CPU before launching.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return  # accelerate set FSDP up itself (GPUs), or there is no process group
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as accelerate reads them
+    if plugin.fsdp_version != 2:
+        raise PipelineError("devices_unavailable", "FSDP1 does not run on CPU processes; set fsdp_version: 2")
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
 def _read_spec(job_id: str, settings: Any, sessions: Any) -> Any:
     from core.ids import Prefix, parse_public_id
     from core.orm import FineTuningJob
@@ -340,11 +457,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    refused: PipelineError | None = None
+    try:
+        shard_on_cpu(accelerator)
+    except PipelineError as exc:
+        refused = exc
     distribution = Distribution(accelerator)
     sessions = get_sessionmaker()
     outcome: dict[str, Any]
     status = 1  # anything but an agreed stop or success: the launcher then stops the other ranks
     try:
+        if refused is not None:
+            raise refused
         spec = _read_spec(args.job_id, settings, sessions)
         control = RelayedControl(spec.job_id, args.owner, args.control)
         model_id = fine_tuned_model_id(spec.model, spec.suffix, spec.public_id)

@@ -357,15 +357,15 @@ class LoraTrainer:
         self.loss_fn = LossFunction(model, compute)
         self.step_optimizer: Any = self.optimizer
         self.step_loss: Callable[[Batch], torch.Tensor] = self.loss_fn
-        if distribution is not None:
-            module, self.step_optimizer = distribution.prepare(self.loss_fn, self.optimizer)
-            self.step_loss = lambda b: module(b.input_ids, b.attention_mask, b.position_ids, b.targets)
         # Packed rows carry no padding; they are used where the model keeps packed examples apart.
         self.attention_ratio = (
             attention_ratio(self.loss_fn.config, compute.device.type)
             if packing and packing_supported(self.loss_fn, seed)
             else None
         )
+        if distribution is not None:  # after the packing check: FSDP's units gather shards only in full passes
+            module, self.step_optimizer = distribution.prepare(self.loss_fn, self.optimizer)
+            self.step_loss = lambda b: module(b.input_ids, b.attention_mask, b.position_ids, b.targets)
         self.lengths = [len(e) for e in train]
         self.state = LoopState(
             total_steps=self.plan.total_steps,
@@ -387,9 +387,8 @@ class LoraTrainer:
                 "checkpoint_mismatch",
                 "the job's last checkpoint was trained on different data or settings; it cannot be resumed",
             )
-        state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.scaler)
-        if self.distribution is not None:
-            self.distribution.load_rank_part(folder, self.optimizer)
+        load = self.distribution.load_checkpoint if self.distribution else load_checkpoint
+        state = load(folder, self.model, self.optimizer, self.scheduler, self.scaler)
         self.state = state
         self._last_saved_step = state.step
         log.info("train.resumed", extra={"step": state.step, "checkpoint": str(folder)})
@@ -525,7 +524,7 @@ class LoraTrainer:
         with torch.random.fork_rng(devices=devices, device_type=self.compute.device.type):
             for _ in range(2):
                 started = time.perf_counter()
-                (self.loss_fn(batch) / max(batch.target_count, 1)).backward()
+                (self.step_loss(batch) / max(batch.target_count, 1)).backward()
                 if self.compute.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - started
@@ -541,12 +540,13 @@ class LoraTrainer:
         order = sorted(range(len(self.eval_examples)), key=lambda i: len(self.eval_examples[i]))
         total, count, correct = 0.0, 0, 0
         size = self.plan.batch_size
-        starts = range(0, len(order), size)
-        if self.distribution is not None:  # every process evaluates every n-th batch
-            starts = starts[self.distribution.rank :: self.distribution.world_size]
-        for start in starts:
+        shares = [(start, True) for start in range(0, len(order), size)]
+        if self.distribution is not None:  # every process evaluates every n-th batch (under FSDP, as many)
+            shares = self.distribution.deal([start for start, _ in shares])
+        for start, counted in shares:
             batch = self._collate([self.eval_examples[i] for i in order[start : start + size]])
-            total += float(self.loss_fn(batch.to(self.compute.device)))
+            batch = batch if counted else stand_in(batch)
+            total += float(self.step_loss(batch.to(self.compute.device)))
             correct += self.loss_fn.correct
             count += batch.target_count
         if self.distribution is not None:
