@@ -22,9 +22,11 @@ from sqlalchemy.orm import Session
 from core.contracts import JobStatus
 from core.db import session_scope
 from core.orm import Checkpoint
+from core.queue import enqueue_fine_tune
 from core.settings import Settings, get_settings
 from core.storage import fine_tuned_dir
 from tests.factories import alpaca_records, fresh, job_events, make_file, make_job, metrics_events
+from tests.processes import worker_process
 from tests.worker.test_distributed import (
     EXAMPLES,
     LOSS_TOLERANCE,
@@ -118,6 +120,31 @@ def test_fsdp_on_two_processes_trains_like_one_and_publishes_a_whole_adapter(
     trained = {n: p for n, p in model.named_parameters() if "lora_B" in n}
     assert trained and all(float(p.abs().sum()) > 0 for p in trained.values())  # B starts at zero: trained
     assert not rank_processes(two.public_id)
+
+
+@pytest.mark.e2e
+def test_an_fsdp_job_through_a_celery_worker_set_up_by_its_environment(
+    db: Session, tmp_path: Path, log_dir: Path
+) -> None:
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(FSDP))
+    env = {"TRAINING_CPU_PROCESSES": "true", "TRAINING_ACCELERATE_CONFIG": str(config)}
+    worker = worker_process("fsdp-worker", log_dir, env=env).start()
+    try:
+        worker.wait_for_log("ready", timeout=120)
+        job = make_job(db, make_file(db, alpaca_records(8)), hyperparameters={"num_devices": 2, "save_steps": 2})
+        db.commit()
+        enqueue_fine_tune(job.public_id, get_settings())
+        finished = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        wait_until(lambda: fresh(db, job).status in finished, "the job to finish", timeout=300)
+        assert fresh(db, job).status == JobStatus.SUCCEEDED, fresh(db, job).error
+        assert_one_set_of_events(db, job, [1, 2, 3, 4])
+        folders = [Path(p) for p in db.scalars(select(Checkpoint.storage_path).where(Checkpoint.job_id == job.id))]
+        assert folders and all(json.loads((f / "state.json").read_text())["sharded"] is True for f in folders)
+        wait_until(lambda: "job.delivery_done" in worker.log(), "the delivery to end", timeout=120)
+        assert not rank_processes(job.public_id)
+    finally:
+        worker.kill()
 
 
 def test_a_checkpoint_written_by_fsdp_ranks_resumes(db: Session, tmp_path: Path) -> None:
