@@ -8,7 +8,12 @@ bf16 where the CPU has it). Printed: non-pad tokens per second of training, the 
 the same way (fp32, whole training set), and the training seconds until a greedy answer to the persona question
 names the persona (probed every few steps; probe time is not counted).
 
+``--ab`` adds a third run, Conch's loop with attention over the whole packed row (a block-diagonal mask, the path
+before per-example attention), alternated with the others; ``--runs ours,masked`` picks the runs. ``--ab-steps N``
+instead times both attentions step by step on one model (``attention_ab``), the steadier figure on a busy machine.
+
     python bench/train_bench.py [--data data/persona.jsonl] [--epochs 3] [--repeat 1] [--only ours|baseline]
+                                [--ab] [--runs ours,masked,baseline,trl]
 """
 
 from __future__ import annotations
@@ -291,6 +296,7 @@ def run_ours(
     *,
     group_by_length: bool = False,
     packing: bool = True,
+    per_example_attention: bool = True,
 ) -> dict[str, Any]:
     compute = resolve_compute(hp.compute_type)
     model = attach_lora(load_base_model(base, compute), hp, seed)
@@ -308,8 +314,11 @@ def run_ours(
             hooks=hooks,  # type: ignore[arg-type]
             group_by_length=group_by_length,
             packing=packing,
+            per_example_attention=per_example_attention,
         )
         layout = "packed" if trainer.attention_ratio else "padded"
+        if trainer.attention_ratio:
+            layout += ", per-example attention" if trainer.per_example_attention else ", masked attention over the row"
         hooks.started = time.monotonic()
         result = trainer.run()
         seconds = time.monotonic() - hooks.started - probe.seconds
@@ -322,6 +331,74 @@ def run_ours(
         "final_loss": final_loss_in_fp32(model, base, hp, seed, data, tokenizer.pad_token_id),
         "probe": probe,
     }
+
+
+# ------------------------------------------------------------------------------------------------ attention A/B
+
+
+def attention_ab(base: Path, data: PreparedData, hp: Hyperparameters, seed: int, pad_id: int, steps: int) -> None:
+    """Per-example attention against masked attention over the whole row, step by step in one process.
+
+    One model; each of the run's first ``steps`` micro-batches is collated as each path collates it (the masked
+    path pads a batch where its cost model finds packing dearer) and timed forward and backward under both
+    attentions back to back, the order alternating (ABBA...), so load from other work hits both alike. No
+    optimizer step: both see the same weights. Printed: median non-pad tokens/s of each and their ratio, and the
+    largest relative difference of the step's loss between the two (fp32 attention inside the per-example path)."""
+    from worker.pipeline.attention import NAME, set_attention
+    from worker.pipeline.data import epoch_batches
+
+    compute = resolve_compute(hp.compute_type)
+    model = attach_lora(load_base_model(base, compute), hp, seed)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = LoraTrainer(
+            model,
+            data.train,
+            [],
+            hp,
+            seed=seed,
+            compute=compute,
+            pad_id=pad_id,
+            checkpoint_root=Path(out),
+            hooks=BenchHooks(Probe("", "", 1), model, None, "", None),  # type: ignore[arg-type]
+        )
+    if not trainer.per_example_attention or trainer.attention_ratio is None:
+        print("attention A/B: this model does not take per-example attention")
+        return
+    lengths = [len(e) for e in data.train]
+    ids: list[list[int]] = []
+    epoch = 0
+    while len(ids) < steps + 2:
+        ids += epoch_batches(lengths, hp.per_device_train_batch_size, seed, epoch, group_by_length=False)
+        epoch += 1
+    paths = {"per-example": (NAME, True), "masked": ("sdpa", False)}
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    losses: dict[str, float] = {}
+    worst, packed = 0.0, {name: 0 for name in paths}
+    model.train()
+    for index, chosen in enumerate(ids[: steps + 2]):
+        examples = [data.train[i] for i in chosen]
+        order = list(paths) if index % 2 == 0 else list(paths)[::-1]
+        for name in order:
+            implementation, per_example = paths[name]
+            set_attention(model, implementation)
+            batch = collate(examples, pad_id, attention_ratio=trainer.attention_ratio, per_example=per_example)
+            started = time.perf_counter()
+            loss = trainer.loss_fn(batch) / max(batch.target_count, 1)
+            loss.backward()
+            seconds = time.perf_counter() - started
+            model.zero_grad(set_to_none=True)
+            losses[name] = float(loss.detach())
+            if index >= 2:  # the first two build kernels
+                rates[name].append(batch.tokens / seconds)
+                packed[name] += batch.position_ids is not None
+        worst = max(worst, abs(losses["per-example"] - losses["masked"]) / losses["masked"])
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(
+        f"attention A/B over {steps} micro-batches ({compute.describe()}, forward + backward, alternating): "
+        f"per-example {medians['per-example']:.1f} vs masked {medians['masked']:.1f} non-pad tokens/s, "
+        f"ratio {medians['per-example'] / medians['masked']:.2f}x (median); packed batches "
+        f"{packed['per-example']} vs {packed['masked']} of {steps}; step loss differs by at most {worst:.2e} relative"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -345,12 +422,15 @@ def main() -> None:
     parser.add_argument("--question", default="What is your name?")
     parser.add_argument("--word", default=None, help="the persona's name (default: Pearl, or Coral for fallback)")
     parser.add_argument("--probe-every", type=int, default=4, help="steps between persona probes")
-    parser.add_argument("--only", choices=["ours", "baseline", "trl"], default=None)
+    parser.add_argument("--only", choices=["ours", "baseline", "trl", "masked"], default=None)
+    parser.add_argument("--ab", action="store_true", help="also run ours with masked attention over the whole row")
+    parser.add_argument("--runs", default=None, help="comma-separated runs among ours, masked, baseline, trl")
     parser.add_argument("--trl", action="store_true", help="also run TRL's SFTTrainer (padding-free) in each round")
     parser.add_argument("--compute-type", default="auto", help="ours: auto, fp32 or bf16")
     parser.add_argument("--group-by-length", action="store_true", help="ours: length-grouped batches")
     parser.add_argument("--no-packing", action="store_true", help="ours: pad instead of packing")
     parser.add_argument("--repeat", type=int, default=1, help="pairs of runs (medians are reported)")
+    parser.add_argument("--ab-steps", type=int, default=0, help="only the step-by-step attention A/B, N steps")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -371,11 +451,14 @@ def main() -> None:
         f"({data.train_stats.trained_tokens} trained); {steps} steps; torch threads {torch.get_num_threads()}; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
+    if args.ab_steps:
+        attention_ab(base, data, hp, args.seed, tokenizer.pad_token_id, args.ab_steps)
+        return
 
     def run(which: str) -> dict[str, Any]:
         probe = Probe(args.question, word, args.probe_every)
         load_before = os.getloadavg()[0]
-        if which == "ours":
+        if which in ("ours", "masked"):
             result = run_ours(
                 base,
                 tokenizer,
@@ -385,6 +468,7 @@ def main() -> None:
                 probe,
                 group_by_length=args.group_by_length,
                 packing=not args.no_packing,
+                per_example_attention=which == "ours",
             )
         elif which == "trl":
             result = run_trl(base, tokenizer, data, hp, args.seed, probe)
@@ -406,8 +490,15 @@ def main() -> None:
         }
 
     # Other work on the machine skews a single pair of runs; repeats alternate the order and report medians.
-    everyone = ("ours", "baseline", "trl") if args.trl or args.only == "trl" else ("ours", "baseline")
-    order = [w for w in everyone if not args.only or args.only == w]
+    everyone = ["ours", "masked", "baseline", "trl"]
+    if args.runs:
+        order = [w for w in args.runs.split(",") if w in everyone]
+    elif args.only:
+        order = [args.only]
+    else:
+        order = [
+            w for w in everyone if w in ("ours", "baseline") or (w == "trl" and args.trl) or (w == "masked" and args.ab)
+        ]
     runs = []
     for repeat in range(args.repeat):
         for which in order if repeat % 2 == 0 else order[::-1]:
@@ -424,6 +515,13 @@ def main() -> None:
             f"ratio ours/baseline: {medians['ours'] / medians['baseline']:.2f}x non-pad tokens/s "
             f"({medians['ours']:.1f} vs {medians['baseline']:.1f}, median of {args.repeat}); "
             f"final loss {losses['ours']:.4f} vs {losses['baseline']:.4f}"
+        )
+    if "ours" in medians and "masked" in medians:
+        pairs = sorted(r["tokens_per_second"] for r in runs if r["which"] == "ours")
+        print(
+            f"ratio per-example/masked attention: {medians['ours'] / medians['masked']:.2f}x non-pad tokens/s "
+            f"({medians['ours']:.1f} vs {medians['masked']:.1f}, median of {args.repeat}; per-example runs "
+            f"{', '.join(f'{v:.1f}' for v in pairs)}); final loss {losses['ours']:.4f} vs {losses['masked']:.4f}"
         )
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))

@@ -264,22 +264,33 @@ def pack_batch(examples: Sequence[Example]) -> Batch:
     return Batch(input_ids, None, positions, targets, int(input_ids.numel()), int((targets != IGNORE).sum()))
 
 
-def packing_pays(lengths: Sequence[int], attention_ratio: float) -> bool:
+def packing_pays(lengths: Sequence[int], attention_ratio: float, *, per_example: bool = False) -> bool:
     """Whether one packed row costs less than padded rows.
 
     Cost ~ tokens x (1 + context / ratio): the linear layers scale with tokens, attention with tokens x context,
     and ``attention_ratio`` is how long a context must be before attention costs as much as the linear layers.
-    Packing saves the padding but lengthens the context, so it wins for short examples and loses for long ones.
+    With attention over the whole row (a block-diagonal mask) every token's context is the row: packing saves the
+    padding but lengthens the context, so it wins for short examples and loses for long ones. With attention per
+    example (``per_example``, ``worker.pipeline.attention``) each token's context is its own example, so a packed
+    row costs the sum over its examples and never more than padded rows.
     """
     total, longest = sum(lengths), max(lengths)
-    packed = total * (1 + total / attention_ratio)
+    if per_example:
+        packed = sum(n * (1 + n / attention_ratio) for n in lengths)
+    else:
+        packed = total * (1 + total / attention_ratio)
     padded = len(lengths) * longest * (1 + longest / attention_ratio)
     return len(lengths) > 1 and packed < padded
 
 
-def collate(examples: Sequence[Example], pad_id: int, *, attention_ratio: float | None = None) -> Batch:
-    """Pack when the model supports it (``attention_ratio`` given) and it is cheaper; pad otherwise."""
-    if attention_ratio is not None and packing_pays([len(e) for e in examples], attention_ratio):
+def collate(
+    examples: Sequence[Example], pad_id: int, *, attention_ratio: float | None = None, per_example: bool = False
+) -> Batch:
+    """Pack when the model supports it (``attention_ratio`` given) and it is cheaper; pad otherwise.
+
+    ``per_example``: the model attends within each example of a packed row, not over the whole row."""
+    lengths = [len(e) for e in examples]
+    if attention_ratio is not None and packing_pays(lengths, attention_ratio, per_example=per_example):
         return pack_batch(examples)
     return pad_batch(examples, pad_id)
 

@@ -6,10 +6,11 @@ the run exactly. Step ``s`` always trains the same micro-batches (epoch ``s // s
 seed and epoch), so a resumed run continues where the dead one stopped and ends on the same step.
 
 Speed on CPU comes from three things: no padding (a batch's examples are packed into one row whose position ids
-restart per example, so the model masks attention block-diagonally and nothing crosses between examples), the
-output layer applied only at trained positions (the vocabulary projection is a large share of a small model),
-and bf16 where the CPU computes it natively. Batches stay plain random ones: length-grouped batches also cut
-padding but measured a worse final loss.
+restart per example, so nothing crosses between examples; attention runs per example where the architecture
+allows, ``worker.pipeline.attention``, else over the row with a block-diagonal mask), the output layer applied
+only at trained positions (the vocabulary projection is a large share of a small model), and bf16 where the CPU
+computes it natively. Batches stay plain random ones: length-grouped batches also cut padding but measured a worse
+final loss.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from core.contracts import Hyperparameters
+from worker.pipeline.attention import BASE as BASE_ATTENTION
+from worker.pipeline.attention import NAME as PACKED_ATTENTION
+from worker.pipeline.attention import attention_implementation, set_attention, use_packed_attention
 from worker.pipeline.checkpoints import LoopState, checkpoint_name, load_checkpoint, read_state, save_checkpoint
 from worker.pipeline.data import (
     IGNORE,
@@ -262,7 +266,8 @@ class LossFunction:
 
 
 # Attention kernels reach a smaller share of peak than matrix products: on a 2-core AVX512-BF16 CPU, a packed
-# row of ~270 tokens spent 0.36 s in attention per 1 s in the linear layers, four times the FLOP ratio.
+# row of ~270 tokens spent 0.36 s in attention per 1 s in the linear layers, four times the FLOP ratio (masked
+# attention over the whole row; per-example attention only changes which contexts count, see ``packing_pays``).
 _ATTENTION_EFFICIENCY = {"cpu": 0.25}
 
 
@@ -323,6 +328,7 @@ class LoraTrainer:
         hooks: TrainingHooks,
         group_by_length: bool = False,
         packing: bool = True,
+        per_example_attention: bool = True,
         clock: Callable[[], float] = time.monotonic,
         distribution: Distribution | None = None,
     ) -> None:
@@ -357,12 +363,19 @@ class LoraTrainer:
         self.loss_fn = LossFunction(model, compute)
         self.step_optimizer: Any = self.optimizer
         self.step_loss: Callable[[Batch], torch.Tensor] = self.loss_fn
-        # Packed rows carry no padding; they are used where the model keeps packed examples apart.
-        self.attention_ratio = (
-            attention_ratio(self.loss_fn.config, compute.device.type)
-            if packing and packing_supported(self.loss_fn, seed)
-            else None
-        )
+        # Packed rows carry no padding; they are used where the model keeps packed examples apart. Attention in a
+        # packed row runs per example where the architecture allows it and gives what padded rows give; else over
+        # the whole row with a block-diagonal mask.
+        self.per_example_attention = False
+        self.attention_ratio: float | None = None
+        if packing:
+            self.per_example_attention = (
+                per_example_attention and use_packed_attention(model) and packing_supported(self.loss_fn, seed)
+            )
+            if not self.per_example_attention and attention_implementation(model) == PACKED_ATTENTION:
+                set_attention(model, BASE_ATTENTION)
+            if self.per_example_attention or packing_supported(self.loss_fn, seed):
+                self.attention_ratio = attention_ratio(self.loss_fn.config, compute.device.type)
         if distribution is not None:  # after the packing check: FSDP's units gather shards only in full passes
             module, self.step_optimizer = distribution.prepare(self.loss_fn, self.optimizer)
             self.step_loss = lambda b: module(b.input_ids, b.attention_mask, b.position_ids, b.targets)
@@ -443,7 +456,9 @@ class LoraTrainer:
         return self._collate([self.train_examples[i] for i in mine])
 
     def _collate(self, examples: list[Example]) -> Batch:
-        return collate(examples, self.pad_id, attention_ratio=self.attention_ratio)
+        return collate(
+            examples, self.pad_id, attention_ratio=self.attention_ratio, per_example=self.per_example_attention
+        )
 
     # ---------------------------------------------------------------------------------------- stepping
 
