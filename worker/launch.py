@@ -154,6 +154,7 @@ def check_accelerate_config(config: dict[str, Any], path: str) -> None:
     - FSDP1 (``fsdp_version: 1``, accelerate's default): the loop runs FSDP2 (``fully_shard``) only. FSDP1 keeps
       the embeddings and output layer in the root's flat parameter, which the loop's direct calls to the decoder
       cannot reach, and on CPU (gloo, torch 2.13) gathering its full state dict crashed the process (SIGSEGV).
+    - FSDP offloading parameters to CPU memory on a worker without GPUs (torch pins the offloaded shards).
     - Other kinds (TPU, Megatron-LM): not a loop this worker has.
     """
     kind = str(config.get("distributed_type") or "NO").upper()
@@ -178,6 +179,15 @@ def check_accelerate_config(config: dict[str, Any], path: str) -> None:
                 "devices_unavailable",
                 f"num_devices: {where} asks for FSDP version {version}; Conch trains under FSDP2 only "
                 "(fsdp_version: 2 in fsdp_config); send num_devices=1",
+                "num_devices",
+            )
+        if str(fsdp.get("fsdp_offload_params")).lower() == "true" and visible_gpus() == 0:
+            # torch pins offloaded shards in page-locked memory, which needs an accelerator: on CPU ranks
+            # fully_shard raised "Cannot access accelerator device when none is available".
+            raise PipelineError(
+                "devices_unavailable",
+                f"num_devices: {where} asks FSDP to offload parameters to CPU memory (fsdp_offload_params), which "
+                "needs GPUs, and this worker trains on its CPU; send num_devices=1",
                 "num_devices",
             )
         return

@@ -194,6 +194,7 @@ def test_a_checkpoint_written_by_fsdp_ranks_resumes(db: Session, tmp_path: Path)
     [
         ({**FSDP, "fsdp_config": {**FSDP["fsdp_config"], "fsdp_version": 1}}, "FSDP version 1"),
         ({"distributed_type": "DEEPSPEED", "num_machines": 1, "deepspeed_config": {"zero_stage": 2}}, "DeepSpeed"),
+        ({**FSDP, "fsdp_config": {**FSDP["fsdp_config"], "fsdp_offload_params": True}}, "fsdp_offload_params"),
     ],
 )
 def test_a_config_the_worker_cannot_run_is_refused_before_any_process_starts(
