@@ -37,6 +37,7 @@ from tests.worker.test_distributed import (
     checkpoint_steps,
     losses,
     rank_processes,
+    settings_with_cpu_ranks,
     wait_until,
 )
 from worker.runner import run_job
@@ -147,14 +148,20 @@ def test_an_fsdp_job_through_a_celery_worker_set_up_by_its_environment(
         worker.kill()
 
 
-def test_a_checkpoint_written_by_fsdp_ranks_resumes(db: Session, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [("fsdp", "fsdp"), ("ddp", "fsdp"), ("fsdp", "ddp")],
+    ids=["fsdp", "ddp-then-fsdp", "fsdp-then-ddp"],
+)
+def test_a_checkpoint_written_by_fsdp_ranks_resumes(db: Session, tmp_path: Path, first: str, then: str) -> None:
+    """Also across a change of the worker's config between two attempts (DDP <-> FSDP, same number of ranks)."""
     file = make_file(db, alpaca_records(24))
     knobs = {"per_device_train_batch_size": 1, "num_train_epochs": 3, "save_steps": 3, "compute_type": "fp32"}
     uninterrupted = make_job(db, file, hyperparameters={**knobs, "per_device_train_batch_size": 2})
     job = make_job(db, file, hyperparameters={**knobs, "num_devices": 2})
     db.commit()
     total = 3 * 12
-    settings = fsdp_settings(tmp_path)
+    settings = {"fsdp": fsdp_settings(tmp_path), "ddp": settings_with_cpu_ranks()}
     job_id = job.id
 
     def checkpointed() -> bool:
@@ -167,16 +174,17 @@ def test_a_checkpoint_written_by_fsdp_ranks_resumes(db: Session, tmp_path: Path)
 
     watcher = threading.Thread(target=shut_down_after_a_checkpoint, daemon=True)
     watcher.start()
-    assert run_job(job.public_id, settings) == "released"
+    assert run_job(job.public_id, settings[first]) == "released"
     watcher.join(timeout=10)
     saved = checkpoint_steps(db, job)[-1]
     assert 0 < saved < total
     folder = Path(db.scalars(select(Checkpoint.storage_path).where(Checkpoint.job_id == job.id)).all()[-1])
-    # One whole optimizer state (not one per rank) and each rank's RNG.
-    assert {"optimizer.pt", "rng.pt", "rng-rank1.pt", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
-    assert "optimizer-rank1.pt" not in {p.name for p in folder.iterdir()}
+    if first == "fsdp":  # one whole optimizer state (not one per rank) and each rank's RNG
+        names = {p.name for p in folder.iterdir()}
+        assert {"optimizer.pt", "rng.pt", "rng-rank1.pt", "adapter_model.safetensors"} <= names
+        assert "optimizer-rank1.pt" not in names
 
-    assert run_job(job.public_id, settings) == "succeeded", fresh(db, job).error
+    assert run_job(job.public_id, settings[then]) == "succeeded", fresh(db, job).error
     resumed = [e for e in job_events(db, job) if e.message.startswith("Resuming from the checkpoint")]
     assert len(resumed) == 1
     steps = [m["step"] for m in metrics_events(db, job)]

@@ -241,17 +241,13 @@ class Distribution:
         scheduler: Any,
         scaler: torch.amp.GradScaler | None,
     ) -> LoopState:
-        """Restore a checkpoint written by ``save_checkpoint`` with the same number of ranks and the same kind of
-        wrapping (DDP or FSDP); returns the loop state."""
+        """Restore a checkpoint written by ``save_checkpoint`` with the same number of ranks, under DDP or FSDP
+        (either way: the worker's TRAINING_ACCELERATE_CONFIG may change between two attempts); returns the loop
+        state."""
         written = json.loads((folder / STATE_FILE).read_text())
-        if bool(written.get("sharded")) != self.sharded:
-            kind = "FSDP" if written.get("sharded") else "DDP"
-            raise PipelineError(
-                "checkpoint_mismatch",
-                f"the job's last checkpoint was written under {kind} and this worker trains under "
-                f"{'FSDP' if self.sharded else 'DDP'} (TRAINING_ACCELERATE_CONFIG changed); it cannot be resumed",
-            )
         if not self.sharded:
+            # Under FSDP the optimizer state was written whole and keyed by name, in the optimizer's own order:
+            # torch's load_state_dict maps it by position, as it does DDP's.
             state = load_checkpoint(folder, model, optimizer, scheduler, scaler)
             self.load_rank_part(folder, optimizer)
             return state
@@ -271,6 +267,13 @@ class Distribution:
         # Every rank reads the whole state and keeps its own shards of it.
         set_model_state_dict(self.module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
         whole = torch.load(folder / FSDP_OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        if not written.get("sharded"):  # written under DDP: keyed by position in the optimizer; here by name
+            names = {parameter: name for name, parameter in self.module.named_parameters()}
+            order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+            whole = {
+                "state": {order[int(i)]: value for i, value in whole["state"].items()},
+                "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in whole["param_groups"]],
+            }
         set_optimizer_state_dict(self.module, optimizer, whole, options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         if scaler is not None and (folder / "scaler.pt").is_file():
@@ -280,12 +283,14 @@ class Distribution:
         return LoopState.from_json(written)
 
     def load_rank_part(self, folder: Path, optimizer: torch.optim.Optimizer) -> None:
-        """After the one-process restore (rank 0's part), a rank > 0 takes its own optimizer state and RNG."""
+        """After the one-process restore (rank 0's part), a rank > 0 takes its own optimizer state (a DDP
+        checkpoint; FSDP wrote one whole state, already loaded) and RNG."""
         if self.is_main:
             return
-        optimizer.load_state_dict(
-            torch.load(folder / f"optimizer-rank{self.rank}.pt", map_location=self.device, weights_only=True)
-        )
+        if (folder / f"optimizer-rank{self.rank}.pt").is_file():
+            optimizer.load_state_dict(
+                torch.load(folder / f"optimizer-rank{self.rank}.pt", map_location=self.device, weights_only=True)
+            )
         _set_rng(torch.load(folder / f"rng-rank{self.rank}.pt", weights_only=True))
 
 
