@@ -318,7 +318,9 @@ def run_ours(
         )
         layout = "packed" if trainer.attention_ratio else "padded"
         if trainer.attention_ratio:
-            layout += ", per-example attention" if trainer.per_example_attention else ", masked attention over the row"
+            layout += (
+                " (per-example attention)" if trainer.per_example_attention else " (masked attention over the row)"
+            )
         hooks.started = time.monotonic()
         result = trainer.run()
         seconds = time.monotonic() - hooks.started - probe.seconds
@@ -341,9 +343,12 @@ def attention_ab(base: Path, data: PreparedData, hp: Hyperparameters, seed: int,
 
     One model; each of the run's first ``steps`` micro-batches is collated as each path collates it (the masked
     path pads a batch where its cost model finds packing dearer) and timed forward and backward under both
-    attentions back to back, the order alternating (ABBA...), so load from other work hits both alike. No
+    attentions back to back, the order rotating each step, so load from other work hits both alike. No
     optimizer step: both see the same weights. Printed: median non-pad tokens/s of each and their ratio, and the
-    largest relative difference of the step's loss between the two (fp32 attention inside the per-example path)."""
+    largest relative difference of the step's loss between the two (fp32 attention inside the per-example path).
+    With bf16 on CPU a third path runs per-example attention with torch's bf16 kernel (``attention._CPU_FP32`` off),
+    to tell the per-example split from the fp32 kernel."""
+    from worker.pipeline import attention
     from worker.pipeline.attention import NAME, set_attention
     from worker.pipeline.data import epoch_batches
 
@@ -359,7 +364,7 @@ def attention_ab(base: Path, data: PreparedData, hp: Hyperparameters, seed: int,
             compute=compute,
             pad_id=pad_id,
             checkpoint_root=Path(out),
-            hooks=BenchHooks(Probe("", "", 1), model, None, "", None),  # type: ignore[arg-type]
+            hooks=BenchHooks(Probe("", "", 1), model, None, "", None),
         )
     if not trainer.per_example_attention or trainer.attention_ratio is None:
         print("attention A/B: this model does not take per-example attention")
@@ -371,16 +376,20 @@ def attention_ab(base: Path, data: PreparedData, hp: Hyperparameters, seed: int,
         ids += epoch_batches(lengths, hp.per_device_train_batch_size, seed, epoch, group_by_length=False)
         epoch += 1
     paths = {"per-example": (NAME, True), "masked": ("sdpa", False)}
+    if compute.device.type == "cpu" and compute.autocast_dtype is not None:
+        paths["per-example, bf16 kernel"] = (NAME, True)
     rates: dict[str, list[float]] = {name: [] for name in paths}
     losses: dict[str, float] = {}
     worst, packed = 0.0, {name: 0 for name in paths}
     model.train()
     for index, chosen in enumerate(ids[: steps + 2]):
         examples = [data.train[i] for i in chosen]
-        order = list(paths) if index % 2 == 0 else list(paths)[::-1]
+        names = list(paths)
+        order = names[index % len(names) :] + names[: index % len(names)]
         for name in order:
             implementation, per_example = paths[name]
             set_attention(model, implementation)
+            attention._CPU_FP32 = name != "per-example, bf16 kernel"
             batch = collate(examples, pad_id, attention_ratio=trainer.attention_ratio, per_example=per_example)
             started = time.perf_counter()
             loss = trainer.loss_fn(batch) / max(batch.target_count, 1)
@@ -399,6 +408,11 @@ def attention_ab(base: Path, data: PreparedData, hp: Hyperparameters, seed: int,
         f"ratio {medians['per-example'] / medians['masked']:.2f}x (median); packed batches "
         f"{packed['per-example']} vs {packed['masked']} of {steps}; step loss differs by at most {worst:.2e} relative"
     )
+    if "per-example, bf16 kernel" in medians:
+        print(
+            f"per-example attention with the bf16 kernel: {medians['per-example, bf16 kernel']:.1f} non-pad tokens/s, "
+            f"{medians['per-example, bf16 kernel'] / medians['masked']:.2f}x masked"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ main
