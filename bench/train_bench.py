@@ -403,7 +403,7 @@ def attention_ab(base: Path, data: PreparedData, hp: Hyperparameters, seed: int,
         worst = max(worst, abs(losses["per-example"] - losses["masked"]) / losses["masked"])
     medians = {name: statistics.median(values) for name, values in rates.items()}
     print(
-        f"attention A/B over {steps} micro-batches ({compute.describe()}, forward + backward, alternating): "
+        f"attention A/B over {steps} micro-batches ({compute.describe()}, forward + backward, order rotating): "
         f"per-example {medians['per-example']:.1f} vs masked {medians['masked']:.1f} non-pad tokens/s, "
         f"ratio {medians['per-example'] / medians['masked']:.2f}x (median); packed batches "
         f"{packed['per-example']} vs {packed['masked']} of {steps}; step loss differs by at most {worst:.2e} relative"
