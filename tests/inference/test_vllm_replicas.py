@@ -69,7 +69,7 @@ def build_finetune(base: Path, folder: Path, *, rank: int, seed: int) -> Path:
     lora = LoraConfig(
         r=rank, lora_alpha=8 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
     )
-    peft_model = get_peft_model(model, lora)
+    peft_model: Any = get_peft_model(model, lora)
     peft_model.save_pretrained(str(folder / "adapter"))
     peft_model.merge_and_unload().save_pretrained(folder, safe_serialization=True)
     return folder
@@ -88,6 +88,7 @@ class Replica:
             "BASE_MODELS": json.dumps({BASE: str(base)}),
             "DEFAULT_BASE_MODEL": BASE,
             "GGUF_CACHE": str(root / f"{name}-cache"),  # this replica's reference answers (the fidelity gate's)
+            "DATA_DIR": str(root / f"{name}-data"),  # its vLLM server's log kept with the test's files
             "INFERENCE_BACKEND": "vllm",
             "INFERENCE_THREADS": "1",  # each vLLM server takes one core of the two
             "VLLM_PYTHON": str(VLLM_PYTHON),
@@ -191,8 +192,12 @@ def cluster(database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         session.commit()
         first = [deploy(session, FT_OLD, tenant=TENANT), deploy(session, FT_OTHER, tenant=OTHER)]
         for row in first:
+
+            def both_active(row: Deployment = row) -> bool:
+                return replica_states(session, row) == {GOOD: ACTIVE, BAD: ACTIVE}
+
             wait_until(
-                lambda row=row: replica_states(session, row) == {GOOD: ACTIVE, BAD: ACTIVE},
+                both_active,
                 timeout=300,
                 what=f"both replicas serving {row.model_id}",
                 logs=lambda: good.process.log()[-3000:] + bad.process.log()[-3000:],
@@ -277,6 +282,7 @@ def test_a_killed_vllm_server_comes_back_with_its_adapters_while_the_other_repli
                 answered.append(good.complete(keys[TENANT], FT_NEW))
             except (AssertionError, httpx.HTTPError) as exc:
                 failures.append(str(exc)[:300])
+            stop.wait(1.0)  # a request a second: the restarting server shares the two cores with this one
 
     thread = threading.Thread(target=client_loop)
     thread.start()
