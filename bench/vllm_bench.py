@@ -37,6 +37,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -72,7 +73,7 @@ def make_finetune(base: Path, folder: Path, rank: int, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(base))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
-    peft_model = get_peft_model(model, lora)
+    peft_model: Any = get_peft_model(model, lora)
     peft_model.save_pretrained(str(folder / "adapter"))
     peft_model.merge_and_unload().save_pretrained(str(folder), safe_serialization=True)
     return folder
