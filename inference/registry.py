@@ -483,7 +483,10 @@ class Registry:
 
     def _make_room(self, source: ModelSource) -> None:
         """Before an on-demand load: evict idle models so that the model's estimated size fits, or refuse it."""
-        estimate = self._sizes.get(source.folder) or estimate_bytes(source.folder, self.routes, self._cache_shape())
+        if self.vllm is not None:  # the placement decides: an adapter costs its own size, not a model's
+            estimate = self.vllm.estimate_bytes(source)
+        else:
+            estimate = self._sizes.get(source.folder) or estimate_bytes(source.folder, self.routes, self._cache_shape())
         if not estimate:
             return  # unknown: the check after the load decides
         with self._lock:

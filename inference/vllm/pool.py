@@ -114,6 +114,20 @@ def server_kv_cache_bytes(options: VllmOptions) -> int:
     return options.cpu_kvcache_gib * 1024**3
 
 
+def estimate_bytes(source: ModelSource, settings: Settings, options: VllmOptions) -> int:
+    """What ``account`` will count for ``source`` once loaded, told before the load (the registry makes room with
+    it): an adapter's own size where it runs on its base's server, else the weights and the server's KV cache.
+    0 when it cannot be told (its load fails with the reason)."""
+    try:
+        place = placement_for(source, settings)
+    except ModelLoadError:
+        return 0
+    if place.adapter is not None:
+        return _adapter_bytes(place.adapter)
+    weights = sum(path.stat().st_size for path in place.server_folder.glob("*.safetensors"))
+    return weights + server_kv_cache_bytes(options) if weights else 0
+
+
 def account(model: LoadedModel, place: Placement, options: VllmOptions) -> None:
     """What the memory budget counts for ``model`` served at ``place``: the owner of a server its weights and the
     server's KV cache; an adapter its own size (the base's server, weights and cache, is counted by the base)."""
@@ -280,6 +294,9 @@ class VllmPool:
             wait_seconds=self.options.start_timeout,
             on_stop=on_stop,
         ).start()
+
+    def estimate_bytes(self, source: ModelSource) -> int:
+        return estimate_bytes(source, self.settings, self.options)
 
     def readiness(self) -> list[dict[str, object]]:
         return [

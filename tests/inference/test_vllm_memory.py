@@ -13,6 +13,9 @@ import pytest
 from core.settings import Settings
 from inference.catalog import ModelSource, base_source
 from inference.engine.loader import load_model
+from inference.errors import ModelDoesNotFit
+from inference.metrics import Metrics
+from inference.registry import Registry
 from inference.vllm.pool import Placement, account, options_from, placement_for
 
 GIB = 1024**3
@@ -72,3 +75,23 @@ def test_the_budget_counts_the_kv_cache_of_a_model_that_owns_a_vllm_server(finet
     # What the registry adds up against MODEL_MEMORY_BUDGET_BYTES (``LoadedModel.size_bytes``).
     assert sizes["merged"] == (weights + 3 * GIB, 3 * GIB)
     assert sizes["adapter"] == (adapter_bytes, 0)  # the base's server, weights and cache, is counted by the base
+
+
+def test_an_on_demand_adapter_is_admitted_at_its_own_size(finetune: Path) -> None:
+    """Before a load the registry makes room for the model's estimated size: on vLLM the size the placement will
+    cost (an adapter's own bytes on its base's server), not a whole model with a cache of its own. A budget that
+    holds the adapter but not a merged model with its server's KV cache admits the one and refuses the other."""
+    adapter_bytes = sum(path.stat().st_size for path in (finetune / "adapter").glob("*.safetensors"))
+    weights = sum(path.stat().st_size for path in finetune.glob("*.safetensors"))
+    settings = _settings().model_copy(update={"model_memory_budget_bytes": adapter_bytes + 1024})
+    registry = Registry(settings, Metrics())
+    try:
+        assert registry.vllm is not None and not registry.vllm.servers()
+        assert registry.vllm.estimate_bytes(_source(finetune, "adapter")) == adapter_bytes
+        assert registry.vllm.estimate_bytes(_source(finetune, "merged")) == weights + 3 * GIB
+        registry._make_room(_source(finetune, "adapter"))  # admitted: no error
+        with pytest.raises(ModelDoesNotFit):
+            registry._make_room(_source(finetune, "merged"))
+        assert not registry.vllm.servers()  # nothing was started to find out
+    finally:
+        registry.close()
