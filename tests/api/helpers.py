@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 
 def reset_caches() -> None:
@@ -125,3 +126,25 @@ def queued_messages(redis_client: Any, queue: str) -> list[dict[str, Any]]:
 
 def job_uuid(public_id: str) -> uuid.UUID:
     return uuid.UUID(hex=public_id.removeprefix("ftjob-"))
+
+
+def activate_deployment(deployment_id: str) -> None:
+    """What inference does when a deployment loads: it becomes active and the tenant's previous one superseded
+    (then a short pause, so activation times differ)."""
+    from core.contracts import DeploymentStatus
+    from core.db import session_scope
+    from core.ids import Prefix, parse_public_id
+    from core.orm import Deployment, utcnow
+
+    row_id = parse_public_id(deployment_id, Prefix.DEPLOYMENT)
+    with session_scope() as session:
+        row = session.get(Deployment, row_id)
+        assert row is not None
+        session.execute(
+            update(Deployment)
+            .where(Deployment.tenant_id == row.tenant_id, Deployment.status == DeploymentStatus.ACTIVE)
+            .values(status=DeploymentStatus.SUPERSEDED)
+        )
+        row.status = DeploymentStatus.ACTIVE
+        row.activated_at = utcnow()
+    time.sleep(0.01)

@@ -4,16 +4,12 @@ shown in the deployment's JSON, and kept by a rollback to that deployment."""
 
 from __future__ import annotations
 
-import time
-
 from fastapi.testclient import TestClient
-from sqlalchemy import update
 
-from core.contracts import DeploymentStatus
 from core.db import session_scope
 from core.ids import Prefix, parse_public_id
 from core.orm import Deployment, InferenceReplica, utcnow
-from tests.api.helpers import assert_envelope, count_rows, make_client
+from tests.api.helpers import activate_deployment, assert_envelope, count_rows, make_client
 from tests.factories import make_model
 
 FT = "ft:tiny-llama:serve:ftjob-s1"
@@ -31,22 +27,6 @@ def _stored(deployment_id: str) -> str | None:
         row = session.get(Deployment, parse_public_id(deployment_id, Prefix.DEPLOYMENT))
         assert row is not None
         return row.serve_as
-
-
-def _activate(deployment_id: str) -> None:
-    """What inference does when a deployment loads: it becomes active and the tenant's previous one superseded."""
-    row_id = parse_public_id(deployment_id, Prefix.DEPLOYMENT)
-    with session_scope() as session:
-        row = session.get(Deployment, row_id)
-        assert row is not None
-        session.execute(
-            update(Deployment)
-            .where(Deployment.tenant_id == row.tenant_id, Deployment.status == DeploymentStatus.ACTIVE)
-            .values(status=DeploymentStatus.SUPERSEDED)
-        )
-        row.status = DeploymentStatus.ACTIVE
-        row.activated_at = utcnow()
-    time.sleep(0.01)  # distinct activation times
 
 
 def _deploy(client: TestClient, model: str, serve_as: str | None = None) -> dict[str, object]:
@@ -125,15 +105,15 @@ def test_the_same_idempotency_key_with_another_serve_as_is_another_request(clean
 def test_rollback_keeps_the_way_the_deployment_it_returns_to_served(clean_db: None) -> None:
     with make_client(INFERENCE_BACKEND="vllm") as client:
         _models()
-        _activate(str(_deploy(client, FT, "merged")["id"]))
-        _activate(str(_deploy(client, "tiny-qwen2")["id"]))
+        activate_deployment(str(_deploy(client, FT, "merged")["id"]))
+        activate_deployment(str(_deploy(client, "tiny-qwen2")["id"]))
         back = client.post("/v1/deployments/rollback").json()
         assert back["model"] == FT and back["serve_as"] == "merged"  # not the adapter, vLLM's default
-        _activate(str(back["id"]))
+        activate_deployment(str(back["id"]))
         # The same model served the other way is a step of its own: rolling back returns to the first way.
-        _activate(str(_deploy(client, FT, "adapter")["id"]))
+        activate_deployment(str(_deploy(client, FT, "adapter")["id"]))
         back = client.post(f"/v1/models/{FT}/rollback").json()
         assert back["model"] == FT and back["serve_as"] == "merged"
-        _activate(str(back["id"]))
+        activate_deployment(str(back["id"]))
         back = client.post("/v1/deployments/rollback").json()
         assert back["model"] == "tiny-llama" and back["serve_as"] == "merged"

@@ -13,14 +13,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from api.services import models as service
-from core.contracts import DeploymentStatus, JobStatus
+from core.contracts import JobStatus
 from core.db import get_sessionmaker, session_scope
-from core.ids import Prefix, parse_public_id
 from core.jobs import claim, finish
-from core.orm import Checkpoint, Deployment, FineTuningJob, ModelRecord, utcnow
+from core.orm import Checkpoint, Deployment, FineTuningJob, ModelRecord
 from core.settings import get_settings
 from core.storage import fine_tuned_dir, job_dir
-from tests.api.helpers import assert_envelope, count_rows
+from tests.api.helpers import activate_deployment, assert_envelope, count_rows
 from tests.factories import make_checkpoint, make_deployment, make_job, make_model, minutes_ago
 
 FT = "ft:tiny-llama:persona:ftjob-" + "b" * 32
@@ -125,25 +124,10 @@ def test_delete_removes_the_model_folder_checkpoints_and_cached_exports(client: 
 # ------------------------------------------------------------------------------------------------ rollback
 
 
-def _activate(deployment_id: str) -> None:
-    """What inference does when a deployment loads: it becomes active and the tenant's previous one superseded."""
-    row_id = parse_public_id(deployment_id, Prefix.DEPLOYMENT)
-    with session_scope() as session:
-        row = session.get(Deployment, row_id)
-        assert row is not None
-        session.execute(
-            update(Deployment)
-            .where(Deployment.tenant_id == row.tenant_id, Deployment.status == DeploymentStatus.ACTIVE)
-            .values(status=DeploymentStatus.SUPERSEDED)
-        )
-        row.status = DeploymentStatus.ACTIVE
-        row.activated_at = utcnow()
-
-
 def _rollback(client: TestClient) -> str:
     response = client.post("/v1/deployments/rollback")
     assert response.status_code == 200, response.text
-    _activate(response.json()["id"])
+    activate_deployment(response.json()["id"])
     return str(response.json()["model"])
 
 
@@ -154,12 +138,12 @@ def test_repeated_rollbacks_walk_back_to_the_base_model(client: TestClient) -> N
             make_model(session, model)
     for model in (a, b, c):
         response = client.post(f"/v1/models/{model}/deploy")
-        _activate(response.json()["id"])
+        activate_deployment(response.json()["id"])
         time.sleep(0.01)  # distinct activation times
     assert [_rollback(client) for _ in range(3)] == [b, a, "tiny-llama"]
     assert_envelope(client.post("/v1/deployments/rollback"), 409, code="nothing_to_roll_back")
     # A deploy after rollbacks starts a new branch of history; rolling back from it returns to the base model.
-    _activate(client.post(f"/v1/models/{c}/deploy").json()["id"])
+    activate_deployment(client.post(f"/v1/models/{c}/deploy").json()["id"])
     assert _rollback(client) == "tiny-llama"
 
 
