@@ -13,8 +13,8 @@ import os
 import shutil
 import signal
 import threading
-import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from core.api_keys import hash_key
+from core.api_keys import create_api_key
 from core.db import session_scope
-from core.orm import ApiKey, Checkpoint
+from core.orm import Checkpoint
 from inference.vllm.engine import VllmEngine
 from inference.vllm.server import VllmServer
 from tests.factories import make_job, make_model
@@ -107,16 +107,16 @@ def vllm_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     return base, build_finetune(base, root / "ft"), save_adapter(base, root / "ckpt-step-5", seed=2)
 
 
-def _key(tenant: str) -> dict[str, str]:
-    plaintext = f"conch-{uuid.uuid4().hex}"
+def bearer(tenant: str, *, admin: bool = False) -> dict[str, str]:
+    """The Authorization header of a new API key of ``tenant``."""
     with session_scope() as session:
-        session.add(ApiKey(tenant_id=tenant, name="test", prefix=plaintext[:12], key_hash=hash_key(plaintext)))
-    return {"Authorization": f"Bearer {plaintext}"}
+        return {"Authorization": f"Bearer {create_api_key(session, tenant, 'test', admin=admin)}"}
 
 
-@pytest.fixture(scope="module")
-def vllm_client(database: str, vllm_models: tuple[Path, Path, Path]) -> Iterator[TestClient]:
-    base, _, _ = vllm_models
+@contextmanager
+def vllm_app(base: Path, *, kv_gib: int = 1, start_timeout: float = 240) -> Iterator[TestClient]:
+    """Conch's inference service on INFERENCE_BACKEND=vllm over the tiny model ``base`` (float32, a small cache,
+    LoRA rank up to 8), once /readyz says its vLLM server is up."""
     with app_client(
         wait_ready=False,
         base_models={BASE: str(base)},
@@ -126,12 +126,19 @@ def vllm_client(database: str, vllm_models: tuple[Path, Path, Path]) -> Iterator
         vllm_python=VLLM_PYTHON,
         vllm_dtype="float32",
         vllm_max_model_len=512,
-        vllm_cpu_kvcache_gib=1,
+        vllm_cpu_kvcache_gib=kv_gib,
         vllm_max_lora_rank=8,
-        vllm_start_timeout_seconds=240,
+        vllm_start_timeout_seconds=start_timeout,
     ) as client:
-        # The first start of the vLLM server takes about 35 s on a CPU (more while other work shares it).
-        wait_until(lambda: client.get("/readyz").status_code == 200, timeout=300, interval=0.5, what="/readyz 200")
+        # A vLLM server starts in about 35 s on a CPU alone, minutes while other work shares it.
+        ready = lambda: client.get("/readyz").status_code == 200  # noqa: E731
+        wait_until(ready, timeout=start_timeout + 60, interval=0.5, what="/readyz 200")
+        yield client
+
+
+@pytest.fixture(scope="module")
+def vllm_client(database: str, vllm_models: tuple[Path, Path, Path]) -> Iterator[TestClient]:
+    with vllm_app(vllm_models[0]) as client:
         yield client
 
 
@@ -167,7 +174,7 @@ def tenant_models(db: Any, vllm_models: tuple[Path, Path, Path], vllm_client: Te
     job = make_job(db, tenant_id=TENANT, model=BASE, status="succeeded", fine_tuned_model=FT)
     db.add(Checkpoint(job_id=job.id, step=5, storage_path=str(checkpoint)))
     db.commit()
-    return _key(TENANT)
+    return bearer(TENANT)
 
 
 def test_base_and_adapter_answer_through_conch_as_vllm_answers_directly(
@@ -205,7 +212,7 @@ def test_base_and_adapter_answer_through_conch_as_vllm_answers_directly(
 
 def test_another_tenant_cannot_reach_the_adapter(vllm_client: TestClient, tenant_models: dict[str, str]) -> None:
     _conch(vllm_client, FT, tenant_models)  # loaded on the server now
-    other = _key(OTHER)
+    other = bearer(OTHER)
     response = vllm_client.post("/v1/completions", json={"model": FT, "prompt": PROMPT, "max_tokens": 2}, headers=other)
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     served = _registry(vllm_client).loaded(FT).engine.served_name
@@ -279,12 +286,12 @@ def test_a_checkpoint_answers_as_its_adapter_on_the_base(
     assert name in [m["id"] for m in vllm_client.get("/v1/models", headers=headers).json()["data"]]
     listed = vllm_client.get(f"/v1/models/{name}", headers=headers).json()
     assert listed["base_model"] == BASE and listed["ready"] is True and listed["loaded"] is True
-    assert name not in [m["id"] for m in vllm_client.get("/v1/models", headers=_key(OTHER)).json()["data"]]
+    assert name not in [m["id"] for m in vllm_client.get("/v1/models", headers=bearer(OTHER)).json()["data"]]
     missing = vllm_client.post(
         "/v1/completions", json={"model": f"{FT}:ckpt-step-6", "prompt": PROMPT}, headers=headers
     )
     assert missing.status_code == 404
-    other = vllm_client.post("/v1/completions", json={"model": name, "prompt": PROMPT}, headers=_key(OTHER))
+    other = vllm_client.post("/v1/completions", json={"model": name, "prompt": PROMPT}, headers=bearer(OTHER))
     assert other.status_code == 404
 
 
