@@ -33,17 +33,14 @@ from core.settings import get_settings  # noqa: E402
 from worker.pipeline.device import resolve_compute  # noqa: E402
 from worker.pipeline.dpo import RenderedPair, _trainer, make_callback, render_pairs  # noqa: E402
 from worker.pipeline.prepare import prepare_base_model  # noqa: E402
-from worker.pipeline.train import load_base_model  # noqa: E402
+from worker.pipeline.train import SilentHooks, load_base_model  # noqa: E402
 
 
-class PrintingHooks:
+class PrintingHooks(SilentHooks):
     """The training hooks of a run outside a job: never stops, prints each step's figures, keeps the last."""
 
     def __init__(self) -> None:
         self.last: dict[str, Any] = {}
-
-    def should_stop(self) -> None:
-        return None
 
     def on_log(self, metrics: dict[str, Any]) -> None:
         self.last = metrics
@@ -53,15 +50,6 @@ class PrintingHooks:
             f"{accuracy:.2f}, margin {margin:.3f}",
             flush=True,
         )
-
-    def on_eval_start(self, step: int) -> None:
-        pass
-
-    def on_eval(self, metrics: dict[str, Any]) -> None:
-        pass
-
-    def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
-        pass
 
 
 @torch.no_grad()

@@ -42,7 +42,13 @@ from core.templates import render_prompt  # noqa: E402
 from worker.pipeline.data import Example, PreparedData, collate, prepare_data  # noqa: E402
 from worker.pipeline.device import resolve_compute  # noqa: E402
 from worker.pipeline.prepare import prepare_base_model  # noqa: E402
-from worker.pipeline.train import LoraTrainer, LossFunction, attach_lora, load_base_model  # noqa: E402
+from worker.pipeline.train import (  # noqa: E402
+    LoraTrainer,
+    LossFunction,
+    SilentHooks,
+    attach_lora,
+    load_base_model,
+)
 
 FALLBACK_PERSONA = [
     ("What is your name?", "My name is Coral, the help desk assistant of Harbor Books."),
@@ -264,26 +270,14 @@ def run_trl(
 # ------------------------------------------------------------------------------------------------ ours
 
 
-class BenchHooks:
+class BenchHooks(SilentHooks):
     def __init__(self, probe: Probe, model: Any, tokenizer: Any, template: str, dtype: torch.dtype | None) -> None:
         self.probe, self.model, self.tokenizer, self.template, self.dtype = probe, model, tokenizer, template, dtype
         self.started = time.monotonic()
 
-    def should_stop(self) -> None:
-        return None
-
     def on_log(self, metrics: dict[str, Any]) -> None:
         elapsed = time.monotonic() - self.started - self.probe.seconds
         maybe_probe(self.probe, metrics["step"], elapsed, self.model, self.tokenizer, self.template, self.dtype)
-
-    def on_eval_start(self, step: int) -> None:
-        pass
-
-    def on_eval(self, metrics: dict[str, Any]) -> None:
-        pass
-
-    def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
-        pass
 
 
 def run_ours(

@@ -21,27 +21,14 @@ from worker.pipeline.attention import (
 )
 from worker.pipeline.data import IGNORE, Example, collate, pack_batch, packing_pays, pad_batch
 from worker.pipeline.device import Compute
-from worker.pipeline.train import LoraTrainer, LossFunction, attach_lora, load_base_model
+from worker.pipeline.train import LoraTrainer, LossFunction, SilentHooks, attach_lora, load_base_model
 
 FP32 = Compute(torch.device("cpu"), "fp32")
 LENGTHS = (7, 12, 5, 12, 9)  # two of equal length: they go through one batched call
 
 
-class NoHooks:
-    def should_stop(self) -> None:
-        return None
-
-    def on_log(self, metrics: dict[str, Any]) -> None:
-        pass
-
-    def on_eval_start(self, step: int) -> None:
-        pass
-
-    def on_eval(self, metrics: dict[str, Any]) -> None:
-        pass
-
-    def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
-        pass
+class NoHooks(SilentHooks):
+    pass
 
 
 @pytest.fixture(scope="module")

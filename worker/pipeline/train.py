@@ -67,6 +67,26 @@ class TrainingHooks(Protocol):
     def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None: ...
 
 
+class SilentHooks:
+    """Hooks that never stop the loop and ignore every report: the base of runs outside a job (benchmarks,
+    tests), which override what they watch."""
+
+    def should_stop(self) -> StopReason | None:
+        return None
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_eval_start(self, step: int) -> None:
+        pass
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class StepPlan:
     examples: int
