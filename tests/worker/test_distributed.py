@@ -215,10 +215,14 @@ def test_a_checkpoint_written_by_two_processes_resumes(db: Session) -> None:
     resumed = [e for e in job_events(db, job) if e.message.startswith("Resuming from the checkpoint")]
     assert len(resumed) == 1 and resumed[0].data is not None
     assert resumed[0].data["step"] >= saved
+    assert_resumed_exactly(db, job, uninterrupted, total)
+
+
+def assert_resumed_exactly(db: Session, job: FineTuningJob, uninterrupted: FineTuningJob, total: int) -> None:
+    """The resumed ``job`` reported every step once through ``total`` and ends on the train loss of
+    ``uninterrupted`` (one process never stopped, the same effective batch), which this runs now."""
     steps = [m["step"] for m in metrics_events(db, job)]
     assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
-
-    # Resumed exactly: the same end as one process that was never stopped, with the same effective batch.
     assert run_job(uninterrupted.public_id, get_settings()) == "succeeded"
     final, reference = fresh(db, job).metrics, fresh(db, uninterrupted).metrics
     assert final is not None and reference is not None

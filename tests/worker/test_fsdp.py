@@ -25,7 +25,7 @@ from core.orm import Checkpoint
 from core.queue import enqueue_fine_tune
 from core.settings import Settings, get_settings
 from core.storage import fine_tuned_dir
-from tests.factories import alpaca_records, fresh, job_events, make_file, make_job, metrics_events
+from tests.factories import alpaca_records, fresh, job_events, make_file, make_job
 from tests.processes import worker_process
 from tests.worker.test_distributed import (
     EXAMPLES,
@@ -34,6 +34,7 @@ from tests.worker.test_distributed import (
     STEPS,
     TWO,
     assert_one_set_of_events,
+    assert_resumed_exactly,
     checkpoint_steps,
     losses,
     rank_processes,
@@ -187,14 +188,7 @@ def test_a_checkpoint_written_by_fsdp_ranks_resumes(db: Session, tmp_path: Path,
     assert run_job(job.public_id, settings[then]) == "succeeded", fresh(db, job).error
     resumed = [e for e in job_events(db, job) if e.message.startswith("Resuming from the checkpoint")]
     assert len(resumed) == 1
-    steps = [m["step"] for m in metrics_events(db, job)]
-    assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
-
-    # Resumed exactly: the end of one process never stopped, at the same effective batch.
-    assert run_job(uninterrupted.public_id, get_settings()) == "succeeded"
-    final, reference = fresh(db, job).metrics, fresh(db, uninterrupted).metrics
-    assert final is not None and reference is not None
-    assert final["train_loss"] == pytest.approx(reference["train_loss"], rel=LOSS_TOLERANCE)
+    assert_resumed_exactly(db, job, uninterrupted, total)
 
 
 @pytest.mark.parametrize(
