@@ -25,7 +25,8 @@ from core.settings import Settings, get_settings
 from core.storage import fine_tuned_dir
 from tests import polling
 from tests.factories import alpaca_records, fresh, job_events, make_file, make_job
-from tests.processes import ServiceProcess, worker_process
+from tests.processes import ServiceProcess
+from tests.worker.helpers import StartWorker
 from worker.pipeline.errors import PipelineError
 from worker.pipeline.serving import check_adapter_servable
 
@@ -130,11 +131,8 @@ def test_other_backends_refuse_nothing_at_publish(adapters: dict[str, Path]) -> 
 
 
 @pytest.fixture
-def vllm_worker(log_dir: Path) -> Iterator[ServiceProcess]:
-    process = worker_process("servegate", log_dir, env=WORKER_ENV).start()
-    process.wait_for_log("ready", timeout=120)
-    yield process
-    process.kill()
+def vllm_worker(start_worker: StartWorker) -> ServiceProcess:
+    return start_worker("servegate", env=WORKER_ENV)
 
 
 @pytest.fixture
@@ -193,26 +191,22 @@ def test_a_job_the_workers_engine_cannot_serve_fails_at_publish_and_publishes_no
 @pytest.mark.e2e
 @pytest.mark.usefixtures("tiny_models")
 def test_a_worker_on_another_backend_is_held_to_a_live_vllm_replicas_limit(
-    db: Session, log_dir: Path, live_vllm_replica: str
+    db: Session, start_worker: StartWorker, live_vllm_replica: str
 ) -> None:
     """As in ``docker compose --profile vllm``: the worker keeps its own backend (lean here, which serves merged
     weights), and the vLLM replica's advertised limit still refuses the adapter it could not load."""
-    worker = worker_process("servegate-lean", log_dir, env={"INFERENCE_BACKEND": "lean"}).start()
-    try:
-        worker.wait_for_log("ready", timeout=120)
-        job = make_job(db, make_file(db, alpaca_records(4)), hyperparameters={"lora_rank": 16})
-        db.commit()
-        enqueue_fine_tune(job.public_id, get_settings())
-        polling.wait_until(
-            lambda: fresh(db, job).status in (JobStatus.SUCCEEDED, JobStatus.FAILED), "the job to end", timeout=300
-        )
-        row = fresh(db, job)
-        assert row.status == JobStatus.FAILED and row.error is not None, worker.log()[-3000:]
-        assert (row.error["code"], row.error["param"]) == ("not_servable", "lora_rank")
-        assert f"inference replica {live_vllm_replica!r}" in row.error["message"]
-        assert db.scalars(select(ModelRecord)).first() is None
-    finally:
-        worker.kill()
+    worker = start_worker("servegate-lean", env={"INFERENCE_BACKEND": "lean"})
+    job = make_job(db, make_file(db, alpaca_records(4)), hyperparameters={"lora_rank": 16})
+    db.commit()
+    enqueue_fine_tune(job.public_id, get_settings())
+    polling.wait_until(
+        lambda: fresh(db, job).status in (JobStatus.SUCCEEDED, JobStatus.FAILED), "the job to end", timeout=300
+    )
+    row = fresh(db, job)
+    assert row.status == JobStatus.FAILED and row.error is not None, worker.log()[-3000:]
+    assert (row.error["code"], row.error["param"]) == ("not_servable", "lora_rank")
+    assert f"inference replica {live_vllm_replica!r}" in row.error["message"]
+    assert db.scalars(select(ModelRecord)).first() is None
 
 
 # ------------------------------------------------------------------------------------------------ against vLLM
