@@ -52,6 +52,9 @@ POLL_SECONDS = 0.1
 # A cancelled or lost job's ranks stop at their next micro-batch; ranks that have not ended this long after being
 # told are stopped by force. A shutdown is left to finish its checkpoint.
 FORCED_STOP_AFTER_SECONDS = 120.0
+# Every rank has written its outcome: the job's result is known, and what is left is the ranks' exit. A launcher
+# still running this long after that is stuck in a teardown (a rank blocked leaving its process group) and is ended.
+EXIT_AFTER_OUTCOMES_SECONDS = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -250,7 +253,7 @@ def run_ranks(spec: JobSpec, control: JobControl, settings: Settings, devices: i
     )
     log.info("job.ranks_started", extra={"job_id": spec.public_id, "devices": devices, "pid": process.pid})
     try:
-        _supervise(process, control, folder)
+        _supervise(process, control, folder, devices)
         exit_status = process.returncode
         outcomes = _read_outcomes(folder)
     finally:
@@ -260,10 +263,12 @@ def run_ranks(spec: JobSpec, control: JobControl, settings: Settings, devices: i
     _raise_outcome(outcomes, exit_status, control)
 
 
-def _supervise(process: subprocess.Popen[bytes], control: JobControl, folder: Path) -> None:
-    """Relay the stop flags to the ranks and the finishing flag back, until the launcher ends."""
+def _supervise(process: subprocess.Popen[bytes], control: JobControl, folder: Path, devices: int) -> None:
+    """Relay the stop flags to the ranks and the finishing flag back, until the launcher ends (or is stuck after
+    every rank wrote its outcome)."""
     written: str | None = None
     told_at: float | None = None
+    outcomes_at: float | None = None
     while process.poll() is None:
         reason = control.stop_reason()
         if reason is not None and reason != written:
@@ -274,6 +279,11 @@ def _supervise(process: subprocess.Popen[bytes], control: JobControl, folder: Pa
             control.finishing.set()
         if told_at is not None and written != "shutdown" and time.monotonic() - told_at > FORCED_STOP_AFTER_SECONDS:
             log.warning("job.ranks_forced_stop", extra={"job_id": control.job_id.hex, "reason": written})
+            return
+        if outcomes_at is None and len(list(folder.glob("outcome-rank*.json"))) >= devices:
+            outcomes_at = time.monotonic()
+        if outcomes_at is not None and time.monotonic() - outcomes_at > EXIT_AFTER_OUTCOMES_SECONDS:
+            log.warning("job.ranks_stuck_exiting", extra={"job_id": control.job_id.hex, "devices": devices})
             return
         time.sleep(POLL_SECONDS)
     if (folder / FINISHING_FILE).exists():

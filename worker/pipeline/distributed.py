@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,7 @@ log = logging.getLogger("conch.worker.distributed")
 T = TypeVar("T")
 # Full (unsharded) state dicts of the trained weights only, gathered on rank 0 (the other ranks get none).
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+LEAVE_GROUP_SECONDS = 30.0  # a rank whose outcome is written waits this long to leave its process group
 FSDP_OPTIMIZER_FILE = "optimizer.pt"  # under FSDP: the whole optimizer state, keyed by parameter name
 
 
@@ -492,8 +494,23 @@ def main(argv: list[str] | None = None) -> int:
         outcome = {"outcome": "crashed", "kind": type(exc).__name__, "out_of_memory": oom}
     _write_outcome(args.control, distribution.rank, outcome)
     if status == 0 and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        _leave_process_group(distribution.rank, status)
     return status
+
+
+def _leave_process_group(rank: int, status: int) -> None:
+    """Destroy the process group, within ``LEAVE_GROUP_SECONDS``. ``destroy_process_group`` now and then never
+    returns (pytorch/pytorch#75097); the outcome is written by then, so a rank stuck there exits without it rather
+    than holding the job's launcher, and with it the worker, forever."""
+    leaving = threading.Thread(target=torch.distributed.destroy_process_group, name="leave-group", daemon=True)
+    leaving.start()
+    leaving.join(LEAVE_GROUP_SECONDS)
+    if leaving.is_alive():
+        log.warning("rank.leave_group_stuck", extra={"rank": rank, "after_seconds": LEAVE_GROUP_SECONDS})
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 if __name__ == "__main__":
