@@ -394,6 +394,12 @@ def adapter_replicas(session: Session, settings: Settings) -> list[tuple[str, in
     return [(replica, rank) for replica, rank in rows if rank is not None]
 
 
+def adapters_served(session: Session, settings: Settings) -> bool:
+    """Whether a fine-tune (or a checkpoint) can answer as its adapter: this process's INFERENCE_BACKEND=vllm or a
+    live inference replica that serves adapters."""
+    return settings.inference_backend == "vllm" or bool(adapter_replicas(session, settings))
+
+
 def leave(session: Session, replica_id: str) -> None:
     """This replica stops: it no longer keeps a deployment waiting for it to try (its rows stay, as history)."""
     session.execute(delete(InferenceReplica).where(InferenceReplica.replica_id == replica_id))

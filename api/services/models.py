@@ -24,6 +24,7 @@ from core.deployments import (
     active_deployment,
     adapter_refusal,
     adapter_replicas,
+    adapters_served,
     announce,
     default_serve_as,
     lock_tenant_deployments,
@@ -138,11 +139,12 @@ def list_models(session: Session, tenant_id: str, settings: Settings) -> ModelLi
     for checkpoint in checkpoint_models(session, tenant_id, [r.id for r in tuned if r.status == ModelStatus.READY]):
         checkpoints.setdefault(checkpoint.model_id, []).append(checkpoint)
     data = list(base)
+    servable = bool(checkpoints) and adapters_served(session, settings)
     for row in tuned:
         data.append(fine_tuned_out(row, active, serving.get(row.id), by_id.get))
         # Each checkpoint right after its model, newest step first, as a model of its own.
         data += [
-            checkpoint_model_out(row, c, active, serving.get(c.id), settings)
+            checkpoint_model_out(row, c, active, serving.get(c.id), servable)
             for c in reversed(checkpoints.get(row.id, []))
         ]
     return ModelList(data=data)
@@ -153,10 +155,10 @@ def checkpoint_model_out(
     checkpoint: CheckpointModel,
     active_model: str | None,
     serving: dict[str, Any] | None,
-    settings: Settings,
+    servable: bool,
 ) -> ModelOut:
     """A checkpoint as a model: a new job may continue from it, and where the serving engine loads adapters
-    (vLLM) it answers as its adapter on the base model."""
+    (vLLM: ``servable``, from ``adapters_served``) it answers as its adapter on the base model."""
     return ModelOut(
         id=checkpoint.id,
         created=unix_required(checkpoint.created_at),
@@ -168,7 +170,7 @@ def checkpoint_model_out(
             "step": checkpoint.step,
             "job_id": checkpoint.job_id,
             "metrics": checkpoint.metrics,
-            "servable": settings.inference_backend == "vllm",
+            "servable": servable,
             "deployed": checkpoint.id == active_model,
             "serving": serving,
         },
@@ -191,7 +193,7 @@ def get_model(session: Session, tenant_id: str, model_id: str, settings: Setting
     if row is not None and checkpoint is not None:
         found = [c for c in checkpoint_models(session, tenant_id, [row.id]) if c.step == checkpoint[1]]
         if found and row.status == ModelStatus.READY:
-            return checkpoint_model_out(row, found[0], active, serving, settings)
+            return checkpoint_model_out(row, found[0], active, serving, adapters_served(session, settings))
         row = None
     if row is None:
         raise NotFound(f"No such model: {model_id}", param="model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from core import deployments
 from core.contracts import JobStatus
 from core.db import session_scope
 from tests.api.helpers import assert_envelope
@@ -55,3 +56,17 @@ def test_a_checkpoint_is_deleted_with_its_model_not_alone(client: TestClient) ->
     assert client.get(f"/v1/models/{FT}:ckpt-step-10").status_code == 200
     assert client.delete(f"/v1/models/{FT}").status_code == 200
     assert not [m for m in client.get("/v1/models").json()["data"] if m["id"].startswith(FT)]
+
+
+def test_a_checkpoint_is_servable_once_a_live_replica_serves_adapters(client: TestClient) -> None:
+    """The api's own INFERENCE_BACKEND serves merged weights; a vLLM replica beside it (its heartbeat advertising
+    its LoRA rank limit) answers checkpoints as adapters, listed and retrieved alike."""
+    _publish_with_checkpoints()
+    with session_scope() as session:
+        deployments.heartbeat(session, "merged-only")
+    assert client.get(f"/v1/models/{FT}:ckpt-step-10").json()["conch"]["servable"] is False
+    with session_scope() as session:
+        deployments.heartbeat(session, "vllm-gpu0", max_lora_rank=16)
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert listed[f"{FT}:ckpt-step-5"]["conch"]["servable"] is True
+    assert client.get(f"/v1/models/{FT}:ckpt-step-10").json()["conch"]["servable"] is True
