@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from inference.vllm.cores import BIND_VARIABLE, CoreLease, take_cores
+
 log = logging.getLogger("conch.inference.vllm")
 
 HEALTH_POLL_SECONDS = 0.5
@@ -92,6 +94,7 @@ class VllmServer:
     _stopping: threading.Event = field(default_factory=threading.Event)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _supervisor: threading.Thread | None = None
+    _cores: CoreLease | None = None  # this server's cores on a CPU host, kept across restarts
 
     @property
     def url(self) -> str:
@@ -152,6 +155,8 @@ class VllmServer:
         env["HF_HUB_OFFLINE"] = "1"
         if self.options.threads > 0:
             env["OMP_NUM_THREADS"] = str(self.options.threads)
+        if self._cores is not None:
+            env[BIND_VARIABLE] = self._cores.bind
         return env
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -175,6 +180,8 @@ class VllmServer:
     def _spawn(self) -> None:
         with self._lock:
             self._healthy.clear()
+            if self._cores is None and BIND_VARIABLE not in os.environ:
+                self._cores = take_cores(str(self.port), self.options.threads)
             log_file = None
             if self.log_path is not None:
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +295,9 @@ class VllmServer:
         self._healthy.clear()
         with self._lock:
             self._kill()
+            if self._cores is not None:
+                self._cores.release()
+                self._cores = None
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(5)
 
