@@ -8,7 +8,8 @@ the same cores. On a 2-core host a second server's start then stalled for over 6
 So Conch hands the cores out: a server takes the cores that the fewest live servers on this host hold and gives
 vLLM that explicit list. Leases are files in one folder per user (``fcntl`` locked), so inference replicas on one
 host see each other's servers; a lease whose service process is gone counts for nothing. An operator's own
-``VLLM_CPU_OMP_THREADS_BIND`` (a list, ``auto`` or ``nobind``) is left alone.
+``VLLM_CPU_OMP_THREADS_BIND`` (a list, ``auto`` or ``nobind``) is left alone, and so is a server of several ranks
+(a parallel size above 1 in ``VLLM_EXTRA_ARGS``). On GPUs vLLM ignores the variable.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
+# Flags that give one server several ranks: vLLM then wants one core list per rank ("0-3|4-7"), so Conch leaves the
+# binding to vLLM rather than hand it a single list.
+_RANK_FLAGS = ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp")
 
 
 def lease_folder() -> Path:
@@ -39,6 +43,17 @@ def cores_per_server(threads: int, allowed: int) -> int:
     vLLM's own front-end process, as vLLM's automatic binding does."""
     most = max(1, allowed - 1)
     return min(threads, most) if threads > 0 else most
+
+
+def one_rank(server_args: tuple[str, ...] | list[str]) -> bool:
+    """Whether a server started with ``server_args`` (VLLM_EXTRA_ARGS) runs as a single rank."""
+    for index, arg in enumerate(server_args):
+        name, _, inline = arg.partition("=")
+        if name in _RANK_FLAGS:
+            value = inline or (server_args[index + 1] if index + 1 < len(server_args) else "1")
+            if value.strip() not in ("", "1"):
+                return False
+    return True
 
 
 @dataclass(frozen=True)

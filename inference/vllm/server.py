@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from inference.vllm.cores import BIND_VARIABLE, CoreLease, take_cores
+from inference.vllm.cores import BIND_VARIABLE, CoreLease, one_rank, take_cores
 
 log = logging.getLogger("conch.inference.vllm")
 
@@ -180,7 +180,7 @@ class VllmServer:
     def _spawn(self) -> None:
         with self._lock:
             self._healthy.clear()
-            if self._cores is None and BIND_VARIABLE not in os.environ:
+            if self._cores is None and BIND_VARIABLE not in os.environ and one_rank(self.options.extra_args):
                 self._cores = take_cores(str(self.port), self.options.threads)
             log_file = None
             if self.log_path is not None:

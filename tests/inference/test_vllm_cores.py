@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from inference.vllm.cores import cores_per_server, take_cores
+from inference.vllm.cores import cores_per_server, one_rank, take_cores
 
 
 def test_servers_on_two_cores_take_one_each_and_share_only_when_there_are_more_servers(tmp_path: Path) -> None:
@@ -45,3 +45,10 @@ def test_one_core_is_left_to_the_service_unless_the_host_has_only_one() -> None:
     assert cores_per_server(threads=8, allowed=4) == 3
     assert cores_per_server(threads=2, allowed=16) == 2
     assert cores_per_server(threads=0, allowed=1) == 1
+
+
+def test_a_server_of_several_ranks_is_left_to_vllms_own_binding() -> None:
+    assert one_rank([]) and one_rank(["--enforce-eager"]) and one_rank(["--tensor-parallel-size", "1"])
+    assert not one_rank(["--tensor-parallel-size", "2"])
+    assert not one_rank(["--enforce-eager", "-tp=2"])
+    assert not one_rank(["--data-parallel-size=4"])
