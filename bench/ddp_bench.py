@@ -30,26 +30,6 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import cpu_name  # noqa: E402
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.logs: list[dict[str, Any]] = []
-
-    def should_stop(self) -> None:
-        return None
-
-    def on_log(self, metrics: dict[str, Any]) -> None:
-        self.logs.append(metrics)
-
-    def on_eval_start(self, step: int) -> None:
-        pass
-
-    def on_eval(self, metrics: dict[str, Any]) -> None:
-        pass
-
-    def on_checkpoint(self, step: int, folder: Path, metrics: dict[str, Any]) -> None:
-        pass
-
-
 def train_here(args: argparse.Namespace) -> None:
     """One process of a run (or the whole 1-process run): train and write the figures (rank 0)."""
     import torch
@@ -60,7 +40,14 @@ def train_here(args: argparse.Namespace) -> None:
     from worker.pipeline.data import prepare_data
     from worker.pipeline.device import resolve_compute
     from worker.pipeline.prepare import prepare_base_model
-    from worker.pipeline.train import LoraTrainer, attach_lora, load_base_model
+    from worker.pipeline.train import LoraTrainer, SilentHooks, attach_lora, load_base_model
+
+    class Recorder(SilentHooks):  # here: torch is imported only once the process's threads are set
+        def __init__(self) -> None:
+            self.logs: list[dict[str, Any]] = []
+
+        def on_log(self, metrics: dict[str, Any]) -> None:
+            self.logs.append(metrics)
 
     distribution = None
     device = None
