@@ -21,7 +21,8 @@ def _markers(settings: Settings) -> Path:
     return settings.data_dir / "run" / "training"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host (or container) still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,6 +53,6 @@ def training_on_this_host(settings: Settings) -> bool:
         return False
     for name in names:
         marker_host, _, pid = name.rpartition("-")
-        if marker_host == host and pid.isdigit() and _alive(int(pid)):
+        if marker_host == host and pid.isdigit() and process_alive(int(pid)):
             return True
     return False

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.hostload import process_alive
+
 BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
 # Flags that give one server several ranks: vLLM then wants one core list per rank ("0-3|4-7"), so Conch leaves the
 # binding to vLLM rather than hand it a single list.
@@ -89,23 +91,13 @@ def _live_leases(folder: Path) -> Iterator[list[int]]:
     for path in folder.glob("*.json"):
         try:
             lease = json.loads(path.read_text())
-            alive = _alive(int(lease["pid"]))
+            alive = process_alive(int(lease["pid"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if alive:
             yield [int(core) for core in lease["cores"]]
         else:  # its service died without releasing it
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
