@@ -280,7 +280,7 @@ def _supervise(process: subprocess.Popen[bytes], control: JobControl, folder: Pa
         if told_at is not None and written != "shutdown" and time.monotonic() - told_at > FORCED_STOP_AFTER_SECONDS:
             log.warning("job.ranks_forced_stop", extra={"job_id": control.job_id.hex, "reason": written})
             return
-        if outcomes_at is None and len(list(folder.glob("outcome-rank*.json"))) >= devices:
+        if outcomes_at is None and all(outcome_file(folder, rank).exists() for rank in range(devices)):
             outcomes_at = time.monotonic()
         if outcomes_at is not None and time.monotonic() - outcomes_at > EXIT_AFTER_OUTCOMES_SECONDS:
             log.warning("job.ranks_stuck_exiting", extra={"job_id": control.job_id.hex, "devices": devices})
