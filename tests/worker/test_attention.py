@@ -27,10 +27,6 @@ FP32 = Compute(torch.device("cpu"), "fp32")
 LENGTHS = (7, 12, 5, 12, 9)  # two of equal length: they go through one batched call
 
 
-class NoHooks(SilentHooks):
-    pass
-
-
 @pytest.fixture(scope="module")
 def sharp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama (4 query heads, 2 key/value heads) whose outputs depend on the context (wide initial weights),
@@ -175,7 +171,7 @@ def test_the_trainer_attends_per_example_where_it_applies_and_can_be_told_not_to
             compute=FP32,
             pad_id=0,
             checkpoint_root=tmp_path / str(len(kwargs)),
-            hooks=NoHooks(),
+            hooks=SilentHooks(),
             **kwargs,
         )
 
