@@ -11,6 +11,7 @@ in the job's directory:
 - ``finishing``: rank 0 touches it just before publishing, so the heartbeat reads the job's end as that write
   rather than as a takeover.
 - ``outcome-rank<N>.json``: how each rank ended; the worker turns rank 0's into the job's outcome.
+- ``started-rank<N>``: the rank's process group is up (a rank with it and no outcome died of a signal).
 
 Nothing here imports torch: launching is a subprocess (``accelerate launch``, torchrun underneath: gloo on CPU,
 nccl on GPUs; FSDP, DeepSpeed ZeRO or several machines from TRAINING_ACCELERATE_CONFIG). The launcher dies with
@@ -59,16 +60,27 @@ _PR_SET_PDEATHSIG = 1
 
 
 class RanksCrashed(Exception):
-    """The ranks ended without a usable outcome (a crash in one of them, or the launcher itself failed)."""
+    """The ranks ended without a usable outcome (a crash in one of them, or the launcher itself failed).
 
-    def __init__(self, kind: str, *, out_of_memory: bool = False) -> None:
+    ``rank_lost``: a rank ended without writing any outcome (killed by a signal: a segfault in a native library,
+    the kernel's OOM killer) while every rank that did write one only saw its peer go. Nothing in the job's code
+    or data said no, so the job can go on from its last checkpoint, as it does when a whole worker dies.
+    """
+
+    def __init__(self, kind: str, *, out_of_memory: bool = False, rank_lost: bool = False) -> None:
         super().__init__(kind)
         self.kind = kind
         self.out_of_memory = out_of_memory
+        self.rank_lost = rank_lost
 
 
 def outcome_file(folder: Path, rank: int) -> Path:
     return folder / f"outcome-rank{rank}.json"
+
+
+def started_file(folder: Path, rank: int) -> Path:
+    """Written by a rank once its process group is up: a rank that has one and no outcome died of a signal."""
+    return folder / f"started-rank{rank}"
 
 
 def control_folder(spec: JobSpec, settings: Settings) -> Path:
@@ -256,11 +268,11 @@ def run_ranks(spec: JobSpec, control: JobControl, settings: Settings, devices: i
         _supervise(process, control, folder, devices)
         exit_status = process.returncode
         outcomes = _read_outcomes(folder)
+        log.info("job.ranks_ended", extra={"job_id": spec.public_id, "exit_status": exit_status, "outcomes": outcomes})
+        _raise_outcome(folder, outcomes, exit_status, control, devices)
     finally:
         _end_launcher(process)
         shutil.rmtree(folder, ignore_errors=True)
-    log.info("job.ranks_ended", extra={"job_id": spec.public_id, "exit_status": exit_status, "outcomes": outcomes})
-    _raise_outcome(outcomes, exit_status, control)
 
 
 def _supervise(process: subprocess.Popen[bytes], control: JobControl, folder: Path, devices: int) -> None:
@@ -319,13 +331,19 @@ def _read_outcomes(folder: Path) -> dict[int, dict[str, Any]]:
     return outcomes
 
 
-def _raise_outcome(outcomes: dict[int, dict[str, Any]], exit_status: int | None, control: JobControl) -> None:
+def _raise_outcome(
+    folder: Path, outcomes: dict[int, dict[str, Any]], exit_status: int | None, control: JobControl, devices: int
+) -> None:
     main = outcomes.get(0)
     if main is not None:
         if main.get("outcome") == "succeeded":
             return
         if main.get("outcome") == "stopped":
             raise TrainingStopped(main.get("reason", "lease_lost"), main.get("checkpoint_step"))
+    silent = sorted(rank for rank in range(devices) if started_file(folder, rank).exists() and rank not in outcomes)
+    if silent and control.stop_reason() is None and all(_peer_lost(o) for o in outcomes.values()):
+        # A rank that started and said nothing died of a signal; the others' errors only say that it went.
+        raise RanksCrashed(f"training process {silent[0]} ended abruptly", rank_lost=True)
     # Rank 0 failed, crashed or was stopped by force: the first rank that says why speaks for the job.
     for rank in sorted(outcomes):
         outcome = outcomes[rank]
@@ -338,3 +356,8 @@ def _raise_outcome(outcomes: dict[int, dict[str, Any]], exit_status: int | None,
     if reason is not None:
         raise TrainingStopped(reason)  # type: ignore[arg-type]
     raise RanksCrashed(f"training processes ended with exit status {exit_status}")
+
+
+def _peer_lost(outcome: dict[str, Any]) -> bool:
+    """A rank's crash that only says a collective lost its peer (torch.distributed's own errors)."""
+    return outcome.get("outcome") == "crashed" and bool(outcome.get("peer_lost"))

@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 
-from sqlalchemy import delete
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from core.contracts import JobStatus, fine_tuned_model_id
@@ -97,7 +97,7 @@ def run_job(public_id: str, settings: Settings) -> str:
 
 def _run_claimed(spec: JobSpec, control: JobControl, sessions: SessionFactory, settings: Settings) -> str:
     # The heavy imports happen here, after the claim: only a worker that really trains pays for them.
-    from worker.launch import requested_devices, run_ranks
+    from worker.launch import RanksCrashed, requested_devices, run_ranks
     from worker.pipeline.errors import PipelineError, TrainingStopped
 
     try:
@@ -126,6 +126,15 @@ def _run_claimed(spec: JobSpec, control: JobControl, sessions: SessionFactory, s
     except PipelineError as exc:
         log.warning("job.failed", extra={"job_id": spec.public_id, "code": exc.code, "error": exc.message})
         return _fail(spec, control, sessions, exc.to_error())
+    except RanksCrashed as exc:
+        if exc.rank_lost and spec.attempts < settings.max_attempts:
+            log.warning("job.rank_lost", extra={"job_id": spec.public_id, "error": exc.kind, "attempt": spec.attempts})
+            return _retry_after_lost_rank(spec, control, sessions, settings, exc.kind)
+        log.error("job.ranks_crashed", extra={"job_id": spec.public_id, "error": exc.kind})
+        if exc.rank_lost:  # as the reconciler ends a job whose worker keeps dying
+            message = f"The {exc.kind} on attempt {spec.attempts} of {settings.max_attempts}; giving up."
+            return _fail(spec, control, sessions, {"code": "max_attempts_exceeded", "param": None, "message": message})
+        return _fail(spec, control, sessions, _internal_error(exc))
     except Exception as exc:
         log.exception("job.crashed", extra={"job_id": spec.public_id})
         error = _internal_error(exc)
@@ -185,9 +194,44 @@ def _release(
     """Graceful shutdown: the job goes back to the queue without spending an attempt, and is enqueued again."""
     where = f" from the checkpoint at step {checkpoint_step}" if checkpoint_step else " from the start"
     message = f"The worker is shutting down; the job was queued again and will continue{where}"
+    return _requeue(spec, owner, sessions, settings, message, checkpoint_step=checkpoint_step, refund_attempt=True)
 
+
+def _retry_after_lost_rank(
+    spec: JobSpec, control: JobControl, sessions: SessionFactory, settings: Settings, what: str
+) -> str:
+    """A training process died of a signal (a native crash, the OOM killer) while the others were sound: the job
+    goes back to the queue, spending this attempt, and continues from its last complete checkpoint, as it does
+    when a whole worker dies. ``MAX_ATTEMPTS`` bounds a crash that repeats."""
+    if control.lease_lost.is_set():
+        return "lease_lost"
+    control.finishing.set()
+    step = _last_checkpoint_step(spec, sessions)
+    where = f" from the checkpoint at step {step}" if step else " from the start"
+    message = (
+        f"The {what} (attempt {spec.attempts} of {settings.max_attempts}); "
+        f"the job was queued again and will continue{where}"
+    )
+    return _requeue(spec, control.owner, sessions, settings, message, checkpoint_step=step, refund_attempt=False)
+
+
+def _last_checkpoint_step(spec: JobSpec, sessions: SessionFactory) -> int | None:
+    with sessions() as session:
+        return session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == spec.job_id))
+
+
+def _requeue(
+    spec: JobSpec,
+    owner: str,
+    sessions: SessionFactory,
+    settings: Settings,
+    message: str,
+    *,
+    checkpoint_step: int | None,
+    refund_attempt: bool,
+) -> str:
     def requeue(session: Session) -> bool:
-        return release_to_queue(session, spec.job_id, owner, refund_attempt=True, message=message)
+        return release_to_queue(session, spec.job_id, owner, refund_attempt=refund_attempt, message=message)
 
     if not transact(sessions, requeue, what="job.release"):
         return "lease_lost"

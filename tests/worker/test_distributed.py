@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,11 +212,93 @@ def test_a_checkpoint_written_by_two_processes_resumes(db: Session) -> None:
     }
     assert json.loads((folder / "state.json").read_text())["ranks"] == 2
 
-    assert run_job(job.public_id, settings_with_cpu_ranks()) == "succeeded"
+    outcome, retries = run_past_lost_ranks(db, job, settings_with_cpu_ranks())
+    assert outcome == "succeeded", fresh(db, job).error
     resumed = [e for e in job_events(db, job) if e.message.startswith("Resuming from the checkpoint")]
-    assert len(resumed) == 1 and resumed[0].data is not None
+    assert len(resumed) == 1 + retries and resumed[0].data is not None
     assert resumed[0].data["step"] >= saved
     assert_resumed_exactly(db, job, uninterrupted, total)
+
+
+def test_a_rank_killed_by_a_signal_costs_an_attempt_and_the_job_goes_on_from_its_checkpoint(db: Session) -> None:
+    """A segfault in a native library (gloo, a kernel) kills one rank outright: it writes no outcome, and its peer
+    only sees the connection close. That is a process death, as a killed worker is, not a verdict on the job."""
+    file = make_file(db, alpaca_records(24))
+    knobs = {"per_device_train_batch_size": 1, "num_train_epochs": 3, "save_steps": 3, "compute_type": "fp32"}
+    job = make_job(db, file, hyperparameters={**knobs, "num_devices": 2})
+    db.commit()
+    job_id, public_id = job.id, job.public_id
+
+    def checkpointed() -> bool:
+        with session_scope() as session:
+            return session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)).first() is not None
+
+    def segfault_rank_one() -> None:
+        wait_until(checkpointed, "a checkpoint")
+        ranks = [
+            p
+            for p in rank_processes(public_id)
+            if RANK_MODULE in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()
+        ]
+        rank_one = next(p for p in ranks if p.environ().get("RANK") == "1")
+        rank_one.send_signal(signal.SIGSEGV)
+
+    killer = threading.Thread(target=segfault_rank_one, daemon=True)
+    killer.start()
+    assert run_job(job.public_id, settings_with_cpu_ranks()) == "released"
+    killer.join(timeout=10)
+    row = fresh(db, job)
+    assert row.status == JobStatus.QUEUED and row.attempts == 1 and row.error is None  # the attempt is spent
+    saved = checkpoint_steps(db, job)[-1]
+    requeued = [e for e in job_events(db, job) if "ended abruptly" in e.message]
+    assert len(requeued) == 1
+    assert "training process 1" in requeued[0].message and f"checkpoint at step {saved}" in requeued[0].message
+    assert not rank_processes(job.public_id)
+
+    assert run_job(job.public_id, settings_with_cpu_ranks()) == "succeeded", fresh(db, job).error
+    row = fresh(db, job)
+    assert row.attempts == 2
+    resumed = [e for e in job_events(db, job) if e.message.startswith("Resuming from the checkpoint")]
+    assert len(resumed) == 1 and resumed[0].data is not None and resumed[0].data["step"] == saved
+    steps = [m["step"] for m in metrics_events(db, job)]
+    assert steps[-1] == 3 * 12 and sorted(set(steps)) == list(range(1, 3 * 12 + 1))
+
+
+def test_a_lost_rank_on_the_last_attempt_ends_the_job(db: Session) -> None:
+    job = make_job(db, make_file(db, alpaca_records(24)), hyperparameters={"num_devices": 2, "num_train_epochs": 3})
+    db.commit()
+    settings = settings_with_cpu_ranks().model_copy(update={"max_attempts": 1})
+    job_id, public_id = job.id, job.public_id
+
+    def trained() -> bool:
+        with session_scope() as session:  # this thread's own session
+            return bool(metrics_events(session, session.get_one(FineTuningJob, job_id)))
+
+    def segfault_a_rank() -> None:
+        wait_until(trained, "training to start")
+        ranks = [p for p in rank_processes(public_id) if "accelerate.commands.launch" not in p.cmdline()]
+        next(p for p in ranks if p.environ().get("RANK") == "1").send_signal(signal.SIGSEGV)
+
+    killer = threading.Thread(target=segfault_a_rank, daemon=True)
+    killer.start()
+    assert run_job(job.public_id, settings) == "failed"
+    killer.join(timeout=10)
+    row = fresh(db, job)
+    assert row.status == JobStatus.FAILED and row.error is not None
+    assert row.error["code"] == "max_attempts_exceeded" and "ended abruptly" in row.error["message"]
+
+
+def run_past_lost_ranks(db: Session, job: FineTuningJob, settings: Settings) -> tuple[str, int]:
+    """``run_job``, run again while a lost rank sent the job back to its queue (what a worker's next delivery would
+    do), and how many times that happened. A rank of FSDP2 on CPU died once in 39 resume runs of a native crash in
+    gloo: the job then costs an attempt, not its result (the test above), and the crash is reported here."""
+    retries = 0
+    outcome = run_job(job.public_id, settings)
+    while outcome == "released" and "ended abruptly" in job_events(db, job)[-1].message:
+        retries += 1
+        warnings.warn(f"{job.public_id}: {job_events(db, job)[-1].message}", stacklevel=2)
+        outcome = run_job(job.public_id, settings)
+    return outcome, retries
 
 
 def assert_resumed_exactly(db: Session, job: FineTuningJob, uninterrupted: FineTuningJob, total: int) -> None:

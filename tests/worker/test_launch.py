@@ -50,7 +50,7 @@ def test_a_launcher_stuck_after_every_outcome_is_ended_and_the_outcome_stands(
             process.kill()
     outcomes = launch._read_outcomes(tmp_path)
     assert outcomes == {0: {"outcome": "succeeded"}, 1: {"outcome": "succeeded"}}
-    launch._raise_outcome(outcomes, process.returncode, _control())  # succeeded: nothing raised
+    launch._raise_outcome(tmp_path, outcomes, process.returncode, _control(), devices=2)  # succeeded: nothing raised
 
 
 def test_a_launcher_is_not_ended_while_a_rank_has_not_written_its_outcome(
@@ -67,3 +67,40 @@ def test_a_launcher_is_not_ended_while_a_rank_has_not_written_its_outcome(
         if process.poll() is None:
             process.kill()
     assert json.loads((tmp_path / "outcome-rank0.json").read_text()) == {"outcome": "succeeded"}
+
+
+def _ranks_wrote(folder: Path, started: list[int], outcomes: dict[int, dict[str, object]]) -> dict[int, dict]:
+    for rank in started:
+        launch.started_file(folder, rank).touch()
+    for rank, outcome in outcomes.items():
+        launch.outcome_file(folder, rank).write_text(json.dumps(outcome))
+    return launch._read_outcomes(folder)
+
+
+PEER_GONE = {"outcome": "crashed", "kind": "DistBackendError", "out_of_memory": False, "peer_lost": True}
+
+
+def test_a_rank_that_started_and_said_nothing_while_its_peer_only_lost_it_was_lost(tmp_path: Path) -> None:
+    outcomes = _ranks_wrote(tmp_path, [0, 1], {0: PEER_GONE})
+    with pytest.raises(launch.RanksCrashed) as crash:
+        launch._raise_outcome(tmp_path, outcomes, 1, _control(), devices=2)
+    assert crash.value.rank_lost and "process 1" in crash.value.kind
+
+
+@pytest.mark.parametrize(
+    ("started", "outcomes", "kind"),
+    [
+        # A rank's own error is the cause; its silent peer was stopped by the launcher after it.
+        ([0, 1], {0: {"outcome": "crashed", "kind": "ValueError", "peer_lost": False}}, "ValueError"),
+        # No rank got as far as its process group: the launcher itself failed.
+        ([], {}, "exit status 1"),
+    ],
+    ids=["a-rank-raised", "nothing-started"],
+)
+def test_a_crash_with_a_cause_of_its_own_is_not_a_lost_rank(
+    tmp_path: Path, started: list[int], outcomes: dict[int, dict[str, object]], kind: str
+) -> None:
+    read = _ranks_wrote(tmp_path, started, outcomes)
+    with pytest.raises(launch.RanksCrashed) as crash:
+        launch._raise_outcome(tmp_path, read, 1, _control(), devices=2)
+    assert not crash.value.rank_lost and kind in crash.value.kind

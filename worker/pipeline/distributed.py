@@ -38,7 +38,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from core.jobs import LeaseLost
 from core.storage import remove_stale_temporaries, temporary_sibling
-from worker.launch import FINISHING_FILE, STOP_FILE, STOP_REASONS, die_with_parent, outcome_file
+from worker.launch import (
+    FINISHING_FILE,
+    STOP_FILE,
+    STOP_REASONS,
+    die_with_parent,
+    outcome_file,
+    started_file,
+)
 from worker.pipeline.checkpoints import ADAPTER_FILE, STATE_FILE, LoopState, checkpoint_name, load_checkpoint
 from worker.pipeline.data import IGNORE, Batch
 from worker.pipeline.errors import PipelineError, StopReason, TrainingStopped
@@ -470,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         refused = exc
     distribution = Distribution(accelerator)
+    started_file(args.control, distribution.rank).touch()
     sessions = get_sessionmaker()
     outcome: dict[str, Any]
     status = 1  # anything but an agreed stop or success: the launcher then stops the other ranks
@@ -491,11 +499,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.exception("rank.crashed", extra={"job_id": args.job_id, "rank": distribution.rank})
         oom = isinstance(exc, torch.OutOfMemoryError | MemoryError)
-        outcome = {"outcome": "crashed", "kind": type(exc).__name__, "out_of_memory": oom}
+        outcome = {"outcome": "crashed", "kind": type(exc).__name__, "out_of_memory": oom, "peer_lost": peer_lost(exc)}
     _write_outcome(args.control, distribution.rank, outcome)
     if status == 0 and torch.distributed.is_initialized():
         _leave_process_group(distribution.rank, status)
     return status
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """The error only says that a collective lost its peer: torch.distributed's own errors, or one raised by gloo's
+    TCP transport (DDP's gradient hooks pass it on as a plain RuntimeError: "gloo/transport/tcp/pair.cc: Read
+    error ... Connection reset by peer")."""
+    return isinstance(exc, torch.distributed.DistError) or "gloo/transport/" in str(exc)
 
 
 def _leave_process_group(rank: int, status: int) -> None:
