@@ -62,8 +62,8 @@ _PR_SET_PDEATHSIG = 1
 class RanksCrashed(Exception):
     """The ranks ended without a usable outcome (a crash in one of them, or the launcher itself failed).
 
-    ``rank_lost``: a rank ended without writing any outcome (killed by a signal: a segfault in a native library,
-    the kernel's OOM killer) while every rank that did write one only saw its peer go. Nothing in the job's code
+    ``rank_lost``: a rank that had started ended without writing any outcome (killed by a signal: a segfault in a
+    native library, the kernel's OOM killer) while every rank that did write one only saw its peer go. Nothing in the job's code
     or data said no, so the job can go on from its last checkpoint, as it does when a whole worker dies.
     """
 
