@@ -63,8 +63,8 @@ class RanksCrashed(Exception):
     """The ranks ended without a usable outcome (a crash in one of them, or the launcher itself failed).
 
     ``rank_lost``: a rank that had started ended without writing any outcome (killed by a signal: a segfault in a
-    native library, the kernel's OOM killer) while every rank that did write one only saw its peer go. Nothing in the job's code
-    or data said no, so the job can go on from its last checkpoint, as it does when a whole worker dies.
+    native library, the kernel's OOM killer) while every rank that did write one only saw its peer go. Nothing in
+    the job's code or data said no, so the job can go on from its last checkpoint, as it does when a worker dies.
     """
 
     def __init__(self, kind: str, *, out_of_memory: bool = False, rank_lost: bool = False) -> None:
