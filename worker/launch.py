@@ -359,5 +359,5 @@ def _raise_outcome(
 
 
 def _peer_lost(outcome: dict[str, Any]) -> bool:
-    """A rank's crash that only says a collective lost its peer (torch.distributed's own errors)."""
+    """A rank's crash that only says a collective lost its peer (``worker.pipeline.distributed.peer_lost``)."""
     return outcome.get("outcome") == "crashed" and bool(outcome.get("peer_lost"))

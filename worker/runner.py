@@ -192,9 +192,8 @@ def _release(
     spec: JobSpec, owner: str, sessions: SessionFactory, checkpoint_step: int | None, settings: Settings
 ) -> str:
     """Graceful shutdown: the job goes back to the queue without spending an attempt, and is enqueued again."""
-    where = f" from the checkpoint at step {checkpoint_step}" if checkpoint_step else " from the start"
-    message = f"The worker is shutting down; the job was queued again and will continue{where}"
-    return _requeue(spec, owner, sessions, settings, message, checkpoint_step=checkpoint_step, refund_attempt=True)
+    why = "The worker is shutting down"
+    return _requeue(spec, owner, sessions, settings, why, checkpoint_step=checkpoint_step, refund_attempt=True)
 
 
 def _retry_after_lost_rank(
@@ -206,18 +205,13 @@ def _retry_after_lost_rank(
     if control.lease_lost.is_set():
         return "lease_lost"
     control.finishing.set()
-    step = _last_checkpoint_step(spec, sessions)
-    where = f" from the checkpoint at step {step}" if step else " from the start"
-    message = (
-        f"The {what} (attempt {spec.attempts} of {settings.max_attempts}); "
-        f"the job was queued again and will continue{where}"
-    )
-    return _requeue(spec, control.owner, sessions, settings, message, checkpoint_step=step, refund_attempt=False)
 
-
-def _last_checkpoint_step(spec: JobSpec, sessions: SessionFactory) -> int | None:
-    with sessions() as session:
+    def last_checkpoint_step(session: Session) -> int | None:
         return session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == spec.job_id))
+
+    step = transact(sessions, last_checkpoint_step, what="job.checkpoints")
+    why = f"The {what} (attempt {spec.attempts} of {settings.max_attempts})"
+    return _requeue(spec, control.owner, sessions, settings, why, checkpoint_step=step, refund_attempt=False)
 
 
 def _requeue(
@@ -225,11 +219,15 @@ def _requeue(
     owner: str,
     sessions: SessionFactory,
     settings: Settings,
-    message: str,
+    why: str,
     *,
     checkpoint_step: int | None,
     refund_attempt: bool,
 ) -> str:
+    """Put the job back on its queue, with an event that says ``why`` and where it will continue."""
+    where = f" from the checkpoint at step {checkpoint_step}" if checkpoint_step else " from the start"
+    message = f"{why}; the job was queued again and will continue{where}"
+
     def requeue(session: Session) -> bool:
         return release_to_queue(session, spec.job_id, owner, refund_attempt=refund_attempt, message=message)
 

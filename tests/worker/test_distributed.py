@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,20 @@ def rank_processes(public_id: str) -> list[psutil.Process]:
         if public_id in cmdline and process.pid != os.getpid():
             found.append(process)
     return found
+
+
+def training_ranks(public_id: str) -> list[psutil.Process]:
+    """The job's ranks, without the launcher above them."""
+    return [
+        p
+        for p in rank_processes(public_id)
+        if RANK_MODULE in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()
+    ]
+
+
+def has_checkpoint(job_id: uuid.UUID) -> bool:
+    with session_scope() as session:  # the calling thread's own session
+        return session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)).first() is not None
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 240) -> Any:
@@ -163,7 +178,7 @@ def test_cancel_stops_every_rank_and_leaves_no_process(db: Session) -> None:
     thread.start()
     wait_until(lambda: len(metrics_events(db, job)) >= 2, "two processes to train")
     processes = rank_processes(job.public_id)
-    ranks = [p for p in processes if RANK_MODULE in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+    ranks = training_ranks(job.public_id)
     assert len(ranks) == 2 and len(processes) > 2  # two ranks, and the launcher above them
 
     with session_scope() as session:
@@ -189,12 +204,8 @@ def test_a_checkpoint_written_by_two_processes_resumes(db: Session) -> None:
 
     job_id, public_id = job.id, job.public_id
 
-    def checkpointed() -> bool:
-        with session_scope() as session:  # this thread's own session
-            return session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)).first() is not None
-
     def shut_down_after_a_checkpoint() -> None:
-        wait_until(checkpointed, "a checkpoint")
+        wait_until(lambda: has_checkpoint(job_id), "a checkpoint")
         os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler (main thread) asks for a graceful stop
 
     watcher = threading.Thread(target=shut_down_after_a_checkpoint, daemon=True)
@@ -229,18 +240,9 @@ def test_a_rank_killed_by_a_signal_costs_an_attempt_and_the_job_goes_on_from_its
     db.commit()
     job_id, public_id = job.id, job.public_id
 
-    def checkpointed() -> bool:
-        with session_scope() as session:
-            return session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)).first() is not None
-
     def segfault_rank_one() -> None:
-        wait_until(checkpointed, "a checkpoint")
-        ranks = [
-            p
-            for p in rank_processes(public_id)
-            if RANK_MODULE in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()
-        ]
-        rank_one = next(p for p in ranks if p.environ().get("RANK") == "1")
+        wait_until(lambda: has_checkpoint(job_id), "a checkpoint")
+        rank_one = next(p for p in training_ranks(public_id) if p.environ().get("RANK") == "1")
         rank_one.send_signal(signal.SIGSEGV)
 
     killer = threading.Thread(target=segfault_rank_one, daemon=True)
@@ -276,8 +278,7 @@ def test_a_lost_rank_on_the_last_attempt_ends_the_job(db: Session) -> None:
 
     def segfault_a_rank() -> None:
         wait_until(trained, "training to start")
-        ranks = [p for p in rank_processes(public_id) if "accelerate.commands.launch" not in p.cmdline()]
-        next(p for p in ranks if p.environ().get("RANK") == "1").send_signal(signal.SIGSEGV)
+        next(p for p in training_ranks(public_id) if p.environ().get("RANK") == "1").send_signal(signal.SIGSEGV)
 
     killer = threading.Thread(target=segfault_a_rank, daemon=True)
     killer.start()

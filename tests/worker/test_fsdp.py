@@ -20,7 +20,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.contracts import JobStatus
-from core.db import session_scope
 from core.orm import Checkpoint
 from core.queue import enqueue_fine_tune
 from core.settings import Settings, get_settings
@@ -36,6 +35,7 @@ from tests.worker.test_distributed import (
     assert_one_set_of_events,
     assert_resumed_exactly,
     checkpoint_steps,
+    has_checkpoint,
     losses,
     rank_processes,
     run_past_lost_ranks,
@@ -166,12 +166,8 @@ def test_a_checkpoint_written_by_fsdp_ranks_resumes(db: Session, tmp_path: Path,
     settings = {"fsdp": fsdp_settings(tmp_path), "ddp": settings_with_cpu_ranks()}
     job_id = job.id
 
-    def checkpointed() -> bool:
-        with session_scope() as session:
-            return session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)).first() is not None
-
     def shut_down_after_a_checkpoint() -> None:
-        wait_until(checkpointed, "a checkpoint")
+        wait_until(lambda: has_checkpoint(job_id), "a checkpoint")
         os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler asks for a graceful stop
 
     watcher = threading.Thread(target=shut_down_after_a_checkpoint, daemon=True)
