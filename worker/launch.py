@@ -342,8 +342,10 @@ def _raise_outcome(
             raise TrainingStopped(main.get("reason", "lease_lost"), main.get("checkpoint_step"))
     silent = sorted(rank for rank in range(devices) if started_file(folder, rank).exists() and rank not in outcomes)
     if silent and control.stop_reason() is None and all(_peer_lost(o) for o in outcomes.values()):
-        # A rank that started and said nothing died of a signal; the others' errors only say that it went.
-        raise RanksCrashed(f"training process {silent[0]} ended abruptly", rank_lost=True)
+        # A rank that started and said nothing died of a signal; the others' errors only say that it went. Which
+        # died first is not known when several said nothing: the launcher stops the others when one dies.
+        named = " and ".join(str(rank) for rank in silent)
+        raise RanksCrashed(f"training process{'es' if len(silent) > 1 else ''} {named} ended abruptly", rank_lost=True)
     # Rank 0 failed, crashed or was stopped by force: the first rank that says why speaks for the job.
     for rank in sorted(outcomes):
         outcome = outcomes[rank]

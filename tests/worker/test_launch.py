@@ -84,7 +84,14 @@ def test_a_rank_that_started_and_said_nothing_while_its_peer_only_lost_it_was_lo
     outcomes = _ranks_wrote(tmp_path, [0, 1], {0: PEER_GONE})
     with pytest.raises(launch.RanksCrashed) as crash:
         launch._raise_outcome(tmp_path, outcomes, 1, _control(), devices=2)
-    assert crash.value.rank_lost and "process 1" in crash.value.kind
+    assert crash.value.rank_lost and crash.value.kind == "training process 1 ended abruptly"
+
+
+def test_ranks_that_all_said_nothing_are_all_named(tmp_path: Path) -> None:
+    outcomes = _ranks_wrote(tmp_path, [0, 1], {})
+    with pytest.raises(launch.RanksCrashed) as crash:
+        launch._raise_outcome(tmp_path, outcomes, 1, _control(), devices=2)
+    assert crash.value.rank_lost and crash.value.kind == "training processes 0 and 1 ended abruptly"
 
 
 @pytest.mark.parametrize(
